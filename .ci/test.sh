@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up everything (venv, Kafka jars) and run the whole test suite; pytest's "no tests ran" is a failure.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="$(bash .ci/setup.sh)"
+bash deploy/kafka/kafka.sh fetch >&2
+"$venv/bin/ruff" check detector consumers tests
+set +e
+"$venv/bin/python" -m pytest -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "error: pytest collected no tests" >&2
+  exit 1
+fi
+exit "$rc"

@@ -1,0 +1,20 @@
+# make help: the project's everyday commands. Each one sets up what it needs first (venv, Kafka jars).
+.PHONY: help demo test lint kafka-start kafka-stop
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+demo:  ## set up, then run `detector demo` on the embedded simulated fleet
+	@venv="$$(bash .ci/setup.sh)" && "$$venv/bin/detector" demo
+
+test:  ## set up, then run the whole test suite (unit + real-Kafka integration)
+	@bash .ci/test.sh
+
+lint:  ## ruff on the code
+	@venv="$$(bash .ci/setup.sh)" && "$$venv/bin/ruff" check detector consumers tests
+
+kafka-start:  ## start a local single-node Kafka (KRaft) for development; prints KAFKA_BOOTSTRAP
+	@bash deploy/kafka/kafka.sh start .kafka
+
+kafka-stop:  ## stop it
+	@bash deploy/kafka/kafka.sh stop .kafka

@@ -1,0 +1,4 @@
+from detector.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,134 @@
+"""The per-stream alert state machine, as arrays with one row per stream.
+
+A stream raises after k of its last n windows reach the warning level, escalates once k of the last n
+reach critical, and clears after `clear_after` windows in a row below `clear_ratio` x warning (hysteresis).
+After a clear, `cooldown_windows` windows pass before it can raise again. The alert id is derived from the
+model, the stream and the event time of the window that raised, so a replay of the same input yields the
+same ids.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from detector.config import AlertConfig
+
+__all__ = ["AlertMachine", "Transitions", "NORMAL", "RAISED", "ESCALATED", "alert_id"]
+
+NORMAL, RAISED, ESCALATED = 0, 1, 2
+EVENT_RAISED, EVENT_ESCALATED, EVENT_CLEARED = "raised", "escalated", "cleared"
+_NAMESPACE = uuid.UUID("6f1c1c2e-5d55-4a8e-9a55-3f1f3c0de001")
+
+
+def alert_id(model: str, stream: str, raised_at: float) -> str:
+    """The deterministic id of the alert episode of `stream` raised at event time `raised_at`.
+
+    >>> alert_id("m1", "pump-1", 1700000000.0) == alert_id("m1", "pump-1", 1700000000.0)
+    True
+    """
+    return str(uuid.uuid5(_NAMESPACE, f"{model}|{stream}|{raised_at:.6f}"))
+
+
+@dataclass(slots=True)
+class Transitions:
+    """State changes caused by a batch of windows: window positions, event names and episode start times."""
+
+    window: np.ndarray  # (E,) int64 positions into the batch's WindowScores
+    event: np.ndarray  # (E,) object: raised | escalated | cleared
+    raised_at: np.ndarray  # (E,) float64 event time of the window that raised the episode
+    severity: np.ndarray  # (E,) object: warning | critical
+
+
+class AlertMachine:
+    """Runs the alert state machine of every stream over scored windows."""
+
+    def __init__(self, cfg: AlertConfig, capacity: int = 0) -> None:
+        self.cfg = cfg
+        self._mask = np.int64((1 << cfg.n) - 1)
+        self.capacity = 0
+        self.warn_bits = np.zeros(0, np.int64)
+        self.crit_bits = np.zeros(0, np.int64)
+        self.state = np.zeros(0, np.int8)
+        self.below = np.zeros(0, np.int32)
+        self.cooldown = np.zeros(0, np.int32)
+        self.raised_at = np.zeros(0, np.float64)
+        self.ensure(capacity)
+
+    def ensure(self, capacity: int) -> None:
+        """Grow the state arrays to hold `capacity` streams."""
+        if capacity <= self.capacity:
+            return
+        for name in ("warn_bits", "crit_bits", "state", "below", "cooldown", "raised_at"):
+            old = getattr(self, name)
+            new = np.zeros(capacity, old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+        self.capacity = capacity
+
+    def reset(self, rows: np.ndarray) -> None:
+        """Return these streams to normal without an event (their history is gone)."""
+        for arr in (self.warn_bits, self.crit_bits, self.state, self.below, self.cooldown):
+            arr[rows] = 0
+
+    def update(self, rows: np.ndarray, end_ts: np.ndarray, score: np.ndarray, warning: np.ndarray,
+               critical: np.ndarray) -> Transitions:
+        """Feed windows (ordered by row, then time) through the machine; return the transitions."""
+        k = len(rows)
+        parts: list[tuple[np.ndarray, str, np.ndarray, np.ndarray]] = []
+        if k == 0:
+            return _no_transitions()
+        first = np.ones(k, bool)
+        first[1:] = rows[1:] != rows[:-1]
+        starts = np.flatnonzero(first)
+        rank = np.arange(k) - starts[np.cumsum(first) - 1]
+        cfg = self.cfg
+        for step in range(int(rank.max()) + 1):
+            w = np.flatnonzero(rank == step)
+            r = rows[w]
+            s = score[w]
+            self.warn_bits[r] = ((self.warn_bits[r] << 1) | (s >= warning[w])) & self._mask
+            self.crit_bits[r] = ((self.crit_bits[r] << 1) | (s >= critical[w])) & self._mask
+            n_warn = np.bitwise_count(self.warn_bits[r])
+            n_crit = np.bitwise_count(self.crit_bits[r])
+            st = self.state[r].copy()
+            self.below[r] = np.where((st > NORMAL) & (s < cfg.clear_ratio * warning[w]), self.below[r] + 1, 0)
+
+            raise_ = (st == NORMAL) & (self.cooldown[r] == 0) & (n_warn >= cfg.k)
+            escalate = (st == RAISED) & (n_crit >= cfg.k)
+            clear = (st > NORMAL) & (self.below[r] >= cfg.clear_after)
+            self.cooldown[r] = np.where(st == NORMAL, np.maximum(self.cooldown[r] - 1, 0), self.cooldown[r])
+
+            if raise_.any():
+                rr = r[raise_]
+                self.raised_at[rr] = end_ts[w[raise_]]
+                new_state = np.where(n_crit[raise_] >= cfg.k, ESCALATED, RAISED).astype(np.int8)
+                self.state[rr] = new_state
+                parts.append((w[raise_], EVENT_RAISED, self.raised_at[rr], new_state))
+            if escalate.any():
+                re_ = r[escalate]
+                self.state[re_] = ESCALATED
+                parts.append((w[escalate], EVENT_ESCALATED, self.raised_at[re_], self.state[re_]))
+            if clear.any():
+                rc = r[clear]
+                parts.append((w[clear], EVENT_CLEARED, self.raised_at[rc], st[clear]))
+                self.state[rc] = NORMAL
+                self.below[rc] = 0
+                self.cooldown[rc] = cfg.cooldown_windows
+                self.warn_bits[rc] = 0
+                self.crit_bits[rc] = 0
+        if not parts:
+            return _no_transitions()
+        win = np.concatenate([p[0] for p in parts])
+        ev = np.concatenate([np.full(len(p[0]), p[1], dtype=object) for p in parts])
+        at = np.concatenate([p[2] for p in parts])
+        peak = np.concatenate([p[3] for p in parts])
+        order = np.argsort(win, kind="stable")
+        severity = np.where(peak[order] == ESCALATED, "critical", "warning").astype(object)
+        return Transitions(win[order], ev[order], at[order], severity)
+
+
+def _no_transitions() -> Transitions:
+    return Transitions(np.empty(0, np.int64), np.empty(0, object), np.empty(0), np.empty(0, object))

@@ -1,0 +1,101 @@
+"""The trained-model folder: safetensors weights plus a JSON manifest, loaded without unpickling anything."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from detector import __version__
+from detector.errors import ModelError
+from detector.model import LSTMAutoencoder
+
+__all__ = ["Manifest", "Artifact", "save_artifact", "load_artifact", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to rebuild and use a model, besides its weights."""
+
+    features: list[str]
+    scaler_mean: list[float]
+    scaler_std: list[float]
+    window: int
+    hop: int
+    hidden_size: int
+    num_layers: int
+    error_mean: list[float]
+    error_std: list[float]
+    calibration_levels: list[float]
+    calibration_scores: list[float]
+    name: str = "default"
+    model_version: str = ""
+    format_version: int = FORMAT_VERSION
+    detector_version: str = __version__
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def quantile(self, q: float) -> float:
+        """The calibrated window score at quantile q (interpolated between the stored levels)."""
+        return float(np.interp(q, self.calibration_levels, self.calibration_scores))
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded model folder: the module in eval mode and its manifest."""
+
+    model: LSTMAutoencoder
+    manifest: Manifest
+    path: Path
+
+
+def save_artifact(path: str | Path, model: LSTMAutoencoder, manifest: Manifest) -> Path:
+    """Write the weights (safetensors) and manifest (JSON) into folder `path`."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    (out / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artifact:
+    """Load a model folder; raise ModelError naming what is missing or inconsistent."""
+    folder = Path(path)
+    mpath, wpath = folder / MANIFEST, folder / WEIGHTS
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: model folder not found (train one with `detector train --out {folder}`)")
+    for p in (mpath, wpath):
+        if not p.is_file():
+            raise ModelError(f"{p}: missing from the model folder (expected {MANIFEST} and {WEIGHTS})")
+    try:
+        raw = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{mpath}: not a readable JSON manifest ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{mpath}: manifest must be a JSON object")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ModelError(
+            f"{mpath}: format_version {raw.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    known = set(Manifest.__dataclass_fields__)
+    try:
+        manifest = Manifest(**{k: v for k, v in raw.items() if k in known})
+    except TypeError as exc:
+        raise ModelError(f"{mpath}: incomplete manifest ({exc})") from None
+    model = LSTMAutoencoder(len(manifest.features), manifest.hidden_size, manifest.num_layers, manifest.window)
+    try:
+        state = load_file(str(wpath), device="cpu")
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:  # safetensors raises its own error types; all mean a bad weights file
+        raise ModelError(f"{wpath}: weights do not fit the manifest ({str(exc).splitlines()[0]})") from None
+    model.to(device).eval()
+    return Artifact(model=model, manifest=manifest, path=folder)

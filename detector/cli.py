@@ -1,0 +1,171 @@
+"""The `detector` command: demo, train, run and check-config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+from detector import __version__
+from detector.errors import ConfigError, DetectorError
+
+__all__ = ["main"]
+
+log = logging.getLogger("detector")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from detector.demo import run_demo
+
+    res = run_demo(streams=args.streams, features=args.features, readings=args.readings, normal=args.normal,
+                   seed=args.seed, out_dir=args.out, progress=not args.quiet)
+    kinds = Counter(f.kind for f in res.missed)
+    print(f"\nInjected faults: {len(res.caught) + len(res.missed)} in {res.streams} streams "
+          f"({res.readings} readings streamed)")
+    for fault, delay in sorted(res.caught, key=lambda c: c[0].stream):
+        print(f"  caught  {fault.stream:<10} {fault.kind:<12} sensors={','.join(fault.features):<24} "
+              f"after {delay / 60:6.0f} min")
+    for fault in res.missed:
+        print(f"  MISSED  {fault.stream:<10} {fault.kind:<12} sensors={','.join(fault.features)}")
+    for a in res.false_alerts:
+        print(f"  FALSE   {a['stream']:<10} raised at {a['first_seen']} score={a['score']:.2f} "
+              f"top={a['top_features'][0]['name']}")
+    if kinds:
+        print("  missed by kind: " + ", ".join(f"{k}={n}" for k, n in sorted(kinds.items())))
+    print(f"Alerts published: {len(res.alerts)} (raise, escalate and clear) in {res.seconds:.0f} s")
+    if args.out:
+        print(f"Model and alerts written to {args.out}/")
+    print(res.summary_line())
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from detector.artifact import save_artifact
+    from detector.train import TrainParams, load_series, train_model
+
+    feats = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
+    series = load_series(args.data, feats, ts_col=args.timestamp_col, stream_col=args.stream_col)
+    log.info("training on %s: %d streams, %d readings, features %s", args.data, len(series.streams),
+             sum(len(v) for v in series.values), ",".join(series.features))
+    params = TrainParams(window=args.window, hop=args.hop, hidden_size=args.hidden, num_layers=args.layers,
+                         epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed,
+                         name=args.name or Path(args.out).name)
+    model, manifest = train_model(series, params, progress=not args.quiet)
+    out = save_artifact(args.out, model, manifest)
+    print(f"model written to {out}/ ({manifest.training['epochs_run']} epochs, best validation loss "
+          f"{manifest.training['best_val_loss']:.4f}, calibrated p99.9 score {manifest.quantile(0.999):.3f})")
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from detector.config import load_config
+
+    cfg = load_config(args.config)
+    print(f"{args.config}: valid")
+    if args.model:
+        from detector.artifact import load_artifact
+
+        art = load_artifact(cfg.model.path)
+        print(f"{cfg.model.path}: model {art.manifest.name} with features {','.join(art.manifest.features)}")
+    if args.kafka:
+        from kafka import KafkaAdminClient
+        from kafka.errors import KafkaError
+
+        from detector.daemon import kafka_client_settings
+
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=cfg.kafka.bootstrap_servers, **kafka_client_settings(cfg))
+            topics = set(admin.list_topics())
+            admin.close()
+        except KafkaError as exc:
+            print(f"{args.config}: kafka.bootstrap_servers: cannot reach Kafka at {cfg.kafka.bootstrap_servers} "
+                  f"({type(exc).__name__})")
+            return 1
+        wanted = [*cfg.input.topics, cfg.output.alerts_topic, cfg.output.dead_letter_topic]
+        missing = [t for t in wanted if t not in topics]
+        if missing:
+            print(f"{args.config}: topic(s) not found on {cfg.kafka.bootstrap_servers}: {', '.join(missing)}")
+            return 1
+        print(f"{cfg.kafka.bootstrap_servers}: reachable; topics present")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from detector.config import load_config
+    from detector.daemon import run_daemon
+    from detector.logs import setup_logging
+
+    cfg = load_config(args.config)
+    setup_logging(cfg.runtime.log_level, cfg.runtime.log_format)
+    return run_daemon(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `detector` command."""
+    p = argparse.ArgumentParser(prog="detector", description="Streaming sensor anomaly detector.")
+    p.add_argument("--version", action="version", version=f"detector {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="simulate a fleet with faults, train, stream and report what was caught")
+    d.add_argument("--streams", type=int, default=50)
+    d.add_argument("--features", type=int, default=8)
+    d.add_argument("--readings", type=int, default=3600, help="readings per stream (one a minute)")
+    d.add_argument("--normal", type=int, default=1800, help="fault-free readings per stream to train on")
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--out", help="folder for the trained model and the alerts (JSON lines)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=_demo)
+
+    t = sub.add_parser("train", help="train an LSTM autoencoder on normal data")
+    t.add_argument("--data", required=True, help="CSV or Parquet: timestamp, stream id, one column per feature")
+    t.add_argument("--out", required=True, help="folder to write the model into")
+    t.add_argument("--features", help="comma-separated feature columns (default: every numeric column)")
+    t.add_argument("--timestamp-col", default="timestamp")
+    t.add_argument("--stream-col", default="stream")
+    t.add_argument("--window", type=int, default=32)
+    t.add_argument("--hop", type=int, default=8)
+    t.add_argument("--hidden", type=int, default=48)
+    t.add_argument("--layers", type=int, default=1)
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--patience", type=int, default=4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--name", help="model name carried in alerts (default: the --out folder's name)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    r = sub.add_parser("run", help="run the daemon: Kafka in, alerts out")
+    r.add_argument("--config", default="config.yaml")
+    r.set_defaults(func=_run)
+
+    c = sub.add_parser("check-config", help="validate a config file and print every error")
+    c.add_argument("config", nargs="?", default="config.yaml")
+    c.add_argument("--model", action="store_true", help="also load the model folder it names")
+    c.add_argument("--kafka", action="store_true", help="also check that Kafka and the topics are reachable")
+    c.set_defaults(func=_check_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `detector` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.command != "run":
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+        logging.getLogger("kafka").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {exc.path}: {problem}", file=sys.stderr)
+        return 2
+    except DetectorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The one frozen, validated configuration object, loaded once from config.yaml.
+
+Every key has its default here and beside it in the root config.yaml; ``${VAR}`` in a string value is
+replaced by the environment variable VAR when the file is loaded, so secrets never sit in the YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from detector.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "KafkaConfig",
+    "InputConfig",
+    "OutputConfig",
+    "ModelConfig",
+    "ScoringConfig",
+    "ThresholdConfig",
+    "AlertConfig",
+    "RuntimeConfig",
+    "MetricsConfig",
+    "load_config",
+    "config_hash",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaConfig(_Section):
+    """Where Kafka is and how to reach it; TLS and SASL settings pass through to kafka-python."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "detector"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    request_timeout_ms: int = Field(30000, ge=1000)
+    connect_retry_max_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaConfig:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                "security_protocol SASL_* needs sasl_mechanism, sasl_username and sasl_password "
+                "(reference the password as ${KAFKA_PASSWORD})"
+            )
+        return self
+
+
+class FieldMap(_Section):
+    """Names of the JSON fields that carry the stream id, the event time, the values and a batch of readings."""
+
+    stream: str = "stream"
+    timestamp: str = "ts"
+    values: str = "values"
+    readings: str = "readings"
+
+
+class InputConfig(_Section):
+    """The input topics, the consumer group and how readings are decoded."""
+
+    topics: list[str] = Field(default_factory=lambda: ["sensor-readings"], min_length=1)
+    group_id: str = "detector"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    max_poll_records: int = Field(5000, ge=1)
+    poll_timeout_ms: int = Field(200, ge=1, le=10000)
+    fields: FieldMap = FieldMap()
+    max_message_bytes: int = Field(1_048_576, ge=64)
+    max_future_s: float = Field(86400.0, ge=0)
+
+
+class OutputConfig(_Section):
+    """Where alerts and rejected records go."""
+
+    alerts_topic: str = "sensor-alerts"
+    dead_letter_topic: str = "sensor-readings-dlq"
+
+
+class ModelConfig(_Section):
+    """Which trained model folder serves the streams, and on which device."""
+
+    path: str = "models/default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ScoringConfig(_Section):
+    """How readings become window scores."""
+
+    max_gap_s: float = Field(3600.0, gt=0)
+
+
+class StaticLevels(_Section):
+    """Fixed score values."""
+
+    warning: float = Field(10.0, gt=0)
+    critical: float = Field(30.0, gt=0)
+
+
+class CalibratedLevels(_Section):
+    """Quantiles of the score distribution measured on held-back normal data at training time."""
+
+    warning: float = Field(0.999, gt=0, lt=1)
+    critical: float = Field(0.9999, gt=0, lt=1)
+    scale: float = Field(1.0, gt=0)
+
+
+class ThresholdConfig(_Section):
+    """The threshold policy in force and its warning and critical levels."""
+
+    policy: Literal["static", "calibrated"] = "calibrated"
+    static: StaticLevels = StaticLevels()
+    calibrated: CalibratedLevels = CalibratedLevels()
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ThresholdConfig:
+        if self.static.critical < self.static.warning:
+            raise ValueError("static.critical must be >= static.warning")
+        if self.calibrated.critical < self.calibrated.warning:
+            raise ValueError("calibrated.critical must be >= calibrated.warning")
+        return self
+
+
+class AlertConfig(_Section):
+    """The per-stream alert state machine: raise after k of n, clear after m below the exit level."""
+
+    k: int = Field(2, ge=1, le=64)
+    n: int = Field(3, ge=1, le=64)
+    clear_after: int = Field(4, ge=1, le=1000)
+    clear_ratio: float = Field(0.8, gt=0, le=1)
+    cooldown_windows: int = Field(0, ge=0)
+    top_features: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> AlertConfig:
+        if self.k > self.n:
+            raise ValueError(f"k ({self.k}) must be <= n ({self.n})")
+        return self
+
+
+class RuntimeConfig(_Section):
+    """Logging and shutdown."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    shutdown_timeout_s: float = Field(8.0, gt=0, le=60)
+
+
+class MetricsConfig(_Section):
+    """The Prometheus metrics and health endpoints."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535)
+
+
+class Config(_Section):
+    """The whole detector configuration."""
+
+    kafka: KafkaConfig = KafkaConfig()
+    input: InputConfig = InputConfig()
+    output: OutputConfig = OutputConfig()
+    model: ModelConfig = ModelConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    thresholds: ThresholdConfig = ThresholdConfig()
+    alerts: AlertConfig = AlertConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @field_validator("output")
+    @classmethod
+    def _topics_distinct(cls, v: OutputConfig) -> OutputConfig:
+        if v.alerts_topic == v.dead_letter_topic:
+            raise ValueError("alerts_topic and dead_letter_topic must differ")
+        return v
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as plain data with secrets masked, for logging."""
+        return self.model_dump(mode="json")
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _substitute(node: Any, path: str, problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _substitute(v, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def repl(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in os.environ:
+                problems.append(f"{path}: environment variable {name} is not set (referenced as ${{{name}}})")
+                return ""
+            return os.environ[name]
+
+        return _ENV.sub(repl, node)
+    return node
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = err["loc"][:-1]
+        model: type[BaseModel] = Config
+        for part in parent:
+            sub = model.model_fields.get(str(part))
+            ann = getattr(sub, "annotation", None) if sub else None
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                model = ann
+        return f"{loc}: unknown key; valid keys here are: {', '.join(model.model_fields)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{loc}: {msg}{shown}"
+
+
+def parse_config(data: Any, path: str = "config.yaml") -> Config:
+    """Validate already-parsed YAML data; raise ConfigError listing every problem with its key path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, ["top level must be a mapping of sections (kafka, input, output, ...)"])
+    problems: list[str] = []
+    data = _substitute(data, "", problems)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_describe(e) for e in exc.errors())
+        raise ConfigError(path, problems) from None
+    if problems:
+        raise ConfigError(path, problems)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate a config file; raise ConfigError naming the file, key and what would be right."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(p), ["file not found (pass --config PATH to a YAML file)"]) from None
+    except OSError as exc:
+        raise ConfigError(str(p), [f"cannot read file: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(str(p), [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    return parse_config(data, str(p))
+
+
+def config_hash(cfg: Config) -> str:
+    """A short stable hash of the effective configuration, carried in every alert."""
+    raw = cfg.model_dump_json(exclude={"kafka"}).encode()
+    return hashlib.sha256(raw).hexdigest()[:12]

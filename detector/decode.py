@@ -1,0 +1,198 @@
+"""Decode and validate raw records into columnar readings; what does not validate is returned with a reason.
+
+Accepted message forms (field names are mapped in config `input.fields`):
+  one reading:   {"stream": "pump-17", "ts": 1700000000.5, "values": {"temp": 71.3, "rpm": 1480}}
+  many readings: {"stream": "pump-17", "readings": [{"ts": ..., "values": {...}}, ...]}
+`ts` is epoch seconds, epoch milliseconds (any number above 1e11) or an RFC 3339 string. A value of null
+is a missing reading value (a gap, imputed downstream with a mask), not bad input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import orjson
+
+from consumers.base import Record
+
+__all__ = ["Readings", "Reject", "Decoder", "REASONS"]
+
+REASONS = (
+    "empty_value",
+    "oversize",
+    "bad_json",
+    "not_an_object",
+    "missing_stream",
+    "missing_timestamp",
+    "bad_timestamp",
+    "future_timestamp",
+    "bad_values",
+    "unknown_feature",
+    "non_numeric_value",
+    "no_values",
+    "late",
+    "duplicate_timestamp",
+)
+"""Every reason a record can be rejected for; the dead-letter topic's `reason` header is one of these."""
+
+
+@dataclass(slots=True)
+class Readings:
+    """A batch of readings as columns: N readings of F features."""
+
+    streams: np.ndarray  # (N,) object: stream ids
+    ts: np.ndarray  # (N,) float64: event time, epoch seconds
+    values: np.ndarray  # (N, F) float32: NaN where a value is missing
+    source: np.ndarray  # (N,) int64: index of the record each reading came from
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    @staticmethod
+    def empty(n_features: int) -> Readings:
+        """A batch with no readings."""
+        return Readings(
+            np.empty(0, dtype=object), np.empty(0), np.empty((0, n_features), np.float32), np.empty(0, np.int64)
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class Reject:
+    """One record (or one reading of a batched record) that did not validate."""
+
+    index: int  # index of the record in the batch
+    reason: str  # one of REASONS
+    detail: str
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason, self.detail = reason, detail
+
+
+def parse_ts(raw: Any) -> float:
+    """Event time in epoch seconds from epoch s, epoch ms (> 1e11) or an RFC 3339 string.
+
+    >>> parse_ts(1700000000), parse_ts(1700000000500), parse_ts("2023-11-14T22:13:20Z")
+    (1700000000.0, 1700000000.5, 1700000000.0)
+    """
+    if isinstance(raw, bool) or raw is None:
+        raise _Bad("bad_timestamp", f"timestamp must be a number or RFC 3339 string, got {raw!r}")
+    if isinstance(raw, int | float):
+        t = float(raw)
+    elif isinstance(raw, str):
+        try:
+            dt = datetime.fromisoformat(raw)
+        except ValueError:
+            raise _Bad("bad_timestamp", f"timestamp {raw[:40]!r} is not RFC 3339") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        t = dt.timestamp()
+    else:
+        raise _Bad("bad_timestamp", f"timestamp must be a number or RFC 3339 string, got {type(raw).__name__}")
+    if not math.isfinite(t) or t <= 0:
+        raise _Bad("bad_timestamp", f"timestamp {raw!r} is not a positive finite time")
+    return t / 1000.0 if t > 1e11 else t
+
+
+class Decoder:
+    """Turns a batch of raw records into Readings plus Rejects; never raises on bad input."""
+
+    def __init__(
+        self,
+        features: list[str],
+        *,
+        stream_field: str = "stream",
+        ts_field: str = "ts",
+        values_field: str = "values",
+        readings_field: str = "readings",
+        max_message_bytes: int = 1_048_576,
+        max_future_s: float = 86400.0,
+    ) -> None:
+        self.features = list(features)
+        self._col = {f: i for i, f in enumerate(self.features)}
+        self._stream, self._ts, self._values, self._readings = stream_field, ts_field, values_field, readings_field
+        self.max_message_bytes = max_message_bytes
+        self.max_future_s = max_future_s
+
+    def decode(self, records: list[Record], now: float) -> tuple[Readings, list[Reject]]:
+        """Decode every record; `now` (epoch s) bounds how far in the future an event time may be."""
+        streams: list[str] = []
+        ts: list[float] = []
+        rows: list[list[float]] = []
+        source: list[int] = []
+        rejects: list[Reject] = []
+        horizon = now + self.max_future_s
+        for i, rec in enumerate(records):
+            try:
+                msg = self._load(rec.value)
+                stream = msg.get(self._stream)
+                if not isinstance(stream, str) or not stream:
+                    raise _Bad("missing_stream", f"field {self._stream!r} must be a non-empty string")
+                batch = msg.get(self._readings)
+                items = batch if isinstance(batch, list) else [msg]
+                if isinstance(batch, list) and not batch:
+                    raise _Bad("no_values", f"field {self._readings!r} is an empty list")
+                parsed = [self._reading(item, horizon) for item in items]
+            except _Bad as bad:
+                rejects.append(Reject(i, bad.reason, bad.detail))
+                continue
+            for t, row in parsed:
+                streams.append(stream)
+                ts.append(t)
+                rows.append(row)
+                source.append(i)
+        if not ts:
+            return Readings.empty(len(self.features)), rejects
+        values = np.array(rows, dtype=np.float32)
+        return (
+            Readings(np.array(streams, dtype=object), np.array(ts), values, np.array(source, dtype=np.int64)),
+            rejects,
+        )
+
+    def _load(self, value: bytes | None) -> dict[str, Any]:
+        if not value:
+            raise _Bad("empty_value", "message has no value")
+        if len(value) > self.max_message_bytes:
+            raise _Bad("oversize", f"message is {len(value)} bytes, above input.max_message_bytes")
+        try:
+            msg = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise _Bad("bad_json", f"not JSON: {exc}") from None
+        if not isinstance(msg, dict):
+            raise _Bad("not_an_object", f"message must be a JSON object, got {type(msg).__name__}")
+        return msg
+
+    def _reading(self, item: Any, horizon: float) -> tuple[float, list[float]]:
+        if not isinstance(item, dict):
+            raise _Bad("not_an_object", "each reading must be a JSON object")
+        if self._ts not in item:
+            raise _Bad("missing_timestamp", f"field {self._ts!r} is missing")
+        t = parse_ts(item[self._ts])
+        if t > horizon:
+            raise _Bad("future_timestamp", f"timestamp {t:.0f} is more than input.max_future_s ahead of now")
+        vals = item.get(self._values)
+        if not isinstance(vals, dict):
+            raise _Bad("bad_values", f"field {self._values!r} must be an object of feature: number")
+        row = [math.nan] * len(self.features)
+        seen = 0
+        for name, v in vals.items():
+            col = self._col.get(name)
+            if col is None:
+                raise _Bad("unknown_feature", f"feature {str(name)[:40]!r} is not one of the model's features")
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise _Bad("non_numeric_value", f"feature {name!r} must be a number or null, got {v!r:.40}")
+            fv = float(v)
+            if not math.isfinite(fv) or abs(fv) > 3.0e38:
+                raise _Bad("non_numeric_value", f"feature {name!r} is not a finite float32")
+            row[col] = fv
+            seen += 1
+        if not seen:
+            raise _Bad("no_values", "reading carries no feature value")
+        return t, row

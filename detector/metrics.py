@@ -1,0 +1,83 @@
+"""Prometheus metrics and the /healthz and /readyz endpoints, served on one small HTTP server."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["Metrics", "HealthServer"]
+
+
+class Metrics:
+    """The daemon's metrics, on a registry of its own (so tests can build several)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.readings = Counter("detector_readings_total", "Readings decoded from input records", registry=r)
+        self.windows = Counter("detector_windows_scored_total", "Windows scored by the model", registry=r)
+        self.rejects = Counter("detector_rejected_total", "Records sent to the dead-letter topic",
+                               ["reason"], registry=r)
+        self.alerts = Counter("detector_alerts_total", "Alert transitions published", ["state"], registry=r)
+        self.batch_size = Histogram("detector_batch_records", "Records per poll batch",
+                                    buckets=(1, 10, 100, 500, 1000, 5000, 20000, 100000), registry=r)
+        self.step_seconds = Histogram("detector_batch_seconds", "Wall time to process one batch end to end",
+                                      buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10), registry=r)
+        self.latency = Histogram("detector_record_latency_seconds",
+                                 "From a record's Kafka timestamp to its batch being committed",
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.active_streams = Gauge("detector_active_streams", "Streams held in the state table", registry=r)
+        self.lag = Gauge("detector_consumer_lag", "Messages behind the end of the assigned partitions", registry=r)
+        self.ready = Gauge("detector_ready", "1 when connected to Kafka and consuming", registry=r)
+
+    def render(self) -> bytes:
+        """The exposition text."""
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """Serves /metrics, /healthz (process alive) and /readyz (consuming) on host:port in a thread."""
+
+    def __init__(self, metrics: Metrics, host: str = "127.0.0.1", port: int = 9108) -> None:
+        self.ready = threading.Event()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if self.path == "/metrics":
+                    self._send(200, metrics.render(), CONTENT_TYPE_LATEST)
+                elif self.path == "/healthz":
+                    self._send(200, b"ok\n")
+                elif self.path == "/readyz":
+                    ok = owner.ready.is_set()
+                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                else:
+                    self._send(404, b"not found\n")
+
+            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
+
+    def start(self) -> HealthServer:
+        """Start serving in the background."""
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,292 @@
+"""Learning a model from normal data: load, scale, fit with early stopping, calibrate, save.
+
+Each stream's series is split in time: windows that end in the first `1 - val - cal` part train the model,
+windows that end in the next part decide early stopping and the error statistics, windows that end in the
+last part give the calibration distribution of window scores. Validation and calibration run the model
+continuously over the whole series, exactly as the engine does at run time.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from detector import __version__
+from detector.artifact import Manifest
+from detector.errors import DataError
+from detector.model import LSTMAutoencoder
+from detector.score import score_windows
+
+__all__ = ["TrainParams", "Series", "load_series", "train_model", "CALIBRATION_LEVELS"]
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_LEVELS = sorted(
+    set(np.round(np.linspace(0.0, 1.0, 201), 4).tolist())
+    | {0.991, 0.992, 0.993, 0.994, 0.996, 0.997, 0.998, 0.999, 0.9995, 0.9999}
+)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Model shape and training settings."""
+
+    window: int = 32
+    hop: int = 8
+    hidden_size: int = 48
+    num_layers: int = 1
+    epochs: int = 30
+    batch_size: int = 64
+    steps_per_epoch: int = 60
+    chunk_windows: int = 6
+    lr: float = 3e-3
+    patience: int = 4
+    val_fraction: float = 0.15
+    cal_fraction: float = 0.15
+    seed: int = 0
+    name: str = "default"
+
+
+@dataclass(frozen=True)
+class Series:
+    """Normal-operation data: one (T_s, F) array of values (NaN where missing) per stream."""
+
+    features: list[str]
+    streams: list[str]
+    values: list[np.ndarray]
+
+
+def load_series(path: str | Path, features: list[str] | None = None, ts_col: str = "timestamp",
+                stream_col: str = "stream") -> Series:
+    """Read a CSV or Parquet file of readings into per-stream series ordered by time."""
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: data file not found (pass --data PATH to a .csv or .parquet file)")
+    try:
+        if p.suffix.lower() in (".parquet", ".pq"):
+            df = pd.read_parquet(p)
+        else:
+            df = pd.read_csv(p, sep=None, engine="python") if p.suffix.lower() != ".csv" else pd.read_csv(p)
+    except Exception as exc:  # pandas raises many parser error types; each means the same to a user
+        raise DataError(f"{p}: cannot read as {'Parquet' if p.suffix == '.parquet' else 'CSV'} ({exc})") from None
+    missing = [c for c in (ts_col, stream_col) if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{p}: no column {missing[0]!r} (columns are: {', '.join(map(str, df.columns))}; "
+            f"name the right one with --{'timestamp' if missing[0] == ts_col else 'stream'}-col)"
+        )
+    if features is None:
+        features = [c for c in df.columns if c not in (ts_col, stream_col) and pd.api.types.is_numeric_dtype(df[c])]
+    absent = [f for f in features if f not in df.columns]
+    if absent:
+        raise DataError(f"{p}: feature column(s) {', '.join(absent)} not found (columns are: "
+                        f"{', '.join(map(str, df.columns))})")
+    if not features:
+        raise DataError(f"{p}: no numeric feature columns (name them with --features a,b,c)")
+    ts = df[ts_col]
+    if not pd.api.types.is_numeric_dtype(ts):
+        ts = pd.to_datetime(ts, utc=True, errors="coerce")
+        if ts.isna().any():
+            raise DataError(f"{p}: column {ts_col!r} has values that are neither numbers nor dates")
+        ts = ts.astype("int64") / 1e9
+    df = df.assign(_ts=ts.astype(float)).sort_values([stream_col, "_ts"], kind="stable")
+    try:
+        vals = df[features].to_numpy(dtype=np.float32)
+    except ValueError:
+        raise DataError(f"{p}: feature columns must be numeric ({', '.join(features)})") from None
+    keys = df[stream_col].astype(str).to_numpy()
+    bounds = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True])
+    streams = [str(keys[a]) for a in bounds[:-1]]
+    values = [vals[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return Series(list(features), streams, values)
+
+
+def _fill(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale, and hold the last present value where one is missing (0 before the first); return (x, mask)."""
+    x = (values - mean) / std
+    present = ~np.isnan(x)
+    pos = np.where(present, np.arange(len(x))[:, None], -1)
+    np.maximum.accumulate(pos, axis=0, out=pos)
+    filled = np.where(pos >= 0, x[np.maximum(pos, 0), np.arange(x.shape[1])], 0.0).astype(np.float32)
+    return filled, present
+
+
+def _continuous(model: LSTMAutoencoder, x: torch.Tensor, hop: int, window: int,
+                chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the model over one whole series (T, F) as the engine would; return window ends and reconstructions."""
+    out, _ = model.encode(x[None], torch.tensor([len(x)]), model.zero_state(1))
+    ends = torch.arange(hop - 1, len(x), hop)
+    ends = ends[ends >= window - 1]
+    recon = torch.cat([model.decode(out[0, ends[i:i + chunk]]) for i in range(0, len(ends), chunk)]) \
+        if len(ends) else torch.empty(0, window, x.shape[1])
+    return ends, recon
+
+
+def train_model(series: Series, params: TrainParams = TrainParams(),
+                progress: bool = True) -> tuple[LSTMAutoencoder, Manifest]:
+    """Fit an LSTM autoencoder on normal series and calibrate its scores; return the model and manifest."""
+    t0 = time.monotonic()
+    torch.manual_seed(params.seed)
+    rng = np.random.default_rng(params.seed)
+    W, hop, F = params.window, params.hop, len(series.features)
+    usable = [(s, v) for s, v in zip(series.streams, series.values, strict=True) if len(v) >= W + 3 * hop]
+    if not usable:
+        raise DataError(f"no stream has at least window + 3*hop = {W + 3 * hop} readings to learn from")
+    train_end = {s: int(len(v) * (1 - params.val_fraction - params.cal_fraction)) for s, v in usable}
+    val_end = {s: int(len(v) * (1 - params.cal_fraction)) for s, v in usable}
+
+    stacked = np.concatenate([v[: train_end[s]] for s, v in usable])
+    mean = np.nanmean(stacked, axis=0)
+    std = np.nanstd(stacked, axis=0)
+    if np.isnan(mean).any():
+        bad = [series.features[i] for i in np.flatnonzero(np.isnan(mean))]
+        raise DataError(f"feature(s) {', '.join(bad)} have no values in the training part of the data")
+    std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
+    mean = mean.astype(np.float32)
+    filled = {s: _fill(v, mean, std) for s, v in usable}
+
+    model = LSTMAutoencoder(F, params.hidden_size, params.num_layers, W)
+    opt = torch.optim.Adam(model.parameters(), lr=params.lr)
+    chunk_len = W + hop * (params.chunk_windows - 1)
+    starts_pool = [(s, st) for s, _ in usable for st in range(0, max(train_end[s] - chunk_len, 0) + 1, hop)]
+    if not starts_pool:
+        raise DataError(f"the training part is shorter than one chunk of {chunk_len} readings: "
+                        f"use a smaller --window or more data")
+    ends_in_chunk = torch.arange(W - 1, chunk_len, hop)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        pick = rng.integers(0, len(starts_pool), params.batch_size)
+        xs, ms = [], []
+        for i in pick:
+            s, st = starts_pool[i]
+            x, m = filled[s]
+            seg_x, seg_m = x[st:st + chunk_len], m[st:st + chunk_len]
+            if len(seg_x) < chunk_len:  # a stream shorter than a chunk: left-pad by repeating its start
+                need = chunk_len - len(seg_x)
+                seg_x = np.concatenate([np.repeat(seg_x[:1], need, 0), seg_x])
+                seg_m = np.concatenate([np.zeros((need, F), bool), seg_m])
+            xs.append(seg_x)
+            ms.append(seg_m)
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ms))
+
+    def loss_of(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        out, _ = model.encode(x, torch.full((len(x),), chunk_len), model.zero_state(len(x)))
+        z = out[:, ends_in_chunk].reshape(-1, params.hidden_size)
+        recon = model.decode(z).reshape(len(x), len(ends_in_chunk), W, F)
+        idx = ends_in_chunk[:, None] - W + 1 + torch.arange(W)[None, :]
+        target, tmask = x[:, idx], m[:, idx]
+        return ((recon - target) ** 2 * tmask).sum() / tmask.sum().clamp(min=1)
+
+    def validation() -> float:
+        model.eval()
+        tot, cnt = 0.0, 0.0
+        with torch.inference_mode():
+            for s, _ in usable:
+                x, m = (torch.from_numpy(a) for a in filled[s])
+                ends, recon = _continuous(model, x, hop, W)
+                sel = (ends >= train_end[s]) & (ends < val_end[s])
+                if not sel.any():
+                    continue
+                idx = ends[sel][:, None] - W + 1 + torch.arange(W)[None, :]
+                tm = m[idx]
+                tot += float((((recon[sel] - x[idx]) ** 2) * tm).sum())
+                cnt += float(tm.sum())
+        model.train()
+        return tot / max(cnt, 1.0)
+
+    best, best_state, bad_epochs, history = math.inf, copy.deepcopy(model.state_dict()), 0, []
+    bar = tqdm(range(params.epochs), desc="train", unit="epoch", disable=not progress, leave=False)
+    model.train()
+    for epoch in bar:
+        running = 0.0
+        for _ in range(params.steps_per_epoch):
+            x, m = batch()
+            loss = loss_of(x, m)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            running += loss.item()
+        val = validation()
+        history.append({"epoch": epoch, "train_loss": running / params.steps_per_epoch, "val_loss": val})
+        bar.set_postfix(train=f"{running / params.steps_per_epoch:.4f}", val=f"{val:.4f}")
+        if val < best - 1e-5:
+            best, best_state, bad_epochs = val, copy.deepcopy(model.state_dict()), 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= params.patience:
+                break
+    bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+
+    err_mean, err_std, cal_scores = _calibrate(model, usable, filled, train_end, val_end, W, hop, F)
+    levels = CALIBRATION_LEVELS
+    values = np.quantile(cal_scores, levels).tolist() if len(cal_scores) else [1.0] * len(levels)
+    manifest = Manifest(
+        features=list(series.features),
+        scaler_mean=mean.tolist(),
+        scaler_std=std.tolist(),
+        window=W,
+        hop=hop,
+        hidden_size=params.hidden_size,
+        num_layers=params.num_layers,
+        error_mean=err_mean.tolist(),
+        error_std=err_std.tolist(),
+        calibration_levels=list(levels),
+        calibration_scores=values,
+        name=params.name,
+        model_version=f"{params.name}-{int(time.time())}",
+        training={
+            "streams": len(usable),
+            "readings": int(sum(len(v) for _, v in usable)),
+            "epochs_run": len(history),
+            "best_val_loss": best,
+            "history": history,
+            "calibration_windows": int(len(cal_scores)),
+            "seconds": round(time.monotonic() - t0, 1),
+            "params": params.__dict__,
+            "torch": torch.__version__,
+            "detector_version": __version__,
+        },
+    )
+    return model, manifest
+
+
+def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
+               filled: dict[str, tuple[np.ndarray, np.ndarray]], train_end: dict[str, int],
+               val_end: dict[str, int], W: int, hop: int, F: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Error statistics from the validation part, then window scores on the calibration part."""
+    errs, cal = [], []
+    with torch.inference_mode():
+        runs = []
+        for s, _ in usable:
+            x, m = (torch.from_numpy(a) for a in filled[s])
+            ends, recon = _continuous(model, x, hop, W)
+            idx = ends[:, None] - W + 1 + torch.arange(W)[None, :]
+            runs.append((s, ends, x[idx], recon, m[idx]))
+        for s, ends, xw, recon, mw in runs:
+            sel = (ends >= train_end[s]) & (ends < val_end[s])
+            e = (xw[sel] - recon[sel])[:, -hop:]
+            errs.append(torch.where(mw[sel][:, -hop:], e, torch.nan).reshape(-1, F))
+        e_all = torch.cat(errs).numpy() if errs else np.zeros((0, F), np.float32)
+        err_mean = np.nan_to_num(np.nanmean(e_all, axis=0)) if len(e_all) else np.zeros(F)
+        err_std = np.nanstd(e_all, axis=0) if len(e_all) else np.ones(F)
+        err_std = np.where(np.isfinite(err_std) & (err_std > 1e-4), err_std, 1e-4)
+        mu, sd = torch.tensor(err_mean, dtype=torch.float32), torch.tensor(err_std, dtype=torch.float32)
+        for s, ends, xw, recon, mw in runs:
+            sel = ends >= val_end[s]
+            if sel.any():
+                cal.append(score_windows(xw[sel], recon[sel], mw[sel], mu, sd, hop)[0].numpy())
+    return err_mean.astype(np.float32), err_std.astype(np.float32), (
+        np.concatenate(cal) if cal else np.zeros(0))

@@ -1,0 +1,107 @@
+"""Config: the root config.yaml is complete and equals the defaults; every error names its key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from detector.config import Config, config_hash, load_config, parse_config
+from detector.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _keys(model: type, prefix: str = "") -> set[str]:
+    out = set()
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and hasattr(ann, "model_fields"):
+            out |= _keys(ann, f"{prefix}{name}.")
+        else:
+            out.add(prefix + name)
+    return out
+
+
+def _yaml_keys(node: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out |= _yaml_keys(v, f"{prefix}{k}.")
+        else:
+            out.add(prefix + k)
+    return out
+
+
+def test_root_config_yaml_lists_every_key_with_its_default() -> None:
+    data = yaml.safe_load((ROOT / "config.yaml").read_text())
+    assert _yaml_keys(data) == _keys(Config)
+    assert load_config(ROOT / "config.yaml") == Config()
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"input": {"topcs": ["x"]}}, "input.topcs: unknown key; valid keys here are: topics"),
+        ({"thresholds": {"calibrated": {"warning": 1.5}}}, "thresholds.calibrated.warning: Input should be less than 1"),
+        ({"thresholds": {"policy": "magic"}}, "thresholds.policy: Input should be 'static' or 'calibrated'"),
+        ({"thresholds": {"static": {"warning": 5, "critical": 2}}}, "static.critical must be >= static.warning"),
+        ({"alerts": {"k": 5, "n": 3}}, "alerts: k (5) must be <= n (3)"),
+        ({"kafka": {"security_protocol": "SASL_SSL"}}, "needs sasl_mechanism, sasl_username and sasl_password"),
+        ({"input": {"topics": []}}, "input.topics: List should have at least 1 item"),
+        ({"input": {"max_poll_records": 0}}, "input.max_poll_records: Input should be greater than or equal to 1"),
+        ({"output": {"alerts_topic": "a", "dead_letter_topic": "a"}}, "alerts_topic and dead_letter_topic must differ"),
+        ({"metrics": {"port": 70000}}, "metrics.port: Input should be less than or equal to 65535"),
+        ({"model": {"device": "tpu"}}, "model.device: Input should be 'auto', 'cpu' or 'cuda'"),
+        ({"runtime": {"log_format": "xml"}}, "runtime.log_format"),
+        ({"scoring": {"max_gap_s": -1}}, "scoring.max_gap_s: Input should be greater than 0"),
+        ({"kafka": {"request_timeout_ms": 5}}, "kafka.request_timeout_ms"),
+    ],
+)
+def test_invalid_values_name_the_key_and_what_is_right(data: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, "my.yaml")
+    assert expected in str(err.value)
+    assert str(err.value).startswith("my.yaml: ")
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"input": {"topcs": 1, "max_poll_records": -1}, "alerts": {"k": 0}})
+    assert len(err.value.problems) == 3
+
+
+def test_secrets_come_from_the_environment_and_are_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_PASSWORD", "hunter2")
+    cfg = parse_config({"kafka": {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+                                  "sasl_username": "det", "sasl_password": "${KAFKA_PASSWORD}"}})
+    assert cfg.kafka.sasl_password is not None
+    assert cfg.kafka.sasl_password.get_secret_value() == "hunter2"
+    assert "hunter2" not in str(cfg.masked()) and "hunter2" not in repr(cfg)
+
+
+def test_unset_environment_variable_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"kafka.sasl_password: environment variable NOT_SET_ANYWHERE"):
+        parse_config({"kafka": {"sasl_password": "${NOT_SET_ANYWHERE}"}})
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input:\n  topics: [a\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: line \d+, column \d+: not valid YAML"):
+        load_config(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty) == Config()
+
+
+def test_config_is_frozen_and_hash_tracks_changes() -> None:
+    cfg = Config()
+    with pytest.raises(Exception):
+        cfg.alerts.k = 3  # type: ignore[misc]
+    other = parse_config({"alerts": {"k": 1}})
+    assert config_hash(cfg) != config_hash(other)
+    assert config_hash(cfg) == config_hash(Config())

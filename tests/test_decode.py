@@ -1,0 +1,84 @@
+"""Decoding: every kind of bad input becomes a Reject with its reason; good readings are never lost."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from detector.decode import REASONS, Decoder
+from tests.helpers import FEATURES, record
+
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture
+def decoder() -> Decoder:
+    return Decoder(FEATURES, max_message_bytes=2000, max_future_s=3600)
+
+
+GOOD = {"stream": "p1", "ts": NOW - 10, "values": {"temp": 1.0, "vibration": 2, "pressure": 3.5}}
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (None, "empty_value"),
+        (b"", "empty_value"),
+        (b"x" * 3000, "oversize"),
+        (b"{not json", "bad_json"),
+        (b"\x00\xff\xfe", "bad_json"),
+        ([1, 2], "not_an_object"),
+        ({"ts": NOW, "values": {"temp": 1}}, "missing_stream"),
+        ({"stream": "", "ts": NOW, "values": {"temp": 1}}, "missing_stream"),
+        ({"stream": 7, "ts": NOW, "values": {"temp": 1}}, "missing_stream"),
+        ({"stream": "p", "values": {"temp": 1}}, "missing_timestamp"),
+        ({"stream": "p", "ts": "yesterday", "values": {"temp": 1}}, "bad_timestamp"),
+        ({"stream": "p", "ts": True, "values": {"temp": 1}}, "bad_timestamp"),
+        ({"stream": "p", "ts": -5, "values": {"temp": 1}}, "bad_timestamp"),
+        ({"stream": "p", "ts": NOW + 86400 * 365, "values": {"temp": 1}}, "future_timestamp"),
+        ({"stream": "p", "ts": NOW, "values": [1, 2]}, "bad_values"),
+        ({"stream": "p", "ts": NOW, "values": {"humidity": 1}}, "unknown_feature"),
+        ({"stream": "p", "ts": NOW, "values": {"temp": "NaN"}}, "non_numeric_value"),
+        ({"stream": "p", "ts": NOW, "values": {"temp": "71.2"}}, "non_numeric_value"),
+        ({"stream": "p", "ts": NOW, "values": {"temp": True}}, "non_numeric_value"),
+        ({"stream": "p", "ts": NOW, "values": {"temp": 1e300}}, "non_numeric_value"),
+        ({"stream": "p", "ts": NOW, "values": {}}, "no_values"),
+        ({"stream": "p", "ts": NOW, "values": {"temp": None}}, "no_values"),
+        ({"stream": "p", "readings": []}, "no_values"),
+        ({"stream": "p", "readings": [{"ts": NOW, "values": {"temp": 1}}, 5]}, "not_an_object"),
+    ],
+)
+def test_bad_records_are_rejected_with_their_reason(decoder: Decoder, value: object, reason: str) -> None:
+    rd, rejects = decoder.decode([record(GOOD, 0), record(value, 1), record(GOOD | {"ts": NOW - 5}, 2)], NOW)
+    assert [(r.index, r.reason) for r in rejects] == [(1, reason)]
+    assert reason in REASONS and rejects[0].detail
+    assert list(rd.source) == [0, 2], "good records on either side are kept"
+
+
+def test_values_timestamps_and_gaps(decoder: Decoder) -> None:
+    recs = [
+        record({"stream": "a", "ts": 1_699_999_000_000, "values": {"pressure": 3, "temp": 70.5}}),
+        record({"stream": "b", "ts": "2023-11-14T22:00:00+00:00", "values": {"vibration": None, "temp": 1}}),
+    ]
+    rd, rejects = decoder.decode(recs, NOW)
+    assert not rejects
+    assert rd.ts.tolist() == [1_699_999_000.0, 1_699_999_200.0]
+    assert rd.values[0].tolist()[0] == 70.5 and rd.values[0].tolist()[2] == 3.0
+    assert math.isnan(rd.values[0, 1]) and math.isnan(rd.values[1, 1]) and math.isnan(rd.values[1, 2])
+    assert rd.values.dtype == np.float32
+
+
+def test_batched_form_carries_many_readings_of_one_stream(decoder: Decoder) -> None:
+    msg = {"stream": "pump-9", "readings": [{"ts": NOW - 3 + i, "values": {"temp": float(i)}} for i in range(3)]}
+    rd, rejects = decoder.decode([record(msg, 0)], NOW)
+    assert not rejects
+    assert rd.streams.tolist() == ["pump-9"] * 3 and rd.source.tolist() == [0, 0, 0]
+    assert rd.values[:, 0].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_field_names_are_mapped(decoder: Decoder) -> None:
+    d = Decoder(FEATURES, stream_field="machine", ts_field="time", values_field="sensors")
+    rd, rejects = d.decode([record({"machine": "m", "time": NOW, "sensors": {"temp": 1}})], NOW)
+    assert not rejects and rd.streams.tolist() == ["m"]

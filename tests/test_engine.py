@@ -1,0 +1,121 @@
+"""The batched engine: same scores as each stream alone, whatever the batching; late, gaps and growth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detector.decode import Readings
+from detector.engine import Engine
+from tests.helpers import random_artifact, readings, sine_values
+
+T0 = 1_700_000_000.0
+
+
+def alone(art, stream: str, ts: np.ndarray, values: np.ndarray) -> dict[float, float]:
+    eng = Engine(art, capacity=1)
+    res = eng.score_batch(readings(stream, ts, values))
+    return dict(zip(res.windows.end_ts.tolist(), res.windows.score.tolist(), strict=True))
+
+
+def test_batched_scores_equal_each_stream_alone_including_late_joiners() -> None:
+    art = random_artifact(window=8, hop=4, hidden=16, layers=2)
+    rng = np.random.default_rng(1)
+    n_streams, n = 40, 120
+    data = {}
+    for s in range(n_streams):
+        join = 0 if s < 25 else int(rng.integers(10, 80))  # 15 streams appear mid-way
+        ts = T0 + 60.0 * np.arange(join, n)
+        data[f"m-{s}"] = (ts, sine_values(n - join, seed=s, phase=s))
+    # one big interleaved feed, in time order, cut into batches of irregular size
+    rows = [(t, s, i) for s, (ts, _) in data.items() for i, t in enumerate(ts)]
+    rows.sort()
+    eng = Engine(art, capacity=4)  # forces the table to grow several times
+    got: dict[tuple[str, float], float] = {}
+    pos = 0
+    while pos < len(rows):
+        size = int(rng.integers(1, 300))
+        chunk = rows[pos:pos + size]
+        pos += size
+        streams = [s for _, s, _ in chunk]
+        ts = np.array([t for t, _, _ in chunk])
+        vals = np.stack([data[s][1][i] for _, s, i in chunk])
+        res = eng.score_batch(readings(streams, ts, vals))
+        w = res.windows
+        for r, e, sc in zip(w.rows, w.end_ts, w.score, strict=True):
+            got[(eng.streams[r], e)] = sc
+    assert eng.capacity >= n_streams
+    expected = {(s, e): sc for s, (ts, v) in data.items() for e, sc in alone(art, s, ts, v).items()}
+    assert set(got) == set(expected)
+    assert len(expected) > 500
+    diff = max(abs(got[k] - expected[k]) / max(1.0, abs(expected[k])) for k in expected)
+    assert diff < 1e-4
+
+
+def test_window_count_and_reading_positions() -> None:
+    art = random_artifact(window=8, hop=4)
+    ts = T0 + np.arange(30.0)
+    res = Engine(art).score_batch(readings("a", ts, sine_values(30, 0)))
+    w = res.windows
+    # windows end at readings 8, 12, ..., 28 (1-based), each covering the last 8 readings
+    assert w.end_ts.tolist() == (T0 + np.array([7, 11, 15, 19, 23, 27])).tolist()
+    assert (w.end_ts - w.start_ts).tolist() == [7.0] * 6
+    assert w.reading.tolist() == [7, 11, 15, 19, 23, 27]
+    assert np.allclose(w.share.sum(axis=1), 1.0, atol=1e-5)
+    assert set(np.unique(w.direction)) <= {-1, 0, 1}
+
+
+def test_out_of_order_within_a_batch_is_reordered_late_and_duplicates_dropped() -> None:
+    art = random_artifact()
+    ts = T0 + np.arange(40.0)
+    v = sine_values(40, 3)
+    ref = alone(art, "a", ts, v)
+    perm = np.random.default_rng(0).permutation(40)
+    eng = Engine(art)
+    res = eng.score_batch(readings("a", ts[perm], v[perm]))
+    assert dict(zip(res.windows.end_ts.tolist(), res.windows.score.tolist(), strict=True)) == pytest.approx(ref)
+    # a second batch: one late reading, one duplicate of the last, one good
+    late = eng.score_batch(readings("a", np.array([T0 + 5, T0 + 39, T0 + 40]), sine_values(3, 9)))
+    assert sorted(late.dropped_reason.tolist()) == ["duplicate_timestamp", "late"]
+    assert sorted(late.dropped.tolist()) == [0, 1]
+    assert eng.count[0] == 41
+
+
+def test_missing_values_are_imputed_and_masked() -> None:
+    art = random_artifact()
+    ts = T0 + np.arange(40.0)
+    v = sine_values(40, 4)
+    holes = v.copy()
+    holes[10:14, 1] = np.nan
+    holes[20, :2] = np.nan
+    res = Engine(art).score_batch(readings("a", ts, holes))
+    assert np.isfinite(res.windows.score).all()
+    assert len(res.windows) == len(alone(art, "a", ts, v))
+
+
+def test_a_gap_resets_the_stream_like_a_new_one() -> None:
+    art = random_artifact()
+    eng = Engine(art, max_gap_s=300)
+    v = sine_values(60, 5)
+    eng.score_batch(readings("a", T0 + 60.0 * np.arange(30), v[:30]))
+    after = T0 + 60.0 * 29 + 3600 + 60.0 * np.arange(30)  # an hour of silence
+    res = eng.score_batch(readings("a", after, v[30:]))
+    assert res.resets == 1
+    fresh = alone(art, "b", after, v[30:])
+    assert dict(zip(res.windows.end_ts.tolist(), res.windows.score.tolist(), strict=True)) == pytest.approx(fresh)
+
+
+def test_a_gap_inside_one_batch_splits_it() -> None:
+    art = random_artifact()
+    v = sine_values(60, 6)
+    ts = np.concatenate([T0 + 60.0 * np.arange(30), T0 + 100_000 + 60.0 * np.arange(30)])
+    res = Engine(art, max_gap_s=300).score_batch(readings(["a"] * 60, ts, v))
+    second = alone(art, "x", ts[30:], v[30:])
+    got = dict(zip(res.windows.end_ts.tolist(), res.windows.score.tolist(), strict=True))
+    assert {k: got[k] for k in second} == pytest.approx(second)
+    assert len(got) == len(alone(art, "x", ts[:30], v[:30])) + len(second)
+
+
+def test_empty_batch() -> None:
+    res = Engine(random_artifact()).score_batch(Readings.empty(3))
+    assert len(res.windows) == 0 and len(res.dropped) == 0

@@ -1,0 +1,124 @@
+"""The daemon's batch path with in-memory source and sink: alerts for faulty streams, dead letters, commits."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from consumers.base import Record
+from consumers.memory import IterSource, ListSink
+from detector.artifact import Artifact
+from detector.config import Config, parse_config
+from detector.daemon import Daemon
+from detector.pipeline import Pipeline
+from detector.train import Series, TrainParams, train_model
+from tests.helpers import FEATURES, sine_values
+
+T0 = 1_700_000_000.0
+PARAMS = TrainParams(window=16, hop=4, hidden_size=24, epochs=6, steps_per_epoch=25, batch_size=32, name="t")
+
+
+@pytest.fixture(scope="module")
+def trained() -> Artifact:
+    series = Series(FEATURES, [f"s{i}" for i in range(6)], [sine_values(700, seed=100 + i, phase=7 * i)
+                                                             for i in range(6)])
+    model, manifest = train_model(series, PARAMS, progress=False)
+    return Artifact(model, manifest, None)  # type: ignore[arg-type]
+
+
+def feed(n_streams: int, n: int, faulty: dict[int, int]) -> list[Record]:
+    """JSON records of n readings per stream in time order; stream i in `faulty` gets a pressure shift."""
+    vals = {}
+    for s in range(n_streams):
+        v = sine_values(n, seed=500 + s, phase=3 * s).astype(float)
+        if s in faulty:
+            v[faulty[s]:, 2] += 2.5  # pressure: +5 sigma of its normal range, and out of its usual cycle
+        vals[s] = v
+    out = []
+    for t in range(n):
+        for s in range(n_streams):
+            body = {"stream": f"m{s}", "ts": T0 + 60 * t, "values": dict(zip(FEATURES, vals[s][t].tolist(), strict=True))}
+            out.append(Record("in", s % 3, t * n_streams + s, f"m{s}".encode(), orjson.dumps(body), 0))
+    return out
+
+
+def run(cfg: Config, art: Artifact, records: list[Record], batch: int = 97) -> tuple[ListSink, IterSource]:
+    daemon = Daemon(cfg, Pipeline(cfg, art))
+    src, sink = IterSource(records, batch_size=batch), ListSink()
+    while not src.exhausted:
+        b = src.poll_batch(0)
+        if b:
+            daemon.process(b, src, sink)
+    return sink, src
+
+
+def test_faulty_streams_raise_alerts_naming_the_sensor(trained: Artifact) -> None:
+    cfg = parse_config({"alerts": {"k": 2, "n": 3}})
+    faulty = {1: 300, 4: 350, 7: 250}
+    sink, _ = run(cfg, trained, feed(10, 500, faulty))
+    alerts = [orjson.loads(r.value) for r in sink.on(cfg.output.alerts_topic)]
+    raised = [a for a in alerts if a["state"] == "raised"]
+    streams = {a["stream"] for a in raised}
+    assert {"m1", "m4", "m7"} <= streams
+    assert len(streams - {"m1", "m4", "m7"}) <= 1, "at most one healthy stream may raise"
+    for a in raised:
+        if a["stream"] in ("m1", "m4", "m7"):
+            start = T0 + 60 * faulty[int(a["stream"][1:])]
+            assert a["top_features"][0]["name"] == "pressure"
+            assert a["top_features"][0]["direction"] == "above"
+            assert a["window_end"] >= a["window_start"]
+            from datetime import datetime
+            assert datetime.fromisoformat(a["first_seen"]).timestamp() >= start
+    a = raised[0]
+    assert set(a) >= {"alert_id", "stream", "model", "state", "severity", "score", "threshold", "window_start",
+                      "window_end", "top_features", "first_seen", "input", "detector_version", "config_hash",
+                      "threshold_policy", "model_version"}
+    assert a["score"] >= a["threshold"]
+    assert {"topic", "partition", "offset"} == set(a["input"])
+    keys = {r.key for r in sink.on(cfg.output.alerts_topic)}
+    assert keys == {x["stream"].encode() for x in alerts}
+
+
+def test_replay_gives_identical_alerts(trained: Artifact) -> None:
+    cfg = Config()
+    recs = feed(6, 400, {2: 200})
+    first, _ = run(cfg, trained, recs, batch=50)
+    second, _ = run(cfg, trained, recs, batch=333)
+    assert [r.value for r in first.on(cfg.output.alerts_topic)] == [r.value for r in second.on(cfg.output.alerts_topic)]
+    assert first.on(cfg.output.alerts_topic)
+
+
+def test_bad_records_go_to_the_dead_letter_topic_and_scoring_goes_on(trained: Artifact) -> None:
+    cfg = Config()
+    good = feed(4, 200, {})
+    bad_values = [b"{oops", b"", b'{"stream": "m0", "values": {}}', b'{"stream": "m0", "ts": 1, "values": {"x": 1}}',
+                  b"\x89PNG\r\n"]
+    mixed: list[Record] = []
+    for i, r in enumerate(good):
+        mixed.append(r)
+        if i % 40 == 0:
+            v = bad_values[(i // 40) % len(bad_values)]
+            mixed.append(Record("in", 0, 10_000 + i, b"bad", v, 0))
+    sink, src = run(cfg, trained, mixed)
+    dlq = sink.on(cfg.output.dead_letter_topic)
+    assert len(dlq) == len(mixed) - len(good)
+    reasons = {dict(r.headers)["reason"].decode() for r in dlq}
+    assert reasons == {"bad_json", "empty_value", "missing_timestamp", "unknown_feature"}
+    assert all(dict(r.headers)["source"].startswith(b"in[0]@") for r in dlq)
+    assert {r.value for r in dlq} == set(bad_values) - {b""} | {b""}
+    clean_sink, _ = run(cfg, trained, good)
+    assert [r.value for r in sink.on(cfg.output.alerts_topic)] == [r.value for r in clean_sink.on(cfg.output.alerts_topic)]
+    assert src.committed == {("in", p): max(r.offset for r in mixed if r.partition == p) + 1 for p in range(3)}
+
+
+def test_static_policy_applies_its_levels(trained: Artifact) -> None:
+    cfg = parse_config({"thresholds": {"policy": "static", "static": {"warning": 1e9, "critical": 2e9}}})
+    sink, _ = run(cfg, trained, feed(3, 300, {0: 100}))
+    assert sink.on(cfg.output.alerts_topic) == []
+    low = parse_config({"thresholds": {"policy": "static", "static": {"warning": 1e-6, "critical": 1e9}},
+                        "alerts": {"k": 1, "n": 1}})
+    sink, _ = run(low, trained, feed(3, 300, {}))
+    raised = [orjson.loads(r.value) for r in sink.on(low.output.alerts_topic)]
+    assert {a["stream"] for a in raised} == {"m0", "m1", "m2"}
+    assert all(a["threshold_policy"] == "static" and a["threshold"] == 1e-6 for a in raised)

@@ -51,7 +51,8 @@ class KafkaSource(Source):
     """A consumer-group member over the input topics, handing out poll batches as Records."""
 
     def __init__(self, bootstrap: str, topics: list[str], group_id: str, *, client: dict[str, Any],
-                 auto_offset_reset: str = "earliest", max_poll_records: int = 5000) -> None:
+                 auto_offset_reset: str = "earliest", max_poll_records: int = 5000,
+                 session_timeout_ms: int = 10000) -> None:
         self.events = RebalanceEvents()
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap,
@@ -59,6 +60,8 @@ class KafkaSource(Source):
             enable_auto_commit=False,
             auto_offset_reset=auto_offset_reset,
             max_poll_records=max_poll_records,
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=max(session_timeout_ms // 3, 1000),
             isolation_level="read_committed",
             key_deserializer=None,
             value_deserializer=None,
@@ -110,13 +113,17 @@ class KafkaSink(Sink):
             max_in_flight_requests_per_connection=5,
             delivery_timeout_ms=120000,
             compression_type=None,
+            max_block_ms=30000,
             **client,
         )
         self._futures: list[Any] = []
 
     def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
         """Queue one record."""
-        self._futures.append(self._producer.send(topic, key=key, value=value, headers=headers or []))
+        try:
+            self._futures.append(self._producer.send(topic, key=key, value=value, headers=headers or []))
+        except KafkaError as exc:  # e.g. no metadata for the topic within max_block_ms
+            raise SinkError(f"cannot send to topic {topic!r}: {exc}") from exc
 
     def flush(self, timeout_s: float) -> None:
         """Wait until every queued record is acknowledged by all in-sync replicas."""

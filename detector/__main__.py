@@ -1,4 +1,5 @@
-from detector.cli import main
 import sys
+
+from detector.cli import main
 
 sys.exit(main())

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from detector.errors import ConfigError
 
@@ -50,6 +58,7 @@ class KafkaConfig(_Section):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     request_timeout_ms: int = Field(30000, ge=1000)
+    connect_timeout_ms: int = Field(10000, ge=1000)
     connect_retry_max_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
@@ -81,6 +90,7 @@ class InputConfig(_Section):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     max_poll_records: int = Field(5000, ge=1)
     poll_timeout_ms: int = Field(200, ge=1, le=10000)
+    session_timeout_ms: int = Field(10000, ge=6000, le=300000)
     fields: FieldMap = FieldMap()
     max_message_bytes: int = Field(1_048_576, ge=64)
     max_future_s: float = Field(86400.0, ge=0)

@@ -41,6 +41,7 @@ def kafka_client_settings(cfg: Config) -> dict[str, Any]:
         "client_id": k.client_id,
         "security_protocol": k.security_protocol,
         "request_timeout_ms": k.request_timeout_ms,
+        "bootstrap_timeout_ms": k.connect_timeout_ms,
         "reconnect_backoff_max_ms": 10000,
     }
     if k.sasl_mechanism:
@@ -141,7 +142,8 @@ def _connect(cfg: Config, stop: threading.Event) -> tuple[KafkaSource, KafkaSink
         try:
             source = KafkaSource(cfg.kafka.bootstrap_servers, cfg.input.topics, cfg.input.group_id, client=client,
                                  auto_offset_reset=cfg.input.auto_offset_reset,
-                                 max_poll_records=cfg.input.max_poll_records)
+                                 max_poll_records=cfg.input.max_poll_records,
+                                 session_timeout_ms=cfg.input.session_timeout_ms)
             try:
                 sink = KafkaSink(cfg.kafka.bootstrap_servers, client=client)
             except Exception:

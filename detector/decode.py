@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -90,7 +90,7 @@ def parse_ts(raw: Any) -> float:
         except ValueError:
             raise _Bad("bad_timestamp", f"timestamp {raw[:40]!r} is not RFC 3339") from None
         if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
+            dt = dt.replace(tzinfo=UTC)
         t = dt.timestamp()
     else:
         raise _Bad("bad_timestamp", f"timestamp must be a number or RFC 3339 string, got {type(raw).__name__}")

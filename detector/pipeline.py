@@ -6,7 +6,7 @@ The daemon, the demo and evaluation all call the same Pipeline; only their sourc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ def iso(ts: float) -> str:
     >>> iso(1700000000.25)
     '2023-11-14T22:13:20.250Z'
     """
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(slots=True)

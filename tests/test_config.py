@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from detector.config import Config, config_hash, load_config, parse_config
 from detector.errors import ConfigError
@@ -44,7 +45,8 @@ def test_root_config_yaml_lists_every_key_with_its_default() -> None:
     ("data", "expected"),
     [
         ({"input": {"topcs": ["x"]}}, "input.topcs: unknown key; valid keys here are: topics"),
-        ({"thresholds": {"calibrated": {"warning": 1.5}}}, "thresholds.calibrated.warning: Input should be less than 1"),
+        ({"thresholds": {"calibrated": {"warning": 1.5}}},
+         "thresholds.calibrated.warning: Input should be less than 1"),
         ({"thresholds": {"policy": "magic"}}, "thresholds.policy: Input should be 'static' or 'calibrated'"),
         ({"thresholds": {"static": {"warning": 5, "critical": 2}}}, "static.critical must be >= static.warning"),
         ({"alerts": {"k": 5, "n": 3}}, "alerts: k (5) must be <= n (3)"),
@@ -100,7 +102,7 @@ def test_file_errors(tmp_path: Path) -> None:
 
 def test_config_is_frozen_and_hash_tracks_changes() -> None:
     cfg = Config()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.alerts.k = 3  # type: ignore[misc]
     other = parse_config({"alerts": {"k": 1}})
     assert config_hash(cfg) != config_hash(other)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import orjson
 import pytest
 
@@ -38,7 +37,8 @@ def feed(n_streams: int, n: int, faulty: dict[int, int]) -> list[Record]:
     out = []
     for t in range(n):
         for s in range(n_streams):
-            body = {"stream": f"m{s}", "ts": T0 + 60 * t, "values": dict(zip(FEATURES, vals[s][t].tolist(), strict=True))}
+            values = dict(zip(FEATURES, vals[s][t].tolist(), strict=True))
+            body = {"stream": f"m{s}", "ts": T0 + 60 * t, "values": values}
             out.append(Record("in", s % 3, t * n_streams + s, f"m{s}".encode(), orjson.dumps(body), 0))
     return out
 
@@ -108,7 +108,8 @@ def test_bad_records_go_to_the_dead_letter_topic_and_scoring_goes_on(trained: Ar
     assert all(dict(r.headers)["source"].startswith(b"in[0]@") for r in dlq)
     assert {r.value for r in dlq} == set(bad_values) - {b""} | {b""}
     clean_sink, _ = run(cfg, trained, good)
-    assert [r.value for r in sink.on(cfg.output.alerts_topic)] == [r.value for r in clean_sink.on(cfg.output.alerts_topic)]
+    alerts = cfg.output.alerts_topic
+    assert [r.value for r in sink.on(alerts)] == [r.value for r in clean_sink.on(alerts)]
     assert src.committed == {("in", p): max(r.offset for r in mixed if r.partition == p) + 1 for p in range(3)}
 
 

@@ -1,0 +1,64 @@
+"""The command line: check-config and run refuse bad files with every problem on its own line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from detector.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD = """\
+input:
+  topics: []
+  max_poll_records: zero
+thresholds:
+  policy: calibrated
+  calibrated: {warning: 2}
+alerts: {k: 4, n: 2}
+"""
+
+
+def test_check_config_accepts_the_root_example(capsys: pytest.CaptureFixture) -> None:
+    assert main(["check-config", str(ROOT / "config.yaml")]) == 0
+    assert "config.yaml: valid" in capsys.readouterr().out
+
+
+def test_check_config_prints_every_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(BAD)
+    assert main(["check-config", str(cfg)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4
+    assert all(line.startswith(f"error: {cfg}: ") for line in err)
+    joined = "\n".join(err)
+    for key in ("input.topics", "input.max_poll_records", "thresholds.calibrated.warning", "alerts: k (4)"):
+        assert key in joined
+
+
+def test_run_refuses_an_invalid_file_with_the_same_messages(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(BAD)
+    proc = subprocess.run([sys.executable, "-m", "detector", "run", "--config", str(cfg)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "input.max_poll_records" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_names_a_missing_model_folder(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{path: {tmp_path / 'nope'}}}\nmetrics: {{enabled: false}}\n")
+    proc = subprocess.run([sys.executable, "-m", "detector", "run", "--config", str(cfg)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "model folder not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_check_config_with_model_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{path: {tmp_path / 'nope'}}}\n")
+    assert main(["check-config", str(cfg), "--model"]) == 2
+    assert "model folder not found" in capsys.readouterr().err

@@ -1,0 +1,176 @@
+"""The daemon end to end against a real Apache Kafka broker: alerts, dead letters, commits, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError
+
+from detector.artifact import save_artifact
+from detector.train import Series, train_model
+from tests.helpers import FEATURES, sine_values
+from tests.test_pipeline import PARAMS, T0
+
+pytestmark = pytest.mark.kafka
+
+STREAMS, READINGS = 20, 360
+FAULTY = {3: 200, 8: 220, 15: 180}
+BAD = [b"{oops", b"", b'{"stream": "m0", "values": {"temp": 1}}', b'{"stream": "m0", "ts": 1, "values": {"x": 1}}',
+       b'{"stream": "m0", "ts": 1700000000, "values": {"temp": "NaN"}}', b"\xff\xfe\x00"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    series = Series(FEATURES, [f"s{i}" for i in range(6)], [sine_values(700, seed=100 + i, phase=7 * i)
+                                                             for i in range(6)])
+    model, manifest = train_model(series, PARAMS, progress=False)
+    return save_artifact(tmp_path_factory.mktemp("model") / "m", model, manifest)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, bootstrap: str, topic: str, alerts: str, dlq: str, group: str, model: Path,
+                 port: int) -> Path:
+    path.write_text(f"""
+kafka: {{bootstrap_servers: "{bootstrap}", connect_retry_max_s: 2, connect_timeout_ms: 2000}}
+input: {{topics: [{topic}], group_id: {group}, max_poll_records: 500}}
+output: {{alerts_topic: {alerts}, dead_letter_topic: {dlq}}}
+model: {{path: "{model}", device: cpu}}
+alerts: {{k: 2, n: 3}}
+metrics: {{port: {port}}}
+""")
+    return path
+
+
+def produce(bootstrap: str, topic: str) -> int:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
+    n = 0
+    for t in range(READINGS):
+        for s in range(STREAMS):
+            v = sine_values(READINGS, seed=500 + s, phase=3 * s)[t].astype(float)
+            if s in FAULTY and t >= FAULTY[s]:
+                v[2] += 2.5
+            body = {"stream": f"m{s}", "ts": T0 + 60 * t, "values": dict(zip(FEATURES, v.tolist(), strict=True))}
+            producer.send(topic, key=f"m{s}".encode(), value=orjson.dumps(body))
+            n += 1
+        if t % 60 == 30:
+            for bad in BAD:
+                producer.send(topic, key=b"bad", value=bad)
+                n += 1
+    producer.flush()
+    producer.close()
+    return n
+
+
+def drain(bootstrap: str, topic: str, expect_at_least: int, timeout_s: float = 30) -> list:
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=2000)
+    out: list = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out.extend(consumer)
+        if len(out) >= expect_at_least:
+            break
+    consumer.close()
+    return out
+
+
+def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offsets on `topic`; empty while its coordinator is still being elected."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        got = admin.list_group_offsets(group).get(group, {})
+    except (CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError):
+        got = {}
+    finally:
+        admin.close()
+    return {tp.partition: om.offset for tp, om in got.items() if tp.topic == topic}
+
+
+def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    c = KafkaConsumer(bootstrap_servers=bootstrap)
+    ends = c.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
+    c.close()
+    return {tp.partition: off for tp, off in ends.items()}
+
+
+def start_daemon(cfg: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "detector", "run", "--config", str(cfg)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def test_daemon_scores_alerts_dead_letters_and_commits(kafka_bootstrap: str, topic_factory, group_id: str,
+                                                       model_dir: Path, tmp_path: Path) -> None:
+    topic, alerts, dlq = topic_factory(partitions=4), topic_factory(partitions=2), topic_factory(partitions=1)
+    total = produce(kafka_bootstrap, topic)
+    port = free_port()
+    cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topic, alerts, dlq, group_id, model_dir, port)
+    log = tmp_path / "daemon.log"
+    proc = start_daemon(cfg, log)
+    try:
+        ends = end_offsets(kafka_bootstrap, topic, 4)
+        assert sum(ends.values()) == total
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and committed(kafka_bootstrap, group_id, topic) != ends:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.5)
+        assert committed(kafka_bootstrap, group_id, topic) == ends, log.read_text()
+        ready = urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5)
+        assert ready.status == 200
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "detector_readings_total" in metrics and 'detector_rejected_total{reason="bad_json"}' in metrics
+    finally:
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+        took = time.monotonic() - t0
+    text = log.read_text()
+    assert rc == 0, text
+    assert took < 10, f"shutdown took {took:.1f} s"
+    assert "Traceback" not in text
+    assert "stopping: last batch flushed and committed" in text
+    assert committed(kafka_bootstrap, group_id, topic) == ends, "SIGTERM left every scored record committed"
+
+    alert_msgs = [orjson.loads(m.value) for m in drain(kafka_bootstrap, alerts, 3)]
+    raised = {a["stream"] for a in alert_msgs if a["state"] == "raised"}
+    assert {f"m{s}" for s in FAULTY} <= raised
+    healthy_raised = raised - {f"m{s}" for s in FAULTY}
+    assert len(healthy_raised) <= 2, f"too many healthy streams raised: {healthy_raised}"
+    for a in alert_msgs:
+        assert a["input"]["topic"] == topic
+    dead = drain(kafka_bootstrap, dlq, 6 * len(BAD))
+    assert len(dead) == 6 * len(BAD)
+    reasons = {dict(m.headers)["reason"].decode() for m in dead}
+    assert reasons == {"bad_json", "empty_value", "missing_timestamp", "unknown_feature", "non_numeric_value"}
+    assert {m.value or b"" for m in dead} == set(BAD)
+
+
+def test_unreachable_broker_retries_then_stops_cleanly(model_dir: Path, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", f"127.0.0.1:{free_port()}", "t", "a", "d", "g", model_dir, free_port())
+    log = tmp_path / "daemon.log"
+    proc = start_daemon(cfg, log)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "cannot reach Kafka" not in log.read_text():
+            time.sleep(0.2)
+        assert "cannot reach Kafka at 127.0.0.1" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+    assert rc == 0, log.read_text()
+    assert "Traceback" not in log.read_text()

@@ -1,0 +1,117 @@
+"""Training from files, the artifact folder (safe load), and the errors a user can cause."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from detector.artifact import load_artifact, save_artifact
+from detector.cli import main
+from detector.engine import Engine
+from detector.errors import DataError, ModelError
+from detector.train import TrainParams, load_series, train_model
+from tests.helpers import FEATURES, random_artifact, readings, sine_values
+
+SMALL = ["--window", "8", "--hop", "4", "--hidden", "8", "--epochs", "2", "--quiet"]
+
+
+def write_history(path: Path, n: int = 300, streams: int = 3) -> pd.DataFrame:
+    frames = []
+    for s in range(streams):
+        v = sine_values(n, seed=s)
+        df = pd.DataFrame(v, columns=FEATURES)
+        df.insert(0, "machine", f"pump-{s}")
+        df.insert(0, "time", pd.date_range("2024-01-01", periods=n, freq="min", tz="UTC").astype(str))
+        frames.append(df)
+    out = pd.concat(frames).sample(frac=1.0, random_state=0)  # shuffled: load_series must sort
+    if path.suffix == ".parquet":
+        out.to_parquet(path)
+    else:
+        out.to_csv(path, index=False)
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_train_cli_writes_a_complete_artifact(tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / f"hist{suffix}"
+    write_history(data)
+    out = tmp_path / "model"
+    rc = main(["train", "--data", str(data), "--out", str(out), "--timestamp-col", "time", "--stream-col",
+               "machine", *SMALL])
+    assert rc == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["features"] == FEATURES
+    assert manifest["window"] == 8 and manifest["hop"] == 4 and manifest["hidden_size"] == 8
+    assert len(manifest["calibration_levels"]) == len(manifest["calibration_scores"])
+    assert manifest["calibration_scores"] == sorted(manifest["calibration_scores"])
+    assert manifest["training"]["streams"] == 3 and manifest["training"]["calibration_windows"] > 0
+    assert (out / "model.safetensors").is_file()
+    art = load_artifact(out)
+    assert not art.model.training
+
+
+def test_series_are_sorted_per_stream(tmp_path: Path) -> None:
+    data = tmp_path / "h.csv"
+    df = write_history(data, n=50, streams=2)
+    s = load_series(data, None, ts_col="time", stream_col="machine")
+    assert s.streams == ["pump-0", "pump-1"] and s.features == FEATURES
+    want = df[df.machine == "pump-1"].sort_values("time")[FEATURES].to_numpy(np.float32)
+    assert np.array_equal(s.values[1], want)
+
+
+def test_data_errors_name_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "h.csv"
+    write_history(data, n=50)
+    assert main(["train", "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "m")]) == 2
+    assert "nope.csv: data file not found" in capsys.readouterr().err
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m")]) == 2
+    assert "no column 'timestamp' (columns are: time, machine, temp" in capsys.readouterr().err
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--timestamp-col", "time",
+                 "--stream-col", "machine", "--features", "temp,humidity"]) == 2
+    assert "feature column(s) humidity not found" in capsys.readouterr().err
+    with pytest.raises(DataError, match="at least window"):
+        train_model(load_series(data, None, "time", "machine"), TrainParams(window=64, hop=16))
+
+
+def test_saved_model_scores_identically_after_reload(tmp_path: Path) -> None:
+    art = random_artifact()
+    save_artifact(tmp_path / "m", art.model, art.manifest)
+    again = load_artifact(tmp_path / "m")
+    ts = 1.7e9 + np.arange(40.0)
+    v = sine_values(40, 1)
+    a = Engine(art).score_batch(readings("x", ts, v)).windows.score
+    b = Engine(again).score_batch(readings("x", ts, v)).windows.score
+    assert np.array_equal(a, b)
+
+
+def test_model_folder_errors(tmp_path: Path) -> None:
+    art = random_artifact()
+    with pytest.raises(ModelError, match="model folder not found"):
+        load_artifact(tmp_path / "none")
+    folder = save_artifact(tmp_path / "m", art.model, art.manifest)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="model.safetensors: missing"):
+        load_artifact(folder)
+    other = random_artifact(hidden=32)
+    save_artifact(folder, other.model, art.manifest)  # weights of another shape than the manifest says
+    with pytest.raises(ModelError, match="weights do not fit the manifest"):
+        load_artifact(folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(m | {"format_version": 99}))
+    with pytest.raises(ModelError, match="format_version 99 is not supported"):
+        load_artifact(folder)
+
+
+def test_weights_are_not_a_pickle(tmp_path: Path) -> None:
+    art = random_artifact()
+    folder = save_artifact(tmp_path / "m", art.model, art.manifest)
+    head = (folder / "model.safetensors").read_bytes()[:16]
+    assert not head.startswith(b"\x80") and not head.startswith(b"PK"), "not a pickle or a torch zip"
+    torch.save({"x": 1}, folder / "model.safetensors")  # a pickle in disguise is refused, never unpickled
+    with pytest.raises(ModelError):
+        load_artifact(folder)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from detector import __version__
 from detector.errors import ModelError
 from detector.model import LSTMAutoencoder
+from detector.score import AGGREGATES
 
 __all__ = ["Manifest", "Artifact", "save_artifact", "load_artifact", "FORMAT_VERSION"]
 
@@ -42,6 +43,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     detector_version: str = __version__
     training: dict[str, Any] = field(default_factory=dict)
+    score_aggregate: str = "max"  # one of score.AGGREGATES; the calibration scores were computed with it
 
     def quantile(self, q: float) -> float:
         """The calibrated window score at quantile q (interpolated between the stored levels)."""
@@ -91,6 +93,8 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
         manifest = Manifest(**{k: v for k, v in raw.items() if k in known})
     except TypeError as exc:
         raise ModelError(f"{mpath}: incomplete manifest ({exc})") from None
+    if manifest.score_aggregate not in AGGREGATES:
+        raise ModelError(f"{mpath}: score_aggregate {manifest.score_aggregate!r} is not one of {', '.join(AGGREGATES)}")
     model = LSTMAutoencoder(len(manifest.features), manifest.hidden_size, manifest.num_layers, manifest.window)
     try:
         state = load_file(str(wpath), device="cpu")

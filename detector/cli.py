@@ -51,7 +51,7 @@ def _train(args: argparse.Namespace) -> int:
              sum(len(v) for v in series.values), ",".join(series.features))
     params = TrainParams(window=args.window, hop=args.hop, hidden_size=args.hidden, num_layers=args.layers,
                          epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed,
-                         name=args.name or Path(args.out).name)
+                         score_aggregate=args.score, name=args.name or Path(args.out).name)
     model, manifest = train_model(series, params, progress=not args.quiet)
     out = save_artifact(args.out, model, manifest)
     print(f"model written to {out}/ ({manifest.training['epochs_run']} epochs, best validation loss "
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--patience", type=int, default=4)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--score", choices=["max", "mean"], default="max",
+                   help="window score: the largest normalised error (default) or the mean over the window's tail")
     t.add_argument("--name", help="model name carried in alerts (default: the --out folder's name)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)

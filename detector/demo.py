@@ -22,7 +22,7 @@ from detector.artifact import Artifact, save_artifact
 from detector.config import Config
 from detector.daemon import Daemon
 from detector.pipeline import Pipeline
-from detector.simulate import Fault, Fleet, simulate_fleet
+from detector.simulate import Fault, Fleet, fleet_records, simulate_fleet
 from detector.train import Series, TrainParams, train_model
 
 __all__ = ["DemoResult", "run_demo", "match_alerts", "fleet_to_records"]
@@ -48,19 +48,18 @@ class DemoResult:
                 f"streams={self.streams} readings={self.readings}")
 
 
-def fleet_to_records(fleet: Fleet, start: int, end: int, topic: str = "sensor-readings") -> list[Record]:
-    """Readings [start, end) of every stream as JSON records, in time order, one reading per record."""
+def fleet_to_records(fleet: Fleet, start: int, end: int, topic: str = "sensor-readings",
+                     partitions: int = 4) -> list[Record]:
+    """Readings [start, end) of every stream as JSON records keyed by stream, in time order.
+
+    Missing values are left out of a reading, and a whole-reading gap sends nothing, as a machine would.
+    """
     out: list[Record] = []
-    feats = fleet.features
-    offset = 0
-    for t in range(start, end):
-        ts = float(fleet.timestamps[t])
-        for s, stream in enumerate(fleet.streams):
-            row = fleet.values[s, t]
-            vals = {f: (None if np.isnan(v) else round(float(v), 5)) for f, v in zip(feats, row, strict=True)}
-            body = orjson.dumps({"stream": stream, "ts": ts, "values": vals})
-            out.append(Record(topic, s % 4, offset, stream.encode(), body, int(ts * 1000)))
-            offset += 1
+    index = {s: i for i, s in enumerate(fleet.streams)}
+    for offset, body in enumerate(fleet_records(fleet, start, end)):
+        stream = body["stream"]
+        out.append(Record(topic, index[stream] % partitions, offset, stream.encode(), orjson.dumps(body),
+                          int(body["ts"] * 1000)))
     return out
 
 

@@ -220,7 +220,7 @@ class Engine:
                 wmask = mext.unfold(1, W, 1)[gi_t, gj_t + 1].transpose(1, 2)
                 recon = self.model.decode(out[gi_t, gj_t])
                 score, per_feature, share, direction = score_windows(
-                    win, recon, wmask, self._err_mean, self._err_std, hop
+                    win, recon, wmask, self._err_mean, self._err_std, hop, self.manifest.score_aggregate
                 )
                 result = WindowScores(
                     rows=u[gi],

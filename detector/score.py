@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["score_windows"]
+__all__ = ["score_windows", "AGGREGATES"]
+
+AGGREGATES = ("max", "mean")
+"""How a window's normalised errors become one score: the largest, or the mean over readings and features."""
 
 
 def score_windows(
@@ -14,27 +17,35 @@ def score_windows(
     err_mean: torch.Tensor,
     err_std: torch.Tensor,
     tail: int,
+    aggregate: str = "max",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score K windows (K, W, F) on their newest `tail` readings.
 
     The error of each reading and feature is standardised by the calibration mean and spread of the error
-    (a Mahalanobis distance with diagonal covariance); the window score is the mean squared standardised
-    error over the present values of the newest `tail` readings, so each reading is scored exactly once, in
-    the context of its whole window. Returns (score (K,), per-feature score (K, F), share (K, F) summing to 1,
-    direction (K, F): +1 where readings were above what the model expected, -1 below).
+    (a Mahalanobis distance with diagonal covariance). Only the newest `tail` readings are scored, so each
+    reading is scored exactly once, in the context of its whole window. The window score is the largest
+    squared standardised error among their present values (`max`: a fault in one sensor for one reading
+    counts in full) or their mean (`mean`: diluted across readings and sensors). Returns (score (K,),
+    per-feature score (K, F), share (K, F) summing to 1, direction (K, F): +1 where readings were above
+    what the model expected, -1 below).
 
     >>> x = torch.zeros(1, 4, 2); x[0, -1, 1] = 3.0
     >>> s, pf, share, d = score_windows(x, torch.zeros_like(x), torch.ones_like(x, dtype=torch.bool),
     ...                                 torch.zeros(2), torch.ones(2), tail=2)
     >>> round(float(s[0]), 2), [round(float(v), 2) for v in share[0]], d[0].tolist()
-    (2.25, [0.0, 1.0], [0.0, 1.0])
+    (9.0, [0.0, 1.0], [0.0, 1.0])
+    >>> round(float(score_windows(x, torch.zeros_like(x), torch.ones_like(x, dtype=torch.bool),
+    ...                           torch.zeros(2), torch.ones(2), tail=2, aggregate="mean")[0][0]), 2)
+    2.25
     """
     err = (x - recon)[:, -tail:]
     m = mask[:, -tail:]
     z2 = torch.where(m, ((err - err_mean) / err_std) ** 2, 0.0)
     per_feature_sum = z2.sum(dim=1)
-    n = m.sum(dim=(1, 2)).clamp(min=1)
-    score = per_feature_sum.sum(dim=1) / n
+    if aggregate == "max":
+        score = z2.amax(dim=(1, 2))
+    else:
+        score = per_feature_sum.sum(dim=1) / m.sum(dim=(1, 2)).clamp(min=1)
     per_feature = per_feature_sum / m.sum(dim=1).clamp(min=1)
     share = per_feature_sum / per_feature_sum.sum(dim=1, keepdim=True).clamp(min=1e-12)
     direction = torch.sign(torch.where(m, err, 0.0).sum(dim=1))

@@ -49,6 +49,7 @@ class TrainParams:
     chunk_windows: int = 6
     lr: float = 3e-3
     patience: int = 4
+    score_aggregate: str = "max"  # see score.AGGREGATES
     val_fraction: float = 0.15
     cal_fraction: float = 0.15
     seed: int = 0
@@ -230,7 +231,8 @@ def train_model(series: Series, params: TrainParams = TrainParams(),
     model.load_state_dict(best_state)
     model.eval()
 
-    err_mean, err_std, cal_scores = _calibrate(model, usable, filled, train_end, val_end, W, hop, F)
+    err_mean, err_std, cal_scores = _calibrate(model, usable, filled, train_end, val_end, W, hop, F,
+                                               params.score_aggregate)
     levels = CALIBRATION_LEVELS
     values = np.quantile(cal_scores, levels).tolist() if len(cal_scores) else [1.0] * len(levels)
     manifest = Manifest(
@@ -245,6 +247,7 @@ def train_model(series: Series, params: TrainParams = TrainParams(),
         error_std=err_std.tolist(),
         calibration_levels=list(levels),
         calibration_scores=values,
+        score_aggregate=params.score_aggregate,
         name=params.name,
         model_version=f"{params.name}-{int(time.time())}",
         training={
@@ -265,7 +268,8 @@ def train_model(series: Series, params: TrainParams = TrainParams(),
 
 def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
                filled: dict[str, tuple[np.ndarray, np.ndarray]], train_end: dict[str, int],
-               val_end: dict[str, int], W: int, hop: int, F: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               val_end: dict[str, int], W: int, hop: int, F: int,
+               aggregate: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Error statistics from the validation part, then window scores on the calibration part."""
     errs, cal = [], []
     with torch.inference_mode():
@@ -287,6 +291,6 @@ def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
         for s, ends, xw, recon, mw in runs:
             sel = ends >= val_end[s]
             if sel.any():
-                cal.append(score_windows(xw[sel], recon[sel], mw[sel], mu, sd, hop)[0].numpy())
+                cal.append(score_windows(xw[sel], recon[sel], mw[sel], mu, sd, hop, aggregate)[0].numpy())
     return err_mean.astype(np.float32), err_std.astype(np.float32), (
         np.concatenate(cal) if cal else np.zeros(0))

@@ -105,6 +105,23 @@ def test_model_folder_errors(tmp_path: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps(m | {"format_version": 99}))
     with pytest.raises(ModelError, match="format_version 99 is not supported"):
         load_artifact(folder)
+    (folder / "manifest.json").write_text(json.dumps(m | {"score_aggregate": "median"}))
+    with pytest.raises(ModelError, match="score_aggregate 'median' is not one of max, mean"):
+        load_artifact(folder)
+
+
+def test_score_aggregate_is_chosen_at_training_and_calibrated_with_it(tmp_path: Path) -> None:
+    data = tmp_path / "hist.csv"
+    write_history(data)
+    quantiles = {}
+    for how in ("max", "mean"):
+        out = tmp_path / how
+        assert main(["train", "--data", str(data), "--out", str(out), "--timestamp-col", "time", "--stream-col",
+                     "machine", "--score", how, *SMALL]) == 0
+        art = load_artifact(out)
+        assert art.manifest.score_aggregate == how
+        quantiles[how] = art.manifest.quantile(0.99)
+    assert quantiles["max"] > quantiles["mean"], "the largest error in a window exceeds the mean error"
 
 
 def test_weights_are_not_a_pickle(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from detector.errors import ModelError
 from detector.model import LSTMAutoencoder
 from detector.score import AGGREGATES
 
-__all__ = ["Manifest", "Artifact", "save_artifact", "load_artifact", "FORMAT_VERSION"]
+__all__ = ["Manifest", "Artifact", "save_artifact", "load_artifact", "check_features", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -103,3 +103,13 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
         raise ModelError(f"{wpath}: weights do not fit the manifest ({str(exc).splitlines()[0]})") from None
     model.to(device).eval()
     return Artifact(model=model, manifest=manifest, path=folder)
+
+
+def check_features(artifact: Artifact, expected: list[str] | None) -> None:
+    """Raise ModelError unless the model's features are `expected`, in order (None expects nothing)."""
+    have = artifact.manifest.features
+    if expected is not None and list(expected) != list(have):
+        raise ModelError(
+            f"{artifact.path}: the model's features are {','.join(have)} but model.features asks for "
+            f"{','.join(expected)} (point model.path at a model trained on those features, or fix model.features)"
+        )

@@ -65,9 +65,10 @@ def _check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     print(f"{args.config}: valid")
     if args.model:
-        from detector.artifact import load_artifact
+        from detector.artifact import check_features, load_artifact
 
         art = load_artifact(cfg.model.path)
+        check_features(art, cfg.model.features)
         print(f"{cfg.model.path}: model {art.manifest.name} with features {','.join(art.manifest.features)}")
     if args.kafka:
         from kafka import KafkaAdminClient

@@ -108,6 +108,7 @@ class ModelConfig(_Section):
 
     path: str = "models/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    features: list[str] | None = None  # when set, the model must have exactly these features, in this order
 
 
 class ScoringConfig(_Section):

@@ -22,7 +22,7 @@ from kafka.errors import KafkaError
 
 from consumers.base import Offsets, Record, Sink, SinkError, Source
 from consumers.kafka import KafkaSink, KafkaSource
-from detector.artifact import load_artifact
+from detector.artifact import check_features, load_artifact
 from detector.config import Config, config_hash
 from detector.engine import pick_device
 from detector.logs import OncePerKind
@@ -164,6 +164,7 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT (or `stop` is set); return the process exit code."""
     device = pick_device(cfg.model.device)
     artifact = load_artifact(cfg.model.path, device)
+    check_features(artifact, cfg.model.features)
     log.info("model %s (%s) on %s: %d features, window %d, hop %d; config %s",
              artifact.manifest.name, artifact.manifest.model_version, device, len(artifact.manifest.features),
              artifact.manifest.window, artifact.manifest.hop, config_hash(cfg))

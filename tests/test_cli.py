@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from detector.artifact import save_artifact
 from detector.cli import main
+from tests.helpers import random_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = """\
@@ -62,3 +65,29 @@ def test_check_config_with_model_flag(tmp_path: Path, capsys: pytest.CaptureFixt
     cfg.write_text(f"model: {{path: {tmp_path / 'nope'}}}\n")
     assert main(["check-config", str(cfg), "--model"]) == 2
     assert "model folder not found" in capsys.readouterr().err
+
+
+def test_a_model_of_another_feature_set_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    art = random_artifact()
+    folder = save_artifact(tmp_path / "m", art.model, art.manifest)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{path: {folder}, features: [temp, rpm]}}\nmetrics: {{enabled: false}}\n")
+    assert main(["check-config", str(cfg), "--model"]) == 2
+    err = capsys.readouterr().err
+    assert f"the model's features are {','.join(art.manifest.features)} but model.features asks for temp,rpm" in err
+    proc = subprocess.run([sys.executable, "-m", "detector", "run", "--config", str(cfg)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "model.features asks for temp,rpm" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    cfg.write_text(f"model: {{path: {folder}, features: [{', '.join(art.manifest.features)}]}}\n")
+    assert main(["check-config", str(cfg), "--model"]) == 0
+
+
+def test_check_config_says_when_kafka_is_unreachable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f'kafka: {{bootstrap_servers: "127.0.0.1:{port}", connect_timeout_ms: 1500}}\n')
+    assert main(["check-config", str(cfg), "--kafka"]) == 1
+    assert f"kafka.bootstrap_servers: cannot reach Kafka at 127.0.0.1:{port}" in capsys.readouterr().out

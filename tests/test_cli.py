@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 from detector.artifact import save_artifact
 from detector.cli import main
 from tests.helpers import random_artifact
+from tests.kafka_broker import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = """\
@@ -84,9 +84,7 @@ def test_a_model_of_another_feature_set_is_refused(tmp_path: Path, capsys: pytes
 
 
 def test_check_config_says_when_kafka_is_unreachable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports(1)[0]
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f'kafka: {{bootstrap_servers: "127.0.0.1:{port}", connect_timeout_ms: 1500}}\n')
     assert main(["check-config", str(cfg), "--kafka"]) == 1

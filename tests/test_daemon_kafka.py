@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailable
 from detector.artifact import save_artifact
 from detector.train import Series, train_model
 from tests.helpers import FEATURES, sine_values
+from tests.kafka_broker import free_ports
 from tests.test_pipeline import PARAMS, T0
 
 pytestmark = pytest.mark.kafka
@@ -35,12 +35,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                                              for i in range(6)])
     model, manifest = train_model(series, PARAMS, progress=False)
     return save_artifact(tmp_path_factory.mktemp("model") / "m", model, manifest)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(path: Path, bootstrap: str, topic: str, alerts: str, dlq: str, group: str, model: Path,
@@ -118,7 +112,7 @@ def test_daemon_scores_alerts_dead_letters_and_commits(kafka_bootstrap: str, top
                                                        model_dir: Path, tmp_path: Path) -> None:
     topic, alerts, dlq = topic_factory(partitions=4), topic_factory(partitions=2), topic_factory(partitions=1)
     total = produce(kafka_bootstrap, topic)
-    port = free_port()
+    port = free_ports(1)[0]
     cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topic, alerts, dlq, group_id, model_dir, port)
     log = tmp_path / "daemon.log"
     proc = start_daemon(cfg, log)
@@ -161,7 +155,8 @@ def test_daemon_scores_alerts_dead_letters_and_commits(kafka_bootstrap: str, top
 
 
 def test_unreachable_broker_retries_then_stops_cleanly(model_dir: Path, tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "c.yaml", f"127.0.0.1:{free_port()}", "t", "a", "d", "g", model_dir, free_port())
+    dead, port = free_ports(2)
+    cfg = write_config(tmp_path / "c.yaml", f"127.0.0.1:{dead}", "t", "a", "d", "g", model_dir, port)
     log = tmp_path / "daemon.log"
     proc = start_daemon(cfg, log)
     try:

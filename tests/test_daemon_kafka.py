@@ -154,7 +154,8 @@ def test_daemon_scores_alerts_dead_letters_and_commits(kafka_bootstrap: str, top
     assert {m.value or b"" for m in dead} == set(BAD)
 
 
-def test_unreachable_broker_retries_then_stops_cleanly(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_unreachable_broker_retries_then_stops_cleanly(model_dir: Path, tmp_path: Path, sig: signal.Signals) -> None:
     dead, port = free_ports(2)
     cfg = write_config(tmp_path / "c.yaml", f"127.0.0.1:{dead}", "t", "a", "d", "g", model_dir, port)
     log = tmp_path / "daemon.log"
@@ -165,7 +166,7 @@ def test_unreachable_broker_retries_then_stops_cleanly(model_dir: Path, tmp_path
             time.sleep(0.2)
         assert "cannot reach Kafka at 127.0.0.1" in log.read_text()
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         rc = proc.wait(timeout=30)
     assert rc == 0, log.read_text()
     assert "Traceback" not in log.read_text()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from consumers.base import Record
+from consumers.base import Record, SinkError
 from consumers.memory import IterSource, ListSink
 from detector.artifact import Artifact
 from detector.config import Config, parse_config
@@ -123,3 +123,23 @@ def test_static_policy_applies_its_levels(trained: Artifact) -> None:
     raised = [orjson.loads(r.value) for r in sink.on(low.output.alerts_topic)]
     assert {a["stream"] for a in raised} == {"m0", "m1", "m2"}
     assert all(a["threshold_policy"] == "static" and a["threshold"] == 1e-6 for a in raised)
+
+
+class FailingSink(ListSink):
+    """A sink whose acknowledgements fail, as when the brokers are gone."""
+
+    def flush(self, timeout_s: float) -> None:
+        raise SinkError("record not acknowledged: NotEnoughReplicas")
+
+
+def test_nothing_is_committed_when_alerts_are_not_acknowledged(trained: Artifact) -> None:
+    cfg = Config()
+    records = feed(4, 200, {1: 100})
+    daemon = Daemon(cfg, Pipeline(cfg, trained))
+    src, ok, failing = IterSource(records, batch_size=200), ListSink(), FailingSink()
+    daemon.process(src.poll_batch(0), src, ok)
+    committed = dict(src.committed)
+    assert committed, "a batch whose records were acknowledged is committed"
+    with pytest.raises(SinkError):
+        daemon.process(src.poll_batch(0), src, failing)
+    assert src.committed == committed, "the unacknowledged batch left the committed offsets where they were"

@@ -99,7 +99,7 @@ def load_series(path: str | Path, features: list[str] | None = None, ts_col: str
         ts = pd.to_datetime(ts, utc=True, errors="coerce")
         if ts.isna().any():
             raise DataError(f"{p}: column {ts_col!r} has values that are neither numbers nor dates")
-        ts = ts.astype("int64") / 1e9
+        ts = (ts - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)
     df = df.assign(_ts=ts.astype(float)).sort_values([stream_col, "_ts"], kind="stable")
     try:
         vals = df[features].to_numpy(dtype=np.float32)

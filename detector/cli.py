@@ -1,4 +1,4 @@
-"""The `detector` command: demo, train, run and check-config."""
+"""The `detector` command: demo, train, evaluate, run and check-config."""
 
 from __future__ import annotations
 
@@ -56,6 +56,41 @@ def _train(args: argparse.Namespace) -> int:
     out = save_artifact(args.out, model, manifest)
     print(f"model written to {out}/ ({manifest.training['epochs_run']} epochs, best validation loss "
           f"{manifest.training['best_val_loss']:.4f}, calibrated p99.9 score {manifest.quantile(0.999):.3f})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from detector.config import Config, load_config
+    from detector.datasets import load_dataset, load_labelled_csv
+    from detector.evaluate import EVAL_PARAMS, evaluate
+
+    if args.format == "csv":
+        feats = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
+        files = load_labelled_csv(args.data, timestamp_col=args.timestamp_col, label_col=args.label_col,
+                                  features=feats, train_rows=args.train_rows)
+    else:
+        files = load_dataset(args.data, args.format)
+    if args.match:
+        files = [f for f in files if args.match in f.name]
+    if args.limit:
+        files = files[: args.limit]
+    cfg = load_config(args.config) if args.config else Config()
+    params = replace(EVAL_PARAMS, window=args.window, hop=args.hop, hidden_size=args.hidden, epochs=args.epochs,
+                     seed=args.seed)
+    summary = evaluate(files, args.format, args.out, cfg, params, model_dir=args.model, progress=not args.quiet,
+                       baselines=() if args.no_baselines else ("hst", "pca"), plots=not args.no_plots)
+    o = summary["overall"]
+    print(f"{len(files)} files, {summary['seconds']:.0f} s; written to {args.out}/ "
+          "(summary.json, scores/, report.html)")
+    lines = [("ours", o)] + [(b, v["overall"]) for b, v in summary["baselines"].items()]
+    for name, ov in lines:
+        nab = ov.get("nab")
+        extra = (" nab=" + "/".join(f"{nab[p]:.1f}" for p in ("standard", "reward_low_FP_rate",
+                                                             "reward_low_FN_rate"))) if nab else ""
+        print(f"  {name:5s} f1={ov['f1']:.3f} precision={ov['precision']:.3f} recall={ov['recall']:.3f} "
+              f"far={ov['far']:.3f} mar={ov['mar']:.3f} event_f1={ov['event_f1']:.3f}{extra}")
     return 0
 
 
@@ -138,6 +173,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", help="model name carried in alerts (default: the --out folder's name)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
+
+    e = sub.add_parser("evaluate", help="score the detector and baselines on labelled data (NAB, SKAB, CSV)")
+    e.add_argument("--data", required=True, help="the dataset folder (nab, skab), or a CSV file or folder (csv)")
+    e.add_argument("--format", required=True, choices=["nab", "skab", "csv"])
+    e.add_argument("--out", required=True, help="folder for summary.json, scores/ and report.html")
+    e.add_argument("--model", help="a trained model folder to use for every file (default: train one per file "
+                   "on the protocol's training rows)")
+    e.add_argument("--config", help="config file whose thresholds and alerts sections apply (default: defaults)")
+    e.add_argument("--match", help="only files whose name (path in the dataset) contains this text")
+    e.add_argument("--limit", type=int, help="only the first N files (after --match)")
+    e.add_argument("--timestamp-col", default="timestamp", help="csv: the timestamp column")
+    e.add_argument("--label-col", default="label", help="csv: the 0/1 label column")
+    e.add_argument("--features", help="csv: comma-separated feature columns (default: every other numeric one)")
+    e.add_argument("--train-rows", type=int, help="csv: leading rows to learn from (default: 15%%)")
+    e.add_argument("--window", type=int, default=16)
+    e.add_argument("--hop", type=int, default=4)
+    e.add_argument("--hidden", type=int, default=32)
+    e.add_argument("--epochs", type=int, default=20)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-baselines", action="store_true", help="skip river HalfSpaceTrees and PCA")
+    e.add_argument("--no-plots", action="store_true", help="report.html without per-file plots")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_evaluate)
 
     r = sub.add_parser("run", help="run the daemon: Kafka in, alerts out")
     r.add_argument("--config", default="config.yaml")

@@ -27,7 +27,7 @@ from detector.config import Config, config_hash
 from detector.engine import pick_device
 from detector.logs import OncePerKind
 from detector.metrics import HealthServer, Metrics
-from detector.pipeline import Pipeline, encode_alert
+from detector.pipeline import BatchOutput, Pipeline, encode_alert
 
 __all__ = ["Daemon", "kafka_client_settings", "run_daemon"]
 
@@ -79,7 +79,7 @@ class Daemon:
         """Ask the loop to finish the batch in hand and return."""
         self.stop_event.set()
 
-    def process(self, records: list[Record], source: Source, sink: Sink) -> None:
+    def process(self, records: list[Record], source: Source, sink: Sink) -> BatchOutput:
         """Score one batch, publish its alerts and rejects, wait for acks, then commit its offsets."""
         t0 = time.monotonic()
         out = self.pipeline.process(records, now=time.time())
@@ -124,6 +124,7 @@ class Daemon:
             if r.timestamp_ms > 0:
                 m.latency.observe(max(now_ms - r.timestamp_ms, 0) / 1000)
         m.step_seconds.observe(time.monotonic() - t0)
+        return out
 
     def loop(self, source: Source, sink: Sink) -> None:
         """Poll and process batches until the stop flag is set."""

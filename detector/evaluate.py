@@ -1,0 +1,410 @@
+"""Evaluation on labelled data: every file streamed through the daemon's own code path, then scored.
+
+For each file the protocol decides which leading rows a detector may learn from (NAB: the probationary
+period; SKAB: the first 400 rows). Our detector trains an LSTM autoencoder on those rows only (or uses a
+given model), then the whole file is sent as JSON records through `Daemon.process` with an in-memory
+source and sink, exactly as `detector run` and `detector demo` do. What comes back per row: the window score
+(each reading is scored once, in the window whose newest `hop` readings include it), its calibrated
+probability (the quantile of the score among the calibration windows), and whether an alert was active.
+
+Baselines run on the same files and protocol: river's HalfSpaceTrees (online) and a PCA reconstruction-error
+detector fitted on the training rows. Labels are used only for scoring.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from tqdm import tqdm
+
+from consumers.base import Record
+from consumers.memory import IterSource, ListSink
+from detector import __version__
+from detector.artifact import Artifact, load_artifact
+from detector.config import Config, config_hash
+from detector.daemon import Daemon
+from detector.datasets import LabelledFile
+from detector.errors import DataError
+from detector.nab import NabFile, nab_scores
+from detector.pipeline import Pipeline
+from detector.quality import (
+    EventMetrics,
+    PointMetrics,
+    combine_events,
+    combine_points,
+    event_metrics,
+    point_adjusted,
+    point_metrics,
+)
+from detector.train import Series, TrainParams, train_model
+
+__all__ = ["FileResult", "EVAL_PARAMS", "PUBLISHED", "run_file", "baseline_scores", "evaluate"]
+
+log = logging.getLogger(__name__)
+
+EVAL_PARAMS = TrainParams(window=16, hop=4, hidden_size=32, epochs=20, batch_size=32, steps_per_epoch=30,
+                          chunk_windows=4, patience=4, name="evaluate")
+"""Model shape and training for per-file evaluation: small, as the protocols give a few hundred rows."""
+
+PUBLISHED = {
+    "nab": {
+        "ARTime": {"standard": 74.9, "reward_low_FP_rate": 65.1, "reward_low_FN_rate": 80.4},
+        "Numenta HTM": {"standard": 70.5, "reward_low_FP_rate": 62.6, "reward_low_FN_rate": 75.2},
+        "CAD OSE": {"standard": 69.9, "reward_low_FP_rate": 67.0, "reward_low_FN_rate": 73.2},
+        "Random Cut Forest": {"standard": 51.7, "reward_low_FP_rate": 38.4, "reward_low_FN_rate": 59.8},
+        "Windowed Gaussian": {"standard": 39.6, "reward_low_FP_rate": 20.9, "reward_low_FN_rate": 47.4},
+    },
+    "skab": {
+        "Conv-AE": {"f1": 0.78, "far": 0.136, "mar": 0.280},
+        "MSET": {"f1": 0.78},
+        "PCA T-squared+Q": {"f1": 0.76},
+        "LSTM-AE": {"f1": 0.74, "far": 0.300, "mar": 0.259},
+        "Isolation Forest": {"f1": 0.29},
+    },
+}
+"""Published scores from the data README (NAB: whole corpus; SKAB: whole benchmark, not valve1 alone)."""
+
+BASELINE_QUANTILE = 0.99
+"""A baseline flags a row when its score exceeds this quantile of its scores on the training rows."""
+
+
+@dataclass
+class FileResult:
+    """One file's per-row outputs for one detector."""
+
+    name: str
+    score: np.ndarray  # (T,) raw score (0 where the row was not scored)
+    prob: np.ndarray  # (T,) calibrated probability in [0, 1] for NAB's threshold sweep
+    pred: np.ndarray  # (T,) bool: the detector flagged the row
+    threshold: float
+    raised: list[tuple[int, str]] = field(default_factory=list)  # ours: (row, top feature) of each raised alert
+    seconds: float = 0.0
+
+
+def _records(f: LabelledFile, topic: str = "evaluate") -> list[Record]:
+    """The file's rows as JSON readings of one stream; the record offset is the row index."""
+    out = []
+    feats = f.features
+    for i, (ts, row) in enumerate(zip(f.timestamps.tolist(), f.values.tolist(), strict=True)):
+        vals = {k: v for k, v in zip(feats, row, strict=True) if v == v}
+        body = orjson.dumps({"stream": "s", "ts": ts, "values": vals or {feats[0]: None}})
+        out.append(Record(topic, 0, i, b"s", body, int(ts * 1000)))
+    return out
+
+
+def _train(f: LabelledFile, params: TrainParams) -> Artifact:
+    train = f.values[: f.train_rows]
+    need = params.window + 3 * params.hop
+    if len(train) < need:
+        raise DataError(f"{f.name}: only {len(train)} training rows; the model needs at least {need} "
+                        f"(use a smaller --window or --hop)")
+    model, manifest = train_model(Series(list(f.features), ["s"], [train]), replace(params, name=f.name),
+                                  progress=False)
+    return Artifact(model, manifest, Path("."))
+
+
+def run_file(f: LabelledFile, cfg: Config, params: TrainParams = EVAL_PARAMS,
+             artifact: Artifact | None = None) -> FileResult:
+    """Train on the protocol's rows (unless a model is given), stream the file through the daemon's path."""
+    t0 = time.monotonic()
+    art = artifact or _train(f, params)
+    if list(art.manifest.features) != list(f.features):
+        raise DataError(f"{f.name}: the model's features ({','.join(art.manifest.features)}) are not the "
+                        f"file's ({','.join(f.features)})")
+    daemon = Daemon(cfg, Pipeline(cfg, art, "cpu"))
+    T = len(f.timestamps)
+    score = np.zeros(T)
+    src, sink = IterSource(_records(f), batch_size=512), ListSink()
+    warning = np.nan
+    last_end = -1
+    while not src.exhausted:
+        batch = src.poll_batch(0)
+        if not batch:
+            continue
+        out = daemon.process(batch, src, sink)
+        ws = out.windows
+        if ws is None or not len(ws):
+            continue
+        ends = np.array([batch[int(out.readings.source[r])].offset for r in ws.reading])
+        for e, s in zip(ends.tolist(), ws.score.tolist(), strict=True):
+            score[last_end + 1: e + 1] = s
+            last_end = e
+        warning = float(out.warning[-1])
+    pred = np.zeros(T, bool)
+    tops = []
+    opened = None
+    for rec in sink.on(cfg.output.alerts_topic):
+        a = orjson.loads(rec.value)
+        row = int(a["input"]["offset"])
+        if a["state"] == "raised":
+            opened = row
+            tops.append((row, a["top_features"][0]["name"]))
+        elif a["state"] == "cleared" and opened is not None:
+            pred[opened:row] = True
+            opened = None
+    if opened is not None:
+        pred[opened:] = True
+    m = art.manifest
+    levels, values = np.asarray(m.calibration_levels), np.asarray(m.calibration_scores)
+    prob = _calibrated(score, values, levels)
+    return FileResult(f.name, score, prob, pred, warning, tops, time.monotonic() - t0)
+
+
+def _calibrated(score: np.ndarray, values: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """The quantile of each score among calibration scores; above the largest, ties broken by the score."""
+    top = max(float(values[-1]), 1e-12)
+    p = np.interp(score, values, levels)
+    return np.where(score > top, 1.0 - 1e-3 * top / np.maximum(score, top), p * (1.0 - 1e-3))
+
+
+def baseline_scores(f: LabelledFile, kind: str, seed: int = 0) -> FileResult:
+    """Per-row scores of a baseline (`hst` or `pca`) on one file, learning only from its training rows."""
+    t0 = time.monotonic()
+    x = _scaled(f)
+    if kind == "hst":
+        score = _hst(x, f.train_rows, seed)
+    elif kind == "pca":
+        score = _pca(x, f.train_rows)
+    else:
+        raise ValueError(f"unknown baseline {kind!r}")
+    train = score[: f.train_rows]
+    train = train[np.isfinite(train)]
+    thr = float(np.quantile(train, BASELINE_QUANTILE)) if len(train) else float("inf")
+    ref = np.sort(train) if len(train) else np.zeros(1)
+    prob = np.searchsorted(ref, score, side="right") / len(ref)
+    prob = np.where(score > ref[-1], 1.0 - 1e-3 * max(ref[-1], 1e-12) / np.maximum(score, 1e-12), prob * (1 - 1e-3))
+    return FileResult(f.name, score, prob, score > thr, thr, seconds=time.monotonic() - t0)
+
+
+def _scaled(f: LabelledFile) -> np.ndarray:
+    """Values standardised by the training rows, gaps held at the last value (0 before the first)."""
+    train = f.values[: f.train_rows]
+    mu = np.nan_to_num(np.nanmean(train, axis=0))
+    sd = np.nan_to_num(np.nanstd(train, axis=0), nan=1.0)
+    x = (f.values - mu) / np.where(sd > 1e-9, sd, 1.0)
+    present = ~np.isnan(x)
+    pos = np.where(present, np.arange(len(x))[:, None], -1)
+    np.maximum.accumulate(pos, axis=0, out=pos)
+    return np.where(pos >= 0, x[np.maximum(pos, 0), np.arange(x.shape[1])], 0.0)
+
+
+def _hst(x: np.ndarray, train_rows: int, seed: int) -> np.ndarray:
+    """river HalfSpaceTrees, online: score each row, then learn it.
+
+    HalfSpaceTrees expects features in [0, 1]: each is min-max scaled by its training rows, so that normal
+    operation spans the middle half of the unit interval and readings beyond it land near its edges.
+    """
+    from river import anomaly
+
+    model = anomaly.HalfSpaceTrees(n_trees=25, height=12, window_size=min(250, max(train_rows // 2, 10)), seed=seed)
+    lo, hi = x[:train_rows].min(axis=0), x[:train_rows].max(axis=0)
+    squashed = np.clip(0.25 + 0.5 * (x - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0, 1.0)
+    names = [f"f{i}" for i in range(x.shape[1])]
+    out = np.empty(len(x))
+    for i, row in enumerate(squashed.tolist()):
+        d = dict(zip(names, row, strict=True))
+        out[i] = model.score_one(d)
+        model.learn_one(d)
+    return out
+
+
+PCA_LAGS = 8
+"""The PCA baseline sees each row with its 7 predecessors, so it can model one sensor's dynamics too."""
+
+
+def _pca(x: np.ndarray, train_rows: int, variance: float = 0.95) -> np.ndarray:
+    """Squared reconstruction error (SPE, or Q) of lag-embedded rows, against principal axes of the training rows."""
+    T, F = x.shape
+    pad = np.concatenate([np.repeat(x[:1], PCA_LAGS - 1, axis=0), x])
+    emb = np.lib.stride_tricks.sliding_window_view(pad, (PCA_LAGS, F))[:, 0].reshape(T, PCA_LAGS * F)
+    train = emb[:train_rows]
+    mu = train.mean(axis=0)
+    _, s, vt = np.linalg.svd(train - mu, full_matrices=False)
+    share = np.cumsum(s**2) / max(float((s**2).sum()), 1e-12)
+    k = int(min(np.searchsorted(share, variance) + 1, max(emb.shape[1] - 1, 1)))
+    p = vt[:k]
+    centred = emb - mu
+    resid = centred - centred @ p.T @ p
+    q = (resid**2).sum(axis=1)
+    return q / max(float(np.mean(q[:train_rows])), 1e-12)
+
+
+def _metrics(f: LabelledFile, r: FileResult) -> tuple[PointMetrics, EventMetrics, dict[str, Any]]:
+    """Point-wise and event metrics on the rows after the training part (the protocol's test rows)."""
+    lo = f.train_rows
+    pm = point_metrics(r.pred[lo:], f.labels[lo:])
+    wins = [(a - lo, b - lo) for a, b in f.windows if b >= lo]
+    wins = [(max(a, 0), b) for a, b in wins]
+    em = event_metrics(r.pred[lo:], wins, len(f.labels) - lo)
+    pa = point_metrics(point_adjusted(r.pred[lo:], wins), f.labels[lo:])
+    row = {**_pm(pm), **_em(em), "point_adjusted_f1": round(pa.f1, 4), "threshold": r.threshold,
+           "seconds": round(r.seconds, 2)}
+    return pm, em, row
+
+
+def _pm(pm: PointMetrics) -> dict[str, Any]:
+    return {"precision": round(pm.precision, 4), "recall": round(pm.recall, 4), "f1": round(pm.f1, 4),
+            "far": round(pm.far, 4), "mar": round(pm.mar, 4), "tp": pm.tp, "fp": pm.fp, "tn": pm.tn, "fn": pm.fn}
+
+
+def _em(em: EventMetrics) -> dict[str, Any]:
+    return {"event_precision": round(em.precision, 4), "event_recall": round(em.recall, 4),
+            "event_f1": round(em.f1, 4), "events_caught": em.caught, "events_missed": em.missed,
+            "false_events": em.false_events,
+            "mean_delay": round(float(np.mean(em.delays)), 2) if em.delays else None}
+
+
+def _overall(files: list[LabelledFile], results: list[FileResult], fmt: str) -> dict[str, Any]:
+    pms, ems = [], []
+    for f, r in zip(files, results, strict=True):
+        pm, em, _ = _metrics(f, r)
+        pms.append(pm)
+        ems.append(em)
+    out = {**_pm(combine_points(pms)), **_em(combine_events(ems))}
+    if fmt == "nab" and any(f.windows for f in files):
+        nab = nab_scores([NabFile(r.prob, f.windows, f.name) for f, r in zip(files, results, strict=True)])
+        out["nab"] = {p: round(v["score"], 2) for p, v in nab.items()}
+        out["nab_thresholds"] = {p: v["threshold"] for p, v in nab.items()}
+    return out
+
+
+def evaluate(files: list[LabelledFile], fmt: str, out_dir: str | Path, cfg: Config | None = None,
+             params: TrainParams = EVAL_PARAMS, model_dir: str | Path | None = None, progress: bool = True,
+             baselines: tuple[str, ...] = ("hst", "pca"), plots: bool = True) -> dict[str, Any]:
+    """Run our detector and the baselines on every file; write summary.json, per-row CSVs and report.html."""
+    if not files:
+        raise DataError("no files to evaluate")
+    cfg = cfg or Config()
+    out = Path(out_dir)
+    (out / "scores").mkdir(parents=True, exist_ok=True)
+    artifact = load_artifact(model_dir) if model_dir else None
+    ours: list[FileResult] = []
+    base: dict[str, list[FileResult]] = {b: [] for b in baselines}
+    t0 = time.monotonic()
+    for f in tqdm(files, desc="evaluate", unit="file", disable=not progress):
+        ours.append(run_file(f, cfg, params, artifact))
+        for b in baselines:
+            base[b].append(baseline_scores(f, b, params.seed))
+    per_file = []
+    for i, f in enumerate(files):
+        _, _, row = _metrics(f, ours[i])
+        row = {"file": f.name, "rows": len(f.labels), "train_rows": f.train_rows, "windows": len(f.windows), **row,
+               "raised": [{"row": r, "top_feature": n} for r, n in ours[i].raised],
+               "baselines": {b: _metrics(f, base[b][i])[2] for b in baselines}}
+        per_file.append(row)
+        _write_scores(out / "scores" / (f.name.replace("/", "__").removesuffix(".csv") + ".csv"), f, ours[i], base, i)
+    summary = {
+        "detector": {"name": "lstm-autoencoder", "version": __version__, "model": str(model_dir) if model_dir
+                     else "trained per file on the protocol's training rows", "params": params.__dict__,
+                     "config_hash": config_hash(cfg), "thresholds": cfg.thresholds.model_dump(),
+                     "alerts": cfg.alerts.model_dump()},
+        "format": fmt,
+        "protocol": files[0].protocol,
+        "files": per_file,
+        "overall": _overall(files, ours, fmt),
+        "baselines": {b: {"overall": _overall(files, base[b], fmt),
+                          "rule": f"score above the {BASELINE_QUANTILE} quantile of the training rows' scores"}
+                      for b in baselines},
+        "published": PUBLISHED.get(fmt, {}),
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    _report(out / "report.html", summary, files, ours, base, plots)
+    return summary
+
+
+def _write_scores(path: Path, f: LabelledFile, r: FileResult, base: dict[str, list[FileResult]], i: int) -> None:
+    import pandas as pd
+
+    cols: dict[str, Any] = {"timestamp": f.timestamps, "label": f.labels.astype(int),
+                            "train": (np.arange(len(f.labels)) < f.train_rows).astype(int),
+                            "score": r.score, "probability": r.prob, "alert": r.pred.astype(int)}
+    for b, results in base.items():
+        cols[f"{b}_score"] = results[i].score
+        cols[f"{b}_flag"] = results[i].pred.astype(int)
+    pd.DataFrame(cols).to_csv(path, index=False, float_format="%.6g")
+
+
+def _report(path: Path, summary: dict[str, Any], files: list[LabelledFile], ours: list[FileResult],
+            base: dict[str, list[FileResult]], plots: bool) -> None:
+    """A self-contained HTML page: the overall table against baselines and published scores, then per file."""
+    from html import escape
+
+    o = summary["overall"]
+    keys = ["precision", "recall", "f1", "far", "mar", "event_f1", "mean_delay"]
+    head = "".join(f"<th>{k}</th>" for k in keys)
+    nab_cols = ""
+    if "nab" in o:
+        nab_cols = "<th>NAB standard</th><th>low FP</th><th>low FN</th>"
+
+    def row(name: str, ov: dict[str, Any]) -> str:
+        cells = "".join(f"<td>{'' if ov.get(k) is None else ov.get(k)}</td>" for k in keys)
+        if nab_cols:
+            n = ov.get("nab", {})
+            cells += "".join(f"<td>{n.get(p, '')}</td>" for p in ("standard", "reward_low_FP_rate",
+                                                                 "reward_low_FN_rate"))
+        return f"<tr><td>{escape(name)}</td>{cells}</tr>"
+
+    rows = [row("ours (LSTM autoencoder)", o)] + [row(f"baseline: {b}", v["overall"])
+                                                  for b, v in summary["baselines"].items()]
+    for name, pub in summary["published"].items():
+        ov = {k: pub.get(k) for k in keys}
+        if nab_cols:
+            ov["nab"] = pub
+        rows.append(row(f"published: {name}", ov))
+    parts = [f"<html><head><meta charset='utf-8'><title>detector evaluate: {summary['format']}</title>",
+             "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
+             "</style></head><body>",
+             f"<h1>detector evaluate: {escape(summary['format'])}, {len(files)} files</h1>",
+             f"<p>Protocol: {escape(summary['protocol'])}. Point-wise metrics on the rows after each file's "
+             "training part; event metrics count each labelled window once.</p>",
+             f"<table><tr><th>detector</th>{head}{nab_cols}</tr>{''.join(rows)}</table>"]
+    if plots:
+        for i, f in enumerate(files):
+            parts.append(f"<h3>{escape(f.name)}</h3><img src='data:image/png;base64,{_plot(f, ours[i], base, i)}'>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def _plot(f: LabelledFile, r: FileResult, base: dict[str, list[FileResult]], i: int) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(f.labels))
+    fig, axes = plt.subplots(2 + len(base), 1, figsize=(12, 2.2 * (2 + len(base))), sharex=True)
+    v = f.values
+    sd = np.nanstd(v, axis=0)
+    z = (v - np.nanmean(v, axis=0)) / np.where(sd > 0, sd, 1.0)
+    for j, name in enumerate(f.features):
+        axes[0].plot(x, z[:, j], lw=0.6, label=name)
+    axes[0].set_ylabel("signals (z)")
+    if len(f.features) <= 8:
+        axes[0].legend(fontsize=6, ncol=4, loc="upper left")
+    panels = [("ours: score", r)] + [(f"{b}: score", res[i]) for b, res in base.items()]
+    for ax, (label, res) in zip(axes[1:], panels, strict=True):
+        ax.plot(x, res.score, lw=0.6, color="k")
+        if np.isfinite(res.threshold):
+            ax.axhline(res.threshold, color="tab:orange", lw=0.8, ls="--")
+        ax.fill_between(x, 0, 1, where=res.pred, color="tab:red", alpha=0.25, transform=ax.get_xaxis_transform())
+        ax.set_ylabel(label)
+        ax.set_yscale("symlog")
+    for ax in axes:
+        for a, b in f.windows:
+            ax.axvspan(a, b, color="tab:green", alpha=0.12)
+        ax.axvline(f.train_rows, color="tab:blue", lw=0.8)
+    axes[-1].set_xlabel("row (green: labelled windows, red: flagged, blue line: end of training rows)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=70)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()

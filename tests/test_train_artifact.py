@@ -132,3 +132,10 @@ def test_weights_are_not_a_pickle(tmp_path: Path) -> None:
     torch.save({"x": 1}, folder / "model.safetensors")  # a pickle in disguise is refused, never unpickled
     with pytest.raises(ModelError):
         load_artifact(folder)
+
+
+def test_date_strings_put_rows_in_time_order(tmp_path: Path) -> None:
+    data = tmp_path / "dates.csv"
+    data.write_text("timestamp,stream,temp\n2024-01-01T00:01:00Z,a,1.0\n2024-01-01T00:00:00Z,a,2.0\n")
+    series = load_series(data)
+    assert series.values[0][:, 0].tolist() == [2.0, 1.0], "rows are put in time order"

@@ -33,6 +33,7 @@ __all__ = [
     "ModelConfig",
     "ScoringConfig",
     "ThresholdConfig",
+    "RollingLevels",
     "AlertConfig",
     "RuntimeConfig",
     "MetricsConfig",
@@ -132,12 +133,30 @@ class CalibratedLevels(_Section):
     scale: float = Field(1.0, gt=0)
 
 
+class RollingLevels(_Section):
+    """Levels from each stream's own recent window scores: median + k x MAD, never below the calibrated ones."""
+
+    history: int = Field(1000, ge=10, le=100000)
+    min_history: int = Field(50, ge=5)
+    warning_k: float = Field(8.0, gt=0)
+    critical_k: float = Field(16.0, gt=0)
+
+    @model_validator(mode="after")
+    def _fits(self) -> RollingLevels:
+        if self.min_history > self.history:
+            raise ValueError("min_history must be <= history")
+        if self.critical_k < self.warning_k:
+            raise ValueError("critical_k must be >= warning_k")
+        return self
+
+
 class ThresholdConfig(_Section):
     """The threshold policy in force and its warning and critical levels."""
 
-    policy: Literal["static", "calibrated"] = "calibrated"
+    policy: Literal["static", "calibrated", "rolling"] = "calibrated"
     static: StaticLevels = StaticLevels()
     calibrated: CalibratedLevels = CalibratedLevels()
+    rolling: RollingLevels = RollingLevels()
 
     @model_validator(mode="after")
     def _ordered(self) -> ThresholdConfig:

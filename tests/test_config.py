@@ -47,7 +47,7 @@ def test_root_config_yaml_lists_every_key_with_its_default() -> None:
         ({"input": {"topcs": ["x"]}}, "input.topcs: unknown key; valid keys here are: topics"),
         ({"thresholds": {"calibrated": {"warning": 1.5}}},
          "thresholds.calibrated.warning: Input should be less than 1"),
-        ({"thresholds": {"policy": "magic"}}, "thresholds.policy: Input should be 'static' or 'calibrated'"),
+        ({"thresholds": {"policy": "magic"}}, "thresholds.policy: Input should be 'static', 'calibrated' or 'rolling'"),
         ({"thresholds": {"static": {"warning": 5, "critical": 2}}}, "static.critical must be >= static.warning"),
         ({"alerts": {"k": 5, "n": 3}}, "alerts: k (5) must be <= n (3)"),
         ({"kafka": {"security_protocol": "SASL_SSL"}}, "needs sasl_mechanism, sasl_username and sasl_password"),
@@ -107,3 +107,10 @@ def test_config_is_frozen_and_hash_tracks_changes() -> None:
     other = parse_config({"alerts": {"k": 1}})
     assert config_hash(cfg) != config_hash(other)
     assert config_hash(cfg) == config_hash(Config())
+
+
+def test_rolling_levels_are_checked() -> None:
+    with pytest.raises(ConfigError, match="min_history must be <= history"):
+        parse_config({"thresholds": {"rolling": {"history": 20, "min_history": 30}}})
+    with pytest.raises(ConfigError, match="critical_k must be >= warning_k"):
+        parse_config({"thresholds": {"rolling": {"warning_k": 9, "critical_k": 3}}})

@@ -51,7 +51,7 @@ def _train(args: argparse.Namespace) -> int:
              sum(len(v) for v in series.values), ",".join(series.features))
     params = TrainParams(window=args.window, hop=args.hop, hidden_size=args.hidden, num_layers=args.layers,
                          epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed,
-                         score_aggregate=args.score, name=args.name or Path(args.out).name)
+                         score_aggregate=args.score, corrupt=args.corrupt, name=args.name or Path(args.out).name)
     model, manifest = train_model(series, params, progress=not args.quiet)
     out = save_artifact(args.out, model, manifest)
     print(f"model written to {out}/ ({manifest.training['epochs_run']} epochs, best validation loss "
@@ -78,7 +78,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         files = files[: args.limit]
     cfg = load_config(args.config) if args.config else Config()
     params = replace(EVAL_PARAMS, window=args.window, hop=args.hop, hidden_size=args.hidden, epochs=args.epochs,
-                     seed=args.seed)
+                     seed=args.seed, score_aggregate=args.score, corrupt=args.corrupt)
+    logging.getLogger("detector.daemon").setLevel(logging.ERROR)  # alerts and rejects are in the report
     summary = evaluate(files, args.format, args.out, cfg, params, model_dir=args.model, progress=not args.quiet,
                        baselines=() if args.no_baselines else ("hst", "pca"), plots=not args.no_plots)
     o = summary["overall"]
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--patience", type=int, default=4)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--corrupt", type=float, default=0.0,
+                   help="denoising: share of training chunks given a synthetic fault (0 = off)")
     t.add_argument("--score", choices=["max", "mean"], default="max",
                    help="window score: the largest normalised error (default) or the mean over the window's tail")
     t.add_argument("--name", help="model name carried in alerts (default: the --out folder's name)")
@@ -192,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--hidden", type=int, default=32)
     e.add_argument("--epochs", type=int, default=20)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--score", choices=["max", "mean"], default="max", help="window score (see `train --score`)")
+    e.add_argument("--corrupt", type=float, default=0.0, help="denoising: share of training chunks given a "
+                   "synthetic fault (see `train --corrupt`)")
     e.add_argument("--no-baselines", action="store_true", help="skip river HalfSpaceTrees and PCA")
     e.add_argument("--no-plots", action="store_true", help="report.html without per-file plots")
     e.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -49,6 +49,7 @@ class TrainParams:
     chunk_windows: int = 6
     lr: float = 3e-3
     patience: int = 4
+    corrupt: float = 0.0  # share of training chunks whose input gets a synthetic fault (denoising); 0 = off
     score_aggregate: str = "max"  # see score.AGGREGATES
     val_fraction: float = 0.15
     cal_fraction: float = 0.15
@@ -122,6 +123,39 @@ def _fill(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.nda
     return filled, present
 
 
+def _noise_scale(x: np.ndarray) -> np.ndarray:
+    """Each feature's reading-to-reading noise level (F,), from the median absolute first difference."""
+    d = np.abs(np.diff(x, axis=0))
+    return np.maximum(np.median(d, axis=0) * 1.4826 / np.sqrt(2), 1e-3).astype(np.float32)
+
+
+def _corrupt(x: np.ndarray, noise: np.ndarray, rng: np.random.Generator, share: float) -> np.ndarray:
+    """A copy of chunks (B, T, F) where `share` of them carry one synthetic fault on one feature.
+
+    The model then learns to rebuild the clean readings from faulty input (a denoising autoencoder), so a
+    fault in one sensor is not passed through to the reconstruction. The kinds mirror what breaks on
+    machines: offset, spike, stuck value, noise burst, and a ramp, of 4 to 12 times the feature's noise.
+    """
+    out = x.copy()
+    B, T, F = x.shape
+    for b in np.flatnonzero(rng.random(B) < share):
+        f = int(rng.integers(F))
+        kind = int(rng.integers(5))
+        n = int(rng.integers(1, 6)) if kind == 1 else int(rng.integers(T // 4, T))
+        a = int(rng.integers(0, T - n + 1))
+        span = slice(a, a + n)
+        size = float(rng.uniform(4.0, 12.0)) * noise[f] * float(rng.choice([-1.0, 1.0]))
+        if kind in (0, 1):  # offset, spike
+            out[b, span, f] += size
+        elif kind == 2:  # stuck
+            out[b, span, f] = out[b, max(a - 1, 0), f]
+        elif kind == 3:  # noise burst
+            out[b, span, f] += rng.normal(0.0, abs(size) / 2, n).astype(np.float32)
+        else:  # ramp
+            out[b, span, f] += size * np.linspace(0.0, 1.5, n, dtype=np.float32)
+    return out
+
+
 def _continuous(model: LSTMAutoencoder, x: torch.Tensor, hop: int, window: int,
                 chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the model over one whole series (T, F) as the engine would; return window ends and reconstructions."""
@@ -137,6 +171,8 @@ def train_model(series: Series, params: TrainParams = TrainParams(),
                 progress: bool = True) -> tuple[LSTMAutoencoder, Manifest]:
     """Fit an LSTM autoencoder on normal series and calibrate its scores; return the model and manifest."""
     t0 = time.monotonic()
+    if not 0.0 <= params.corrupt <= 1.0:
+        raise DataError(f"corrupt must be between 0 and 1 (got {params.corrupt})")
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     W, hop, F = params.window, params.hop, len(series.features)
@@ -165,7 +201,9 @@ def train_model(series: Series, params: TrainParams = TrainParams(),
                         f"use a smaller --window or more data")
     ends_in_chunk = torch.arange(W - 1, chunk_len, hop)
 
-    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    noise = _noise_scale(np.concatenate([filled[s][0][: train_end[s]] for s, _ in usable]))
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pick = rng.integers(0, len(starts_pool), params.batch_size)
         xs, ms = [], []
         for i in pick:
@@ -178,10 +216,12 @@ def train_model(series: Series, params: TrainParams = TrainParams(),
                 seg_m = np.concatenate([np.zeros((need, F), bool), seg_m])
             xs.append(seg_x)
             ms.append(seg_m)
-        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ms))
+        clean = np.stack(xs)
+        noisy = _corrupt(clean, noise, rng, params.corrupt) if params.corrupt > 0 else clean
+        return torch.from_numpy(noisy), torch.from_numpy(clean), torch.from_numpy(np.stack(ms))
 
-    def loss_of(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        out, _ = model.encode(x, torch.full((len(x),), chunk_len), model.zero_state(len(x)))
+    def loss_of(x_in: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        out, _ = model.encode(x_in, torch.full((len(x),), chunk_len), model.zero_state(len(x)))
         z = out[:, ends_in_chunk].reshape(-1, params.hidden_size)
         recon = model.decode(z).reshape(len(x), len(ends_in_chunk), W, F)
         idx = ends_in_chunk[:, None] - W + 1 + torch.arange(W)[None, :]
@@ -211,8 +251,7 @@ def train_model(series: Series, params: TrainParams = TrainParams(),
     for epoch in bar:
         running = 0.0
         for _ in range(params.steps_per_epoch):
-            x, m = batch()
-            loss = loss_of(x, m)
+            loss = loss_of(*batch())
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

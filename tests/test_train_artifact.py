@@ -14,7 +14,7 @@ from detector.artifact import load_artifact, save_artifact
 from detector.cli import main
 from detector.engine import Engine
 from detector.errors import DataError, ModelError
-from detector.train import TrainParams, load_series, train_model
+from detector.train import Series, TrainParams, load_series, train_model
 from tests.helpers import FEATURES, random_artifact, readings, sine_values
 
 SMALL = ["--window", "8", "--hop", "4", "--hidden", "8", "--epochs", "2", "--quiet"]
@@ -139,3 +139,17 @@ def test_date_strings_put_rows_in_time_order(tmp_path: Path) -> None:
     data.write_text("timestamp,stream,temp\n2024-01-01T00:01:00Z,a,1.0\n2024-01-01T00:00:00Z,a,2.0\n")
     series = load_series(data)
     assert series.values[0][:, 0].tolist() == [2.0, 1.0], "rows are put in time order"
+
+
+def test_denoising_corrupts_one_feature_of_a_share_of_chunks() -> None:
+    from detector.train import _corrupt
+
+    x = np.random.default_rng(1).normal(size=(200, 40, 3)).astype(np.float32)
+    before = x.copy()
+    out = _corrupt(x, np.ones(3, np.float32), np.random.default_rng(0), 0.5)
+    assert (x == before).all(), "the clean chunks are left as they were"
+    changed = (out != x).any(axis=1)  # (chunk, feature)
+    assert 0.35 < changed.any(axis=1).mean() < 0.65
+    assert changed.sum(axis=1).max() == 1, "a corrupted chunk has one faulty feature"
+    with pytest.raises(DataError, match="corrupt must be between 0 and 1"):
+        train_model(Series(FEATURES, ["a"], [sine_values(300, seed=1)]), TrainParams(corrupt=1.5), progress=False)

@@ -87,6 +87,7 @@ class FileResult:
     threshold: float
     raised: list[tuple[int, str]] = field(default_factory=list)  # ours: (row, top feature) of each raised alert
     seconds: float = 0.0
+    rejected: int = 0  # rows the daemon's path sent to the dead-letter topic (e.g. repeated timestamps)
 
 
 def _records(f: LabelledFile, topic: str = "evaluate") -> list[Record]:
@@ -122,7 +123,7 @@ def run_file(f: LabelledFile, cfg: Config, params: TrainParams = EVAL_PARAMS,
     daemon = Daemon(cfg, Pipeline(cfg, art, "cpu"))
     T = len(f.timestamps)
     score = np.zeros(T)
-    src, sink = IterSource(_records(f), batch_size=512), ListSink()
+    src, sink = IterSource(_records(f), batch_size=8 * art.manifest.hop), ListSink()
     warning = np.nan
     last_end = -1
     while not src.exhausted:
@@ -155,7 +156,8 @@ def run_file(f: LabelledFile, cfg: Config, params: TrainParams = EVAL_PARAMS,
     m = art.manifest
     levels, values = np.asarray(m.calibration_levels), np.asarray(m.calibration_scores)
     prob = _calibrated(score, values, levels)
-    return FileResult(f.name, score, prob, pred, warning, tops, time.monotonic() - t0)
+    rejected = len(sink.on(cfg.output.dead_letter_topic))
+    return FileResult(f.name, score, prob, pred, warning, tops, time.monotonic() - t0, rejected)
 
 
 def _calibrated(score: np.ndarray, values: np.ndarray, levels: np.ndarray) -> np.ndarray:
@@ -296,7 +298,8 @@ def evaluate(files: list[LabelledFile], fmt: str, out_dir: str | Path, cfg: Conf
     per_file = []
     for i, f in enumerate(files):
         _, _, row = _metrics(f, ours[i])
-        row = {"file": f.name, "rows": len(f.labels), "train_rows": f.train_rows, "windows": len(f.windows), **row,
+        row = {"file": f.name, "rows": len(f.labels), "train_rows": f.train_rows, "windows": len(f.windows),
+               "rejected_rows": ours[i].rejected, **row,
                "raised": [{"row": r, "top_feature": n} for r, n in ours[i].raised],
                "baselines": {b: _metrics(f, base[b][i])[2] for b in baselines}}
         per_file.append(row)

@@ -4,8 +4,8 @@ For each file the protocol decides which leading rows a detector may learn from 
 period; SKAB: the first 400 rows). Our detector trains an LSTM autoencoder on those rows only (or uses a
 given model), then the whole file is sent as JSON records through `Daemon.process` with an in-memory
 source and sink, exactly as `detector run` and `detector demo` do. What comes back per row: the window score
-(each reading is scored once, in the window whose newest `hop` readings include it), its calibrated
-probability (the quantile of the score among the calibration windows), and whether an alert was active.
+(each reading is scored once, in the window whose newest `hop` readings include it), its anomaly
+likelihood (how unusual it is against the file's past scores), and whether an alert was active.
 
 Baselines run on the same files and protocol: river's HalfSpaceTrees (online) and a PCA reconstruction-error
 detector fitted on the training rows. Labels are used only for scoring.
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import torch
 from tqdm import tqdm
 
 from consumers.base import Record
@@ -46,7 +47,7 @@ from detector.quality import (
 )
 from detector.train import Series, TrainParams, train_model
 
-__all__ = ["FileResult", "EVAL_PARAMS", "PUBLISHED", "run_file", "baseline_scores", "evaluate"]
+__all__ = ["FileResult", "EVAL_PARAMS", "PUBLISHED", "run_file", "baseline_scores", "likelihood", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class FileResult:
 
     name: str
     score: np.ndarray  # (T,) raw score (0 where the row was not scored)
-    prob: np.ndarray  # (T,) calibrated probability in [0, 1] for NAB's threshold sweep
+    prob: np.ndarray  # (T,) anomaly likelihood in [0, 1], the per-row score of NAB's threshold sweep
     pred: np.ndarray  # (T,) bool: the detector flagged the row
     threshold: float
     raised: list[tuple[int, str]] = field(default_factory=list)  # ours: (row, top feature) of each raised alert
@@ -153,18 +154,37 @@ def run_file(f: LabelledFile, cfg: Config, params: TrainParams = EVAL_PARAMS,
             opened = None
     if opened is not None:
         pred[opened:] = True
-    m = art.manifest
-    levels, values = np.asarray(m.calibration_levels), np.asarray(m.calibration_scores)
-    prob = _calibrated(score, values, levels)
+    prob = likelihood(score)
     rejected = len(sink.on(cfg.output.dead_letter_topic))
     return FileResult(f.name, score, prob, pred, warning, tops, time.monotonic() - t0, rejected)
 
 
-def _calibrated(score: np.ndarray, values: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """The quantile of each score among calibration scores; above the largest, ties broken by the score."""
-    top = max(float(values[-1]), 1e-12)
-    p = np.interp(score, values, levels)
-    return np.where(score > top, 1.0 - 1e-3 * top / np.maximum(score, top), p * (1.0 - 1e-3))
+LIKELIHOOD_HISTORY = 8640
+LIKELIHOOD_AVERAGING = 10
+"""Rows of history and of short-term averaging in the likelihood transform (Numenta's defaults, not tuned)."""
+
+
+def likelihood(score: np.ndarray, history: int = LIKELIHOOD_HISTORY, averaging: int = LIKELIHOOD_AVERAGING,
+               min_history: int = 50) -> np.ndarray:
+    """Per-row anomaly likelihood in [0, 1]: how unusual the recent score is against the file's past scores.
+
+    The log score averaged over the last `averaging` rows is compared with the mean and standard deviation
+    of the log scores of up to `history` rows before it (a Gaussian tail probability, as in Numenta's
+    anomaly likelihood). Only the past is used; rows with less than `min_history` rows of past get 0.5.
+    It makes scores of different files comparable, which NAB needs: one threshold serves the whole corpus.
+
+    >>> p = likelihood(np.r_[np.ones(100), 50.0, np.ones(20)] + np.linspace(0, 0.01, 121))
+    >>> bool(p[100] > 0.99), bool(p[:50].max() == 0.5)
+    (True, True)
+    """
+    import pandas as pd
+
+    x = pd.Series(np.log(np.maximum(score, 1e-9)))
+    mu = x.rolling(history, min_periods=min_history).mean().shift(1)
+    sd = x.rolling(history, min_periods=min_history).std().shift(1)
+    recent = x.rolling(averaging, min_periods=1).mean()
+    z = ((recent - mu) / sd.clip(lower=1e-6)).fillna(0.0).to_numpy()
+    return torch.special.ndtr(torch.tensor(z, dtype=torch.float64)).numpy()
 
 
 def baseline_scores(f: LabelledFile, kind: str, seed: int = 0) -> FileResult:
@@ -180,10 +200,7 @@ def baseline_scores(f: LabelledFile, kind: str, seed: int = 0) -> FileResult:
     train = score[: f.train_rows]
     train = train[np.isfinite(train)]
     thr = float(np.quantile(train, BASELINE_QUANTILE)) if len(train) else float("inf")
-    ref = np.sort(train) if len(train) else np.zeros(1)
-    prob = np.searchsorted(ref, score, side="right") / len(ref)
-    prob = np.where(score > ref[-1], 1.0 - 1e-3 * max(ref[-1], 1e-12) / np.maximum(score, 1e-12), prob * (1 - 1e-3))
-    return FileResult(f.name, score, prob, score > thr, thr, seconds=time.monotonic() - t0)
+    return FileResult(f.name, score, likelihood(score), score > thr, thr, seconds=time.monotonic() - t0)
 
 
 def _scaled(f: LabelledFile) -> np.ndarray:

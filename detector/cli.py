@@ -63,7 +63,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from detector.config import Config, load_config
-    from detector.datasets import load_dataset, load_labelled_csv
+    from detector.datasets import load_dataset, load_labelled_csv, load_skab_anomaly_free
     from detector.evaluate import EVAL_PARAMS, evaluate
 
     if args.format == "csv":
@@ -80,7 +80,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     params = replace(EVAL_PARAMS, window=args.window, hop=args.hop, hidden_size=args.hidden, epochs=args.epochs,
                      seed=args.seed, score_aggregate=args.score, corrupt=args.corrupt)
     logging.getLogger("detector.daemon").setLevel(logging.ERROR)  # alerts and rejects are in the report
-    summary = evaluate(files, args.format, args.out, cfg, params, model_dir=args.model, progress=not args.quiet,
+    pretrain = None
+    if args.train_protocol == "anomaly-free":
+        if args.format != "skab":
+            print("error: --train-protocol anomaly-free is for --format skab (it trains on anomaly-free.csv)",
+                  file=sys.stderr)
+            return 2
+        pretrain = load_skab_anomaly_free(args.data)
+    summary = evaluate(files, args.format, args.out, cfg, params, model_dir=args.model, pretrain=pretrain,
+                       progress=not args.quiet,
                        baselines=() if args.no_baselines else ("hst", "pca"), plots=not args.no_plots)
     o = summary["overall"]
     print(f"{len(files)} files, {summary['seconds']:.0f} s; written to {args.out}/ "
@@ -183,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="folder for summary.json, scores/ and report.html")
     e.add_argument("--model", help="a trained model folder to use for every file (default: train one per file "
                    "on the protocol's training rows)")
+    e.add_argument("--train-protocol", choices=["per-file", "anomaly-free"], default="per-file",
+                   help="per-file: train on each file's protocol rows (default); anomaly-free (skab): train one "
+                   "model on SKAB's anomaly-free.csv and use it for every file (a separate variant)")
     e.add_argument("--config", help="config file whose thresholds and alerts sections apply (default: defaults)")
     e.add_argument("--match", help="only files whose name (path in the dataset) contains this text")
     e.add_argument("--limit", type=int, help="only the first N files (after --match)")

@@ -296,15 +296,23 @@ def _overall(files: list[LabelledFile], results: list[FileResult], fmt: str) -> 
 
 
 def evaluate(files: list[LabelledFile], fmt: str, out_dir: str | Path, cfg: Config | None = None,
-             params: TrainParams = EVAL_PARAMS, model_dir: str | Path | None = None, progress: bool = True,
+             params: TrainParams = EVAL_PARAMS, model_dir: str | Path | None = None,
+             pretrain: LabelledFile | None = None, progress: bool = True,
              baselines: tuple[str, ...] = ("hst", "pca"), plots: bool = True) -> dict[str, Any]:
-    """Run our detector and the baselines on every file; write summary.json, per-row CSVs and report.html."""
+    """Run our detector and the baselines on every file; write summary.json, per-row CSVs and report.html.
+
+    `model_dir` (a trained model) or `pretrain` (normal data to train one model on) replace training per file.
+    """
     if not files:
         raise DataError("no files to evaluate")
     cfg = cfg or Config()
     out = Path(out_dir)
     (out / "scores").mkdir(parents=True, exist_ok=True)
     artifact = load_artifact(model_dir) if model_dir else None
+    model_note = str(model_dir) if model_dir else "trained per file on the protocol's training rows"
+    if pretrain is not None:
+        artifact = _train(pretrain, params)
+        model_note = f"trained once on {pretrain.name} ({pretrain.train_rows} rows), used for every file"
     ours: list[FileResult] = []
     base: dict[str, list[FileResult]] = {b: [] for b in baselines}
     t0 = time.monotonic()
@@ -322,8 +330,8 @@ def evaluate(files: list[LabelledFile], fmt: str, out_dir: str | Path, cfg: Conf
         per_file.append(row)
         _write_scores(out / "scores" / (f.name.replace("/", "__").removesuffix(".csv") + ".csv"), f, ours[i], base, i)
     summary = {
-        "detector": {"name": "lstm-autoencoder", "version": __version__, "model": str(model_dir) if model_dir
-                     else "trained per file on the protocol's training rows", "params": params.__dict__,
+        "detector": {"name": "lstm-autoencoder", "version": __version__, "model": model_note,
+                     "params": params.__dict__,
                      "config_hash": config_hash(cfg), "thresholds": cfg.thresholds.model_dump(),
                      "alerts": cfg.alerts.model_dump()},
         "format": fmt,

@@ -81,3 +81,18 @@ def test_evaluate_cli_on_nab_reports_the_three_profiles(tmp_path: Path, capsys: 
     assert set(saved["overall"]["nab"]) == {"standard", "reward_low_FP_rate", "reward_low_FN_rate"}
     assert set(saved["baselines"]["pca"]["overall"]["nab"]) == set(saved["overall"]["nab"])
     assert "nab=" in capsys.readouterr().out
+
+
+def test_one_pretrained_model_can_serve_every_file(tmp_path: Path) -> None:
+    normal = replace(step_file(at=900), name="normal.csv", train_rows=900)
+    files = [step_file(seed=1), step_file(seed=2)]
+    summary = evaluate(files, "csv", tmp_path, params=FAST, pretrain=normal, progress=False, baselines=(),
+                       plots=False)
+    assert summary["detector"]["model"].startswith("trained once on normal.csv (900 rows)")
+    assert summary["overall"]["recall"] > 0.5
+
+
+def test_anomaly_free_protocol_is_for_skab_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["evaluate", "--data", str(DATA / "NAB"), "--format", "nab", "--out", str(tmp_path),
+               "--train-protocol", "anomaly-free", "--limit", "1", "--quiet"])
+    assert rc == 2 and "--train-protocol anomaly-free is for --format skab" in capsys.readouterr().err

@@ -104,7 +104,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from detector.config import load_config
+    from detector.config import config_schema, load_config
+
+    if args.schema:
+        import json
+
+        print(json.dumps(config_schema(), indent=2))
+        return 0
 
     cfg = load_config(args.config)
     print(f"{args.config}: valid")
@@ -222,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?", default="config.yaml")
     c.add_argument("--model", action="store_true", help="also load the model folder it names")
     c.add_argument("--kafka", action="store_true", help="also check that Kafka and the topics are reachable")
+    c.add_argument("--schema", action="store_true", help="print the JSON Schema of the config file and exit")
     c.set_defaults(func=_check_config)
     return p
 

@@ -39,6 +39,7 @@ __all__ = [
     "MetricsConfig",
     "load_config",
     "config_hash",
+    "config_schema",
 ]
 
 
@@ -304,3 +305,11 @@ def config_hash(cfg: Config) -> str:
     """A short stable hash of the effective configuration, carried in every alert."""
     raw = cfg.model_dump_json(exclude={"kafka"}).encode()
     return hashlib.sha256(raw).hexdigest()[:12]
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of config.yaml, from the same model that validates it (published as docs/config.schema.json)."""
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "detector config.yaml"
+    return schema

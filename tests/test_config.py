@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
-from detector.config import Config, config_hash, load_config, parse_config
+from detector.cli import main
+from detector.config import Config, config_hash, config_schema, load_config, parse_config
 from detector.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,3 +116,11 @@ def test_rolling_levels_are_checked() -> None:
         parse_config({"thresholds": {"rolling": {"history": 20, "min_history": 30}}})
     with pytest.raises(ConfigError, match="critical_k must be >= warning_k"):
         parse_config({"thresholds": {"rolling": {"warning_k": 9, "critical_k": 3}}})
+
+
+def test_published_json_schema_is_current(capsys: pytest.CaptureFixture) -> None:
+    published = json.loads((ROOT / "docs" / "config.schema.json").read_text())
+    assert published == config_schema(), "regenerate: detector check-config --schema > docs/config.schema.json"
+    assert set(published["properties"]) == set(yaml.safe_load((ROOT / "config.yaml").read_text()))
+    assert main(["check-config", "--schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == published

@@ -34,6 +34,7 @@ __all__ = [
     "ScoringConfig",
     "ThresholdConfig",
     "RollingLevels",
+    "EvtLevels",
     "AlertConfig",
     "RuntimeConfig",
     "MetricsConfig",
@@ -151,13 +152,33 @@ class RollingLevels(_Section):
         return self
 
 
+class EvtLevels(_Section):
+    """Peaks over threshold (SPOT; DSPOT with drift_window > 0): levels from a fitted generalised Pareto tail."""
+
+    warning_risk: float = Field(1e-3, gt=0, lt=0.02)
+    critical_risk: float = Field(1e-4, gt=0, lt=0.02)
+    level: float = Field(0.98, ge=0.5, lt=1)
+    drift_window: int = Field(0, ge=0, le=10000)
+    max_peaks: int = Field(500, ge=20, le=100000)
+    refit_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EvtLevels:
+        if self.critical_risk > self.warning_risk:
+            raise ValueError("critical_risk must be <= warning_risk (a smaller risk is a higher level)")
+        if self.warning_risk >= 1 - self.level:
+            raise ValueError("warning_risk must be below 1 - level (the levels lie in the fitted tail)")
+        return self
+
+
 class ThresholdConfig(_Section):
     """The threshold policy in force and its warning and critical levels."""
 
-    policy: Literal["static", "calibrated", "rolling"] = "calibrated"
+    policy: Literal["static", "calibrated", "rolling", "evt"] = "calibrated"
     static: StaticLevels = StaticLevels()
     calibrated: CalibratedLevels = CalibratedLevels()
     rolling: RollingLevels = RollingLevels()
+    evt: EvtLevels = EvtLevels()
 
     @model_validator(mode="after")
     def _ordered(self) -> ThresholdConfig:

@@ -9,7 +9,8 @@ import numpy as np
 from detector.artifact import Manifest
 from detector.config import ThresholdConfig
 
-__all__ = ["ThresholdPolicy", "StaticThreshold", "CalibratedThreshold", "RollingThreshold", "build_threshold"]
+__all__ = ["ThresholdPolicy", "StaticThreshold", "CalibratedThreshold", "RollingThreshold", "EvtThreshold",
+           "fit_gpd", "pot_quantile", "build_threshold"]
 
 
 class ThresholdPolicy(ABC):
@@ -126,6 +127,132 @@ class RollingThreshold(ThresholdPolicy):
         self.n[u] += counts
 
 
+def fit_gpd(peaks: np.ndarray) -> tuple[float, float]:
+    """Maximum-likelihood shape and scale (gamma, sigma) of a generalised Pareto law fitted to excesses >= 0."""
+    from scipy.stats import genpareto
+
+    gamma, _, sigma = genpareto.fit(np.asarray(peaks, np.float64), floc=0.0)
+    return float(gamma), float(sigma)
+
+
+def pot_quantile(t: float, gamma: float, sigma: float, risk: float, n: int, n_peaks: int) -> float:
+    """The level exceeded with probability `risk`, from n observations of which n_peaks exceeded t (SPOT eq. 1).
+
+    >>> round(pot_quantile(1.0, 0.0, 2.0, 0.001, 1000, 100), 3)  # exponential tail: t + sigma * ln(n_t / (q n))
+    10.21
+    """
+    r = risk * n / max(n_peaks, 1)
+    if abs(gamma) < 1e-6:
+        return float(t - sigma * np.log(r))
+    return float(t + sigma / gamma * (r ** (-gamma) - 1.0))
+
+
+class EvtThreshold(ThresholdPolicy):
+    """Peaks over threshold per stream (SPOT, Siffer et al., KDD 2017; DSPOT when `drift_window` > 0).
+
+    The scores above the initial threshold t (the `level` quantile of the calibration scores) are modelled
+    as t plus a generalised Pareto excess; the warning and critical levels are the scores that a normal
+    window exceeds with probability `warning_risk` and `critical_risk`. Every stream starts from the
+    calibration tail and then learns its own: each window below warning that exceeds t adds a peak, and the
+    tail is refitted after `refit_every` new peaks (windows at or above warning are never learned). DSPOT
+    measures scores from the mean of the stream's last `drift_window` normal scores, so the levels follow a
+    slow drift of the normal score. As in SPOT, what reaches warning is never learned: a stream whose normal
+    tail is heavier than the calibration's keeps alerting on it, while a lighter one earns lower levels.
+    """
+
+    name = "evt"
+
+    def __init__(self, calibration: np.ndarray, warning_risk: float, critical_risk: float, level: float = 0.98,
+                 drift_window: int = 0, max_peaks: int = 500, refit_every: int = 10) -> None:
+        sample = np.sort(np.asarray(calibration, np.float64))
+        self._init_mean = float(sample.mean())
+        if drift_window:  # DSPOT models scores relative to the recent normal mean: so does the initial tail
+            sample = sample - self._init_mean
+        self.risks = (warning_risk, critical_risk)
+        self.t = float(np.quantile(sample, level))
+        self.drift_window, self.max_peaks, self.refit_every = drift_window, max_peaks, refit_every
+        self._init_peaks = (sample[sample > self.t] - self.t)[-max_peaks:]
+        self._init_n = len(sample)
+        g, sg = fit_gpd(self._init_peaks) if len(self._init_peaks) >= 10 else (0.0, max(float(sample.std()), 1e-6))
+        self._init_levels = tuple(pot_quantile(self.t, g, sg, q, self._init_n, len(self._init_peaks))
+                                  for q in self.risks)
+        self.cap = 0
+        self.peaks = np.zeros((0, max_peaks), np.float32)
+        self.n_peaks = np.zeros(0, np.int64)  # peaks ever seen (the buffer keeps the last max_peaks)
+        self.n = np.zeros(0, np.int64)
+        self.fresh = np.zeros(0, np.int64)  # peaks since the last fit
+        self.warning = np.zeros(0)
+        self.critical = np.zeros(0)
+        self.recent = np.zeros((0, max(drift_window, 1)))
+        self.n_recent = np.zeros(0, np.int64)
+
+    def _ensure(self, rows: np.ndarray) -> None:
+        need = int(rows.max()) + 1 if len(rows) else 0
+        if need <= self.cap:
+            return
+        old, cap = self.cap, max(need, 2 * self.cap)
+        k = len(self._init_peaks)
+
+        def grow(a: np.ndarray, fill: object) -> np.ndarray:
+            new = np.empty((cap, *a.shape[1:]), a.dtype)
+            new[:old] = a[:old]
+            new[old:] = fill
+            return new
+
+        self.peaks = grow(self.peaks, 0.0)
+        self.peaks[old:, :k] = self._init_peaks
+        self.n_peaks = grow(self.n_peaks, k)
+        self.n = grow(self.n, self._init_n)
+        self.fresh = grow(self.fresh, 0)
+        self.warning = grow(self.warning, self._init_levels[0])
+        self.critical = grow(self.critical, self._init_levels[1])
+        self.recent = grow(self.recent, self._init_mean)  # DSPOT starts from the calibration mean
+        self.n_recent = grow(self.n_recent, self.drift_window)
+        self.cap = cap
+
+    def _drift(self, rows: np.ndarray) -> np.ndarray:
+        if not self.drift_window:
+            return np.zeros(len(rows))
+        return self.recent[rows].mean(axis=1)
+
+    def levels(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each stream's fitted tail quantiles, plus its recent normal mean under DSPOT."""
+        self._ensure(rows)
+        base = self._drift(rows)
+        return self.warning[rows] + base, self.critical[rows] + base
+
+    def learn(self, rows: np.ndarray, scores: np.ndarray, flagged: np.ndarray) -> None:
+        """Count normal windows, keep their peaks over t, and refit the streams that gathered enough peaks."""
+        if not len(rows):
+            return
+        self._ensure(rows)
+        ok = ~flagged
+        r, x = rows[ok], scores[ok] - self._drift(rows)[ok]
+        np.add.at(self.n, r, 1)
+        if self.drift_window:
+            for row, v in zip(r.tolist(), scores[ok].tolist(), strict=True):  # windows of a batch, in order
+                self.recent[row, self.n_recent[row] % self.drift_window] = v
+                self.n_recent[row] += 1
+        over = x > self.t
+        for row, excess in zip(r[over].tolist(), (x[over] - self.t).tolist(), strict=True):
+            self.peaks[row, self.n_peaks[row] % self.max_peaks] = excess
+            self.n_peaks[row] += 1
+            self.fresh[row] += 1
+        for row in np.unique(r[over]).tolist():
+            if self.fresh[row] >= self.refit_every:
+                self._refit(row)
+
+    def _refit(self, row: int) -> None:
+        k = int(min(self.n_peaks[row], self.max_peaks))
+        if k < 10:
+            return
+        gamma, sigma = fit_gpd(self.peaks[row, :k])
+        n_peaks = int(self.n_peaks[row])
+        self.warning[row], self.critical[row] = (pot_quantile(self.t, gamma, sigma, q, int(self.n[row]), n_peaks)
+                                                 for q in self.risks)
+        self.fresh[row] = 0
+
+
 def build_threshold(cfg: ThresholdConfig, manifest: Manifest) -> ThresholdPolicy:
     """The policy that `thresholds.policy` names, built from its section of the config."""
     if cfg.policy == "static":
@@ -135,4 +262,15 @@ def build_threshold(cfg: ThresholdConfig, manifest: Manifest) -> ThresholdPolicy
     if cfg.policy == "rolling":
         r = cfg.rolling
         return RollingThreshold(calibrated, r.history, r.min_history, r.warning_k, r.critical_k)
+    if cfg.policy == "evt":
+        e = cfg.evt
+        return EvtThreshold(calibration_sample(manifest), e.warning_risk, e.critical_risk, e.level, e.drift_window,
+                            e.max_peaks, e.refit_every)
     return calibrated
+
+
+def calibration_sample(manifest: Manifest, n: int | None = None) -> np.ndarray:
+    """A sample of calibration window scores rebuilt from the manifest's stored quantiles (inverse CDF)."""
+    n = n or int(manifest.training.get("calibration_windows") or 2000)
+    n = max(n, 200)
+    return np.array([manifest.quantile(u) for u in (np.arange(n) + 0.5) / n])

@@ -49,7 +49,8 @@ def test_root_config_yaml_lists_every_key_with_its_default() -> None:
         ({"input": {"topcs": ["x"]}}, "input.topcs: unknown key; valid keys here are: topics"),
         ({"thresholds": {"calibrated": {"warning": 1.5}}},
          "thresholds.calibrated.warning: Input should be less than 1"),
-        ({"thresholds": {"policy": "magic"}}, "thresholds.policy: Input should be 'static', 'calibrated' or 'rolling'"),
+        ({"thresholds": {"policy": "magic"}},
+         "thresholds.policy: Input should be 'static', 'calibrated', 'rolling' or 'evt'"),
         ({"thresholds": {"static": {"warning": 5, "critical": 2}}}, "static.critical must be >= static.warning"),
         ({"alerts": {"k": 5, "n": 3}}, "alerts: k (5) must be <= n (3)"),
         ({"kafka": {"security_protocol": "SASL_SSL"}}, "needs sasl_mechanism, sasl_username and sasl_password"),
@@ -124,3 +125,10 @@ def test_published_json_schema_is_current(capsys: pytest.CaptureFixture) -> None
     assert set(published["properties"]) == set(yaml.safe_load((ROOT / "config.yaml").read_text()))
     assert main(["check-config", "--schema"]) == 0
     assert json.loads(capsys.readouterr().out) == published
+
+
+def test_evt_levels_are_checked() -> None:
+    with pytest.raises(ConfigError, match="critical_risk must be <= warning_risk"):
+        parse_config({"thresholds": {"evt": {"warning_risk": 0.001, "critical_risk": 0.01}}})
+    with pytest.raises(ConfigError, match="warning_risk must be below 1 - level"):
+        parse_config({"thresholds": {"evt": {"level": 0.995, "warning_risk": 0.01, "critical_risk": 0.001}}})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from detector.config import parse_config
-from detector.threshold import RollingThreshold, StaticThreshold, build_threshold
+from detector.threshold import EvtThreshold, RollingThreshold, StaticThreshold, build_threshold, fit_gpd, pot_quantile
 from tests.helpers import random_artifact
 
 
@@ -45,3 +45,65 @@ def test_rolling_policy_is_built_from_the_config() -> None:
     assert (t.history, t.min_history, t.warning_k, t.critical_k) == (50, 10, 3.0, 5.0)
     w, c = t.levels(np.array([0]))
     assert w[0] == art.manifest.quantile(0.999) and c[0] == art.manifest.quantile(0.9999)
+
+
+def test_gpd_fit_recovers_a_known_tail() -> None:
+    rng = np.random.default_rng(3)
+    gamma, sigma = 0.2, 1.5
+    u = rng.random(20000)
+    excess = sigma / gamma * ((1 - u) ** -gamma - 1)  # inverse CDF of a generalised Pareto law
+    g, s = fit_gpd(excess)
+    assert abs(g - gamma) < 0.05 and abs(s - sigma) < 0.1
+    # a body below t = 5 and this tail above it: 2 % of 100000 observations exceed t
+    level = pot_quantile(5.0, g, s, 1e-4, 100000, 2000)
+    truth = 5.0 + sigma / gamma * ((1e-4 * 100000 / 2000) ** -gamma - 1)
+    assert abs(level - truth) / truth < 0.05
+
+
+def test_evt_levels_start_from_calibration_and_learn_each_stream_tail() -> None:
+    rng = np.random.default_rng(4)
+    calibration = rng.exponential(1.0, 5000)
+    t = EvtThreshold(calibration, warning_risk=1e-3, critical_risk=1e-4, level=0.98, refit_every=50)
+    w0, c0 = t.levels(np.array([0, 1]))
+    assert abs(w0[0] - np.log(1000)) < 0.8, "an exponential tail: the 1e-3 level is near ln(1000)"
+    assert c0[0] > w0[0] and w0[0] == w0[1]
+    light = 0.7 * rng.exponential(1.0, 15000)  # stream 1's normal scores have a lighter tail
+    for a in range(0, 15000, 50):
+        rows = np.r_[np.zeros(50, np.int64), np.ones(50, np.int64)]
+        scores = np.r_[rng.exponential(1.0, 50), light[a:a + 50]]
+        warning, _ = t.levels(rows)
+        t.learn(rows, scores, scores >= warning)
+    w, _ = t.levels(np.array([0, 1]))
+    assert abs(w[0] - w0[0]) < 1.0, "stream 0 keeps the calibrated tail"
+    assert w[1] < w[0] - 0.5, "stream 1 learned its lighter tail (0.7 x ln(1000) is 4.8)"
+
+
+def test_flagged_windows_are_not_learned_and_dspot_follows_drift() -> None:
+    rng = np.random.default_rng(5)
+    t = EvtThreshold(rng.exponential(1.0, 5000), 1e-3, 1e-4, refit_every=5)
+    before = t.levels(np.array([0]))[0][0]
+    t.learn(np.zeros(200, np.int64), np.full(200, 100.0), np.ones(200, bool))
+    assert t.levels(np.array([0]))[0][0] == before, "windows at or above warning teach nothing"
+    d = EvtThreshold(rng.exponential(1.0, 5000), 1e-3, 1e-4, drift_window=20, refit_every=5)
+    rows = np.zeros(20, np.int64)
+    low = d.levels(rows[:1])[0][0]
+    for step in range(50):
+        scores = 1.0 + 0.2 * step + rng.exponential(1.0, 20)  # the normal score drifts upwards, slowly
+        warning, _ = d.levels(rows)
+        d.learn(rows, scores, scores >= warning)
+    assert d.levels(rows[:1])[0][0] > low + 8, "DSPOT's levels ride on the recent normal mean"
+    s = EvtThreshold(rng.exponential(1.0, 5000), 1e-3, 1e-4, refit_every=5)
+    for step in range(50):
+        scores = 1.0 + 0.2 * step + rng.exponential(1.0, 20)
+        warning, _ = s.levels(rows)
+        s.learn(rows, scores, scores >= warning)
+    assert s.levels(rows[:1])[0][0] < low + 4, "SPOT without drift handling does not follow the drift"
+
+
+def test_evt_policy_is_built_from_the_config() -> None:
+    art = random_artifact()
+    cfg = parse_config({"thresholds": {"policy": "evt", "evt": {"warning_risk": 0.005, "critical_risk": 0.001}}})
+    t = build_threshold(cfg.thresholds, art.manifest)
+    assert isinstance(t, EvtThreshold) and t.name == "evt" and t.risks == (0.005, 0.001)
+    w, c = t.levels(np.array([0]))
+    assert 0 < w[0] < c[0]

@@ -11,7 +11,7 @@ test:  ## set up, then run the whole test suite (unit + real-Kafka integration)
 	@bash .ci/test.sh
 
 lint:  ## ruff on the code
-	@venv="$$(bash .ci/setup.sh)" && "$$venv/bin/ruff" check detector consumers tests
+	@venv="$$(bash .ci/setup.sh)" && "$$venv/bin/ruff" check detector consumers tests bench
 
 kafka-start:  ## start a local single-node Kafka (KRaft) for development; prints KAFKA_BOOTSTRAP
 	@bash deploy/kafka/kafka.sh start .kafka

@@ -5,7 +5,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 venv="$(bash .ci/setup.sh)"
 bash deploy/kafka/kafka.sh fetch >&2
-"$venv/bin/ruff" check detector consumers tests
+"$venv/bin/ruff" check detector consumers tests bench
 set +e
 "$venv/bin/python" -m pytest -p no:cacheprovider "$@"
 rc=$?

@@ -36,6 +36,7 @@ __all__ = [
     "RollingLevels",
     "EvtLevels",
     "AlertConfig",
+    "SensorConfig",
     "RuntimeConfig",
     "MetricsConfig",
     "load_config",
@@ -206,6 +207,28 @@ class AlertConfig(_Section):
         return self
 
 
+class SensorConfig(_Section):
+    """The data-quality gate before the model: stuck sensors and impossible values become sensor faults."""
+
+    flatline_readings: int = Field(0, ge=0, le=100000)
+    limits: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
+    @field_validator("flatline_readings")
+    @classmethod
+    def _flatline(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("must be 0 (off) or at least 2: one reading alone cannot repeat")
+        return v
+
+    @field_validator("limits")
+    @classmethod
+    def _ordered(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        bad = [name for name, (lo, hi) in v.items() if not lo < hi]
+        if bad:
+            raise ValueError(f"each limit is [low, high] with low < high (not so for {', '.join(bad)})")
+        return v
+
+
 class RuntimeConfig(_Section):
     """Logging and shutdown."""
 
@@ -232,6 +255,7 @@ class Config(_Section):
     scoring: ScoringConfig = ScoringConfig()
     thresholds: ThresholdConfig = ThresholdConfig()
     alerts: AlertConfig = AlertConfig()
+    sensors: SensorConfig = SensorConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     metrics: MetricsConfig = MetricsConfig()
 

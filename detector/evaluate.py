@@ -145,6 +145,8 @@ def run_file(f: LabelledFile, cfg: Config, params: TrainParams = EVAL_PARAMS,
     opened = None
     for rec in sink.on(cfg.output.alerts_topic):
         a = orjson.loads(rec.value)
+        if a["kind"] != "anomaly":
+            continue
         row = int(a["input"]["offset"])
         if a["state"] == "raised":
             opened = row

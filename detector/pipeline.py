@@ -19,6 +19,7 @@ from detector.artifact import Artifact
 from detector.config import Config, config_hash
 from detector.decode import Decoder, Readings, Reject
 from detector.engine import Engine, WindowScores
+from detector.sensors import SensorEvents, SensorGate
 from detector.threshold import build_threshold
 
 __all__ = ["Pipeline", "BatchOutput", "iso"]
@@ -66,10 +67,15 @@ class Pipeline:
         self.engine = Engine(artifact, device=device, max_gap_s=cfg.scoring.max_gap_s)
         self.threshold = build_threshold(cfg.thresholds, m)
         self.alerts = AlertMachine(cfg.alerts, self.engine.capacity)
+        self.gate = SensorGate(m.features, cfg.sensors.flatline_readings, dict(cfg.sensors.limits))
 
     def process(self, records: list[Record], now: float) -> BatchOutput:
         """Run one batch of raw records through every stage; `now` is wall-clock epoch seconds."""
         readings, rejects = self.decoder.decode(records, now)
+        sensor_events = None
+        if self.gate.enabled and len(readings):
+            readings.values, sensor_events = self.gate.check(self.engine.rows_for(readings.streams), readings.ts,
+                                                             readings.values)
         res = self.engine.score_batch(readings)
         for i, why in zip(res.dropped, res.dropped_reason, strict=True):
             rejects.append(Reject(int(readings.source[i]), str(why), f"reading at ts {readings.ts[i]:.3f} "
@@ -83,7 +89,36 @@ class Pipeline:
             self._alert(records, readings, ws, int(w), str(ev), float(at), str(sev), warning, critical)
             for w, ev, at, sev in zip(tr.window, tr.event, tr.raised_at, tr.severity, strict=True)
         ]
+        if sensor_events is not None and len(sensor_events):
+            alerts.extend(self._sensor_alert(records, readings, sensor_events, e) for e in range(len(sensor_events)))
         return BatchOutput(alerts, rejects, readings, ws, warning)
+
+    def _sensor_alert(self, records: list[Record], readings: Readings, ev: SensorEvents, e: int) -> dict[str, Any]:
+        stream = self.engine.streams[int(ev.rows[e])]
+        feature = self.manifest.features[int(ev.feature[e])]
+        reason = str(ev.reason[e])
+        reading = int(ev.reading[e])
+        rec = records[int(readings.source[reading])]
+        m = self.manifest
+        return {
+            "alert_id": alert_id(f"{m.model_version or m.name}|{feature}|{reason}", stream, float(ev.raised_at[e])),
+            "kind": "sensor_fault",
+            "stream": stream,
+            "model": m.name,
+            "model_version": m.model_version,
+            "state": str(ev.state[e]),
+            "severity": "warning",
+            "reason": reason,
+            "feature": feature,
+            "window_start": iso(float(ev.raised_at[e])),
+            "window_end": iso(float(ev.ts[e])),
+            "first_seen": iso(float(ev.raised_at[e])),
+            "top_features": [{"name": feature, "share": 1.0, "direction": "stuck" if reason == "flatline" else
+                              "outside limits"}],
+            "input": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
+            "config_hash": self.config_hash,
+            "detector_version": __version__,
+        }
 
     def _alert(self, records: list[Record], readings: Readings, ws: WindowScores, w: int, event: str,
                raised_at: float, severity: str, warning: np.ndarray, critical: np.ndarray) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def _keys(model: type, prefix: str = "") -> set[str]:
 def _yaml_keys(node: dict, prefix: str = "") -> set[str]:
     out = set()
     for k, v in node.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v:  # an empty mapping ({}) is a value, e.g. sensors.limits
             out |= _yaml_keys(v, f"{prefix}{k}.")
         else:
             out.add(prefix + k)

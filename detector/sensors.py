@@ -1,0 +1,153 @@
+"""The data-quality gate before the model: a stuck sensor or an impossible value is a sensor fault.
+
+A sensor that repeats exactly the same value for `flatline_readings` readings in a row is stuck, and a value
+outside its configured [low, high] limits is out of range. Either way the value is not evidence about the
+machine: it is removed (the engine then treats it as missing: held at the last good value and left out of
+the score, so it neither raises a machine alert nor feeds the threshold statistics), and the stream gets a
+`sensor_fault` episode per feature and reason, raised when the condition starts and cleared when it ends.
+State (last value, run length, open episodes) is kept per stream row, as arrays, like the engine's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from detector.errors import ModelError
+
+__all__ = ["SensorGate", "SensorEvents", "REASONS"]
+
+REASONS = ("flatline", "out_of_range")
+
+
+@dataclass(slots=True)
+class SensorEvents:
+    """Sensor-fault episodes that opened or closed in a batch (E events), in time order per stream."""
+
+    rows: np.ndarray  # (E,) int64 stream rows
+    feature: np.ndarray  # (E,) int64 feature index
+    reason: np.ndarray  # (E,) object: flatline | out_of_range
+    state: np.ndarray  # (E,) object: raised | cleared
+    reading: np.ndarray  # (E,) int64 index into the batch's readings of the reading that opened or closed it
+    ts: np.ndarray  # (E,) float64 event time of that reading
+    raised_at: np.ndarray  # (E,) float64 event time at which the episode opened
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class SensorGate:
+    """Finds stuck and out-of-range values per stream and feature, removes them, reports episodes."""
+
+    def __init__(self, features: list[str], flatline_readings: int = 0,
+                 limits: dict[str, tuple[float, float]] | None = None) -> None:
+        self.features = list(features)
+        F = len(features)
+        self.flatline = flatline_readings
+        self.low = np.full(F, -np.inf)
+        self.high = np.full(F, np.inf)
+        for name, (lo, hi) in (limits or {}).items():
+            if name not in self.features:
+                raise ModelError(f"sensors.limits: {name!r} is not one of the model's features "
+                                 f"({', '.join(self.features)})")
+            i = self.features.index(name)
+            self.low[i], self.high[i] = lo, hi
+        self.enabled = bool(flatline_readings) or bool(limits)
+        self.cap = 0
+        self.last = np.zeros((0, F))
+        self.run = np.zeros((0, F), np.int64)
+        self.open = np.zeros((0, F, len(REASONS)), bool)
+        self.opened_at = np.zeros((0, F, len(REASONS)))
+
+    def _ensure(self, capacity: int) -> None:
+        if capacity <= self.cap:
+            return
+        F = len(self.features)
+
+        def grow(a: np.ndarray, fill: float) -> np.ndarray:
+            new = np.full((capacity, *a.shape[1:]), fill, a.dtype)
+            new[: self.cap] = a[: self.cap]
+            return new
+
+        self.last = grow(self.last, np.nan) if self.cap else np.full((capacity, F), np.nan)
+        self.run = grow(self.run, 0)
+        self.open = grow(self.open, False)
+        self.opened_at = grow(self.opened_at, 0.0)
+        self.cap = capacity
+
+    def check(self, rows: np.ndarray, ts: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, SensorEvents]:
+        """The values (N, F) with faulty ones set to NaN, and the episodes that opened or closed."""
+        N, F = values.shape
+        if not self.enabled or N == 0:
+            return values, _no_events()
+        self._ensure(int(rows.max()) + 1)
+        order = np.lexsort((ts, rows))
+        r, v = rows[order], values[order].astype(np.float64)
+        idx = np.arange(N)
+        first = np.ones(N, bool)
+        first[1:] = r[1:] != r[:-1]
+        start = np.maximum.accumulate(np.where(first, idx, 0))  # index of each reading's group start
+
+        prev = np.empty_like(v)
+        prev[1:] = v[:-1]
+        prev[first] = self.last[r[first]]
+        same = v == prev  # NaN never equals: a gap breaks a run
+        brk = ~same
+        last_brk = np.maximum.accumulate(np.where(brk, idx[:, None], -1), axis=0)
+        since_start = last_brk >= start[:, None]
+        run = np.where(since_start, idx[:, None] - last_brk, self.run[r] + idx[:, None] - start[:, None] + 1)
+
+        faults = np.zeros((N, F, len(REASONS)), bool)
+        if self.flatline:
+            faults[:, :, 0] = run + 1 >= self.flatline
+        present = ~np.isnan(v)
+        faults[:, :, 1] = present & ((v < self.low) | (v > self.high))
+
+        ends = np.r_[np.flatnonzero(first)[1:] - 1, N - 1]
+        self.run[r[ends]] = run[ends]
+        last = np.where(present, v, np.nan)
+        # the last present value of each stream and feature in the batch is what the next batch compares with
+        pos = np.maximum.accumulate(np.where(present, idx[:, None], -1), axis=0)
+        have = pos[ends] >= start[ends][:, None]
+        keep = np.where(have, last[np.maximum(pos[ends], 0), np.arange(F)], self.last[r[ends]])
+        self.last[r[ends]] = keep
+
+        events = self._episodes(r, ts[order], order, first, faults)
+        cleaned = values.copy()
+        cleaned[order] = np.where(faults.any(axis=2), np.nan, values[order])
+        return cleaned, events
+
+    def _episodes(self, r: np.ndarray, t: np.ndarray, order: np.ndarray, first: np.ndarray,
+                  faults: np.ndarray) -> SensorEvents:
+        """Turn per-reading fault flags into raise and clear transitions against each stream's open episodes."""
+        before = np.empty_like(faults)
+        before[1:] = faults[:-1]
+        before[first] = self.open[r[first]]
+        changed = faults != before
+        n, f, k = np.nonzero(changed)
+        if len(n) == 0:
+            return _no_events()
+        raised = faults[n, f, k]
+        raised_at = np.empty(len(n))
+        # walk the transitions in time order per (stream, feature, reason) to carry each episode's start time
+        out_at = self.opened_at
+        for j in np.lexsort((n, k, f, r[n])).tolist():
+            row, feat, reason = int(r[n[j]]), int(f[j]), int(k[j])
+            if raised[j]:
+                out_at[row, feat, reason] = t[n[j]]
+            raised_at[j] = out_at[row, feat, reason]
+            self.open[row, feat, reason] = bool(raised[j])
+        order_ev = np.lexsort((n,))
+        return SensorEvents(
+            rows=r[n][order_ev], feature=f[order_ev].astype(np.int64),
+            reason=np.array(REASONS, dtype=object)[k][order_ev],
+            state=np.where(raised, "raised", "cleared").astype(object)[order_ev],
+            reading=order[n][order_ev], ts=t[n][order_ev], raised_at=raised_at[order_ev],
+        )
+
+
+def _no_events() -> SensorEvents:
+    e = np.empty(0)
+    return SensorEvents(e.astype(np.int64), e.astype(np.int64), e.astype(object), e.astype(object),
+                        e.astype(np.int64), e, e)

@@ -1,0 +1,76 @@
+"""The data-quality gate: stuck and out-of-range values become sensor faults and never reach the score."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from consumers.base import Record
+from detector.config import parse_config
+from detector.errors import ModelError
+from detector.pipeline import Pipeline
+from detector.sensors import SensorGate
+from tests.helpers import FEATURES, random_artifact
+
+
+def test_a_stuck_sensor_opens_one_episode_and_closes_it_across_batches() -> None:
+    gate = SensorGate(["a", "b"], flatline_readings=5)
+    rng = np.random.default_rng(0)
+    vals = rng.normal(size=(40, 2))
+    vals[10:25, 1] = vals[9, 1]  # b repeats the value of reading 9 for readings 9..24: 16 in a row
+    rows, ts = np.zeros(40, np.int64), np.arange(40.0)
+    events = []
+    cleaned_all = []
+    for a in range(0, 40, 7):  # batches cut across the episode
+        cleaned, ev = gate.check(rows[a:a + 7], ts[a:a + 7], vals[a:a + 7])
+        cleaned_all.append(cleaned)
+        events += [(str(ev.state[i]), str(ev.reason[i]), int(ev.feature[i]), float(ev.ts[i]), float(ev.raised_at[i]))
+                   for i in range(len(ev))]
+    assert events == [("raised", "flatline", 1, 13.0, 13.0), ("cleared", "flatline", 1, 25.0, 13.0)]
+    cleaned = np.concatenate(cleaned_all)
+    assert np.isnan(cleaned[13:25, 1]).all() and not np.isnan(cleaned[:13, 1]).any()
+    assert not np.isnan(cleaned[:, 0]).any(), "the healthy sensor is untouched"
+
+
+def test_out_of_range_values_are_removed_per_stream() -> None:
+    gate = SensorGate(["a", "b"], limits={"a": (0.0, 10.0)})
+    rows = np.array([0, 1, 0, 1])
+    cleaned, ev = gate.check(rows, np.array([1.0, 1.0, 2.0, 2.0]),
+                             np.array([[5.0, 1.0], [50.0, 1.0], [6.0, 1.0], [7.0, 1.0]]))
+    assert np.isnan(cleaned[1, 0]) and not np.isnan(cleaned[[0, 2, 3], 0]).any()
+    assert list(zip(ev.rows.tolist(), ev.state.tolist(), ev.reason.tolist(), strict=True)) == [
+        (1, "raised", "out_of_range"), (1, "cleared", "out_of_range")]
+    with pytest.raises(ModelError, match="sensors.limits: 'zz' is not one of the model's features"):
+        SensorGate(["a"], limits={"zz": (0.0, 1.0)})
+
+
+def test_pipeline_sends_sensor_fault_alerts_and_keeps_stuck_values_out_of_the_score() -> None:
+    art = random_artifact()
+    cfg = parse_config({"sensors": {"flatline_readings": 6}})
+    pipe = Pipeline(cfg, art)
+    rng = np.random.default_rng(1)
+    records = []
+    for t in range(120):
+        v = {f: float(x) for f, x in zip(FEATURES, rng.normal(size=3) + [50.0, 1.0, 3.0], strict=True)}
+        if 40 <= t < 90:
+            v[FEATURES[2]] = 3.25  # stuck
+        body = {"stream": "p1", "ts": 1.7e9 + 60 * t, "values": v}
+        records.append(Record("in", 0, t, b"p1", orjson.dumps(body), 0))
+    alerts = []
+    for a in range(0, 120, 16):
+        alerts += pipe.process(records[a:a + 16], now=2e9).alerts
+    faults = [a for a in alerts if a["kind"] == "sensor_fault"]
+    assert [(a["state"], a["feature"], a["reason"]) for a in faults] == [
+        ("raised", FEATURES[2], "flatline"), ("cleared", FEATURES[2], "flatline")]
+    assert faults[0]["alert_id"] == faults[1]["alert_id"]
+    assert faults[0]["input"]["offset"] == 45 and faults[1]["input"]["offset"] == 90
+
+
+def test_sensor_settings_are_checked() -> None:
+    from detector.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sensors.flatline_readings: must be 0 \\(off\\) or at least 2"):
+        parse_config({"sensors": {"flatline_readings": 1}})
+    with pytest.raises(ConfigError, match="low < high"):
+        parse_config({"sensors": {"limits": {"temp": [5, 1]}}})

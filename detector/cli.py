@@ -18,19 +18,22 @@ log = logging.getLogger("detector")
 
 def _demo(args: argparse.Namespace) -> int:
     from detector.demo import run_demo
+    from detector.train import TrainParams
 
     res = run_demo(streams=args.streams, features=args.features, readings=args.readings, normal=args.normal,
-                   seed=args.seed, out_dir=args.out, progress=not args.quiet)
+                   seed=args.seed, out_dir=args.out, progress=not args.quiet,
+                   params=TrainParams(name="demo", epochs=args.epochs))
     kinds = Counter(f.kind for f in res.missed)
     print(f"\nInjected faults: {len(res.caught) + len(res.missed)} in {res.streams} streams "
           f"({res.readings} readings streamed)")
-    for fault, delay in sorted(res.caught, key=lambda c: c[0].stream):
+    for fault, delay, kind in sorted(res.caught, key=lambda c: c[0].stream):
         print(f"  caught  {fault.stream:<10} {fault.kind:<12} sensors={','.join(fault.features):<24} "
-              f"after {delay / 60:6.0f} min")
+              f"after {delay / 60:6.0f} min  ({kind} alert)")
     for fault in res.missed:
         print(f"  MISSED  {fault.stream:<10} {fault.kind:<12} sensors={','.join(fault.features)}")
     for a in res.false_alerts:
-        print(f"  FALSE   {a['stream']:<10} raised at {a['first_seen']} score={a['score']:.2f} "
+        what = (f"score={a['score']:.2f}" if a["kind"] == "anomaly" else f"{a['reason']}")
+        print(f"  FALSE   {a['stream']:<10} {a['kind']} raised at {a['first_seen']} {what} "
               f"top={a['top_features'][0]['name']}")
     if kinds:
         print("  missed by kind: " + ", ".join(f"{k}={n}" for k, n in sorted(kinds.items())))
@@ -165,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--readings", type=int, default=3600, help="readings per stream (one a minute)")
     d.add_argument("--normal", type=int, default=1800, help="fault-free readings per stream to train on")
     d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--epochs", type=int, default=30, help="most training epochs (early stopping may end sooner)")
     d.add_argument("--out", help="folder for the trained model and the alerts (JSON lines)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_demo)

@@ -19,22 +19,25 @@ import orjson
 from consumers.base import Record
 from consumers.memory import IterSource, ListSink
 from detector.artifact import Artifact, save_artifact
-from detector.config import Config
+from detector.config import Config, parse_config
 from detector.daemon import Daemon
 from detector.pipeline import Pipeline
 from detector.simulate import Fault, Fleet, fleet_records, simulate_fleet
 from detector.train import Series, TrainParams, train_model
 
-__all__ = ["DemoResult", "run_demo", "match_alerts", "fleet_to_records"]
+__all__ = ["DemoResult", "run_demo", "match_alerts", "fleet_to_records", "DEMO_CONFIG"]
 
 log = logging.getLogger(__name__)
+
+DEMO_CONFIG = parse_config({"sensors": {"flatline_readings": 10}})
+"""The defaults, plus the stuck-sensor check: the simulated sensors are noisy, so ten equal values are a fault."""
 
 
 @dataclass(frozen=True)
 class DemoResult:
     """What the demo caught, missed and falsely raised."""
 
-    caught: list[tuple[Fault, float]]  # fault, detection delay in seconds
+    caught: list[tuple[Fault, float, str]]  # fault, detection delay in seconds, kind of the alert that caught it
     missed: list[Fault]
     false_alerts: list[dict[str, Any]]
     streams: int
@@ -64,13 +67,13 @@ def fleet_to_records(fleet: Fleet, start: int, end: int, topic: str = "sensor-re
 
 
 def match_alerts(alerts: list[dict[str, Any]], faults: list[Fault], timestamps: np.ndarray,
-                 grace_s: float) -> tuple[list[tuple[Fault, float]], list[Fault], list[dict[str, Any]]]:
+                 grace_s: float) -> tuple[list[tuple[Fault, float, str]], list[Fault], list[dict[str, Any]]]:
     """Match raised alerts to faults: caught (with delay), missed, and alerts that match no fault."""
     raised = [a for a in alerts if a["state"] == "raised"]
     by_stream: dict[str, list[Fault]] = {}
     for f in faults:
         by_stream.setdefault(f.stream, []).append(f)
-    caught: dict[Fault, float] = {}
+    caught: dict[Fault, tuple[float, str]] = {}
     false_alerts = []
     for a in raised:
         t = _epoch(a["first_seen"])
@@ -82,9 +85,9 @@ def match_alerts(alerts: list[dict[str, Any]], faults: list[Fault], timestamps: 
         if hit is None:
             false_alerts.append(a)
         elif hit not in caught:
-            caught[hit] = t - float(timestamps[hit.start])
+            caught[hit] = (t - float(timestamps[hit.start]), a["kind"])
     missed = [f for f in faults if f not in caught]
-    return [(f, caught[f]) for f in faults if f in caught], missed, false_alerts
+    return [(f, *caught[f]) for f in faults if f in caught], missed, false_alerts
 
 
 def _epoch(text: str) -> float:
@@ -110,7 +113,7 @@ def run_demo(streams: int = 50, features: int = 8, readings: int = 3600, normal:
              manifest.training["epochs_run"], manifest.quantile(0.999))
     if out_dir:
         save_artifact(Path(out_dir) / "model", model, manifest)
-    cfg = cfg or Config()
+    cfg = cfg or DEMO_CONFIG
     daemon = Daemon(cfg, Pipeline(cfg, Artifact(model, manifest, Path(out_dir or ".")), "cpu"))
     start = max(fleet.normal_until - 4 * manifest.window, 0)
     records = fleet_to_records(fleet, start, readings, cfg.input.topics[0])

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.kafka
 
 STREAMS, READINGS = 20, 360
 FAULTY = {3: 200, 8: 220, 15: 180}
+STUCK = {11: (150, 260)}  # stream 11's first sensor repeats one value for readings [150, 260)
 BAD = [b"{oops", b"", b'{"stream": "m0", "values": {"temp": 1}}', b'{"stream": "m0", "ts": 1, "values": {"x": 1}}',
        b'{"stream": "m0", "ts": 1700000000, "values": {"temp": "NaN"}}', b"\xff\xfe\x00"]
 
@@ -45,6 +46,7 @@ input: {{topics: [{topic}], group_id: {group}, max_poll_records: 500}}
 output: {{alerts_topic: {alerts}, dead_letter_topic: {dlq}}}
 model: {{path: "{model}", device: cpu}}
 alerts: {{k: 2, n: 3}}
+sensors: {{flatline_readings: 10}}
 metrics: {{port: {port}}}
 """)
     return path
@@ -58,6 +60,8 @@ def produce(bootstrap: str, topic: str) -> int:
             v = sine_values(READINGS, seed=500 + s, phase=3 * s)[t].astype(float)
             if s in FAULTY and t >= FAULTY[s]:
                 v[2] += 2.5
+            if s in STUCK and STUCK[s][0] <= t < STUCK[s][1]:
+                v[0] = 51.125
             body = {"stream": f"m{s}", "ts": T0 + 60 * t, "values": dict(zip(FEATURES, v.tolist(), strict=True))}
             producer.send(topic, key=f"m{s}".encode(), value=orjson.dumps(body))
             n += 1
@@ -141,7 +145,9 @@ def test_daemon_scores_alerts_dead_letters_and_commits(kafka_bootstrap: str, top
     assert committed(kafka_bootstrap, group_id, topic) == ends, "SIGTERM left every scored record committed"
 
     alert_msgs = [orjson.loads(m.value) for m in drain(kafka_bootstrap, alerts, 3)]
-    raised = {a["stream"] for a in alert_msgs if a["state"] == "raised"}
+    raised = {a["stream"] for a in alert_msgs if a["state"] == "raised" and a["kind"] == "anomaly"}
+    sensor = [(a["stream"], a["state"], a["feature"], a["reason"]) for a in alert_msgs if a["kind"] == "sensor_fault"]
+    assert sensor == [("m11", "raised", FEATURES[0], "flatline"), ("m11", "cleared", FEATURES[0], "flatline")]
     assert {f"m{s}" for s in FAULTY} <= raised
     healthy_raised = raised - {f"m{s}" for s in FAULTY}
     assert len(healthy_raised) <= 2, f"too many healthy streams raised: {healthy_raised}"

@@ -119,6 +119,7 @@ class ScoringConfig(_Section):
     """How readings become window scores."""
 
     max_gap_s: float = Field(3600.0, gt=0)
+    adapt_halflife_windows: float = Field(0.0, ge=0)
 
 
 class StaticLevels(_Section):

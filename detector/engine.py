@@ -77,13 +77,15 @@ class Engine:
     """Scores batches of readings for any number of streams with one stateful model."""
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", max_gap_s: float = 3600.0,
-                 capacity: int = 256) -> None:
+                 capacity: int = 256, adapt_halflife: float = 0.0) -> None:
         m = artifact.manifest
         self.device = torch.device(device)
         self.model = artifact.model.to(self.device).eval()
         self.manifest = m
         self.window, self.hop, self.n_features = m.window, m.hop, len(m.features)
         self.max_gap_s = max_gap_s
+        # per-stream, per-feature error level (1 = as in calibration), learned when adapt_halflife > 0 windows
+        self.adapt_rate = 1.0 - 0.5 ** (1.0 / adapt_halflife) if adapt_halflife > 0 else 0.0
         self._mean = np.asarray(m.scaler_mean, np.float32)
         self._std = np.asarray(m.scaler_std, np.float32)
         with torch.inference_mode():
@@ -110,6 +112,7 @@ class Engine:
         self.count = _grown(getattr(self, "count", None), (capacity,), 0, np.int64)
         self.last_ts = _grown(getattr(self, "last_ts", None), (capacity,), -np.inf, np.float64)
         self.last_val = _grown(getattr(self, "last_val", None), (capacity, F), 0.0, np.float32)
+        self.level = _grown(getattr(self, "level", None), (capacity, F), 1.0, np.float32)
         self.capacity = capacity
 
     def rows_for(self, streams: np.ndarray) -> np.ndarray:
@@ -219,9 +222,12 @@ class Engine:
                 win = ext.unfold(1, W, 1)[gi_t, gj_t + 1].transpose(1, 2)
                 wmask = mext.unfold(1, W, 1)[gi_t, gj_t + 1].transpose(1, 2)
                 recon = self.model.decode(out[gi_t, gj_t])
+                scale = torch.as_tensor(self.level[u[gi]], device=dev) if self.adapt_rate else None
                 score, per_feature, share, direction = score_windows(
-                    win, recon, wmask, self._err_mean, self._err_std, hop, self.manifest.score_aggregate
+                    win, recon, wmask, self._err_mean, self._err_std, hop, self.manifest.score_aggregate, scale
                 )
+                if self.adapt_rate:
+                    self._adapt(u[gi], (per_feature * scale).cpu().numpy())
                 result = WindowScores(
                     rows=u[gi],
                     score=score.double().cpu().numpy(),
@@ -244,6 +250,25 @@ class Engine:
         self.last_ts[u] = t[start + counts - 1]
         self.last_val[u] = filled[np.arange(R), counts]
         return result
+
+
+    def _adapt(self, rows: np.ndarray, level: np.ndarray) -> None:
+        """Move each stream's per-feature error level towards what its windows show, never below 1.
+
+        A feature whose errors run higher than in calibration (a temperature that drifts with the season)
+        slowly stops dominating the score, while a fault that appears within a few half-lives stands out.
+        Each step is bounded (the level at most quadruples per window's worth of weight), so one extreme
+        window moves it little.
+        """
+        first = _group_starts(rows)
+        starts = np.flatnonzero(first)
+        rank = np.arange(len(rows)) - starts[np.cumsum(first) - 1]
+        a = self.adapt_rate
+        for step in range(int(rank.max()) + 1):
+            w = rank == step
+            r = rows[w]
+            cur = self.level[r]
+            self.level[r] = np.maximum(cur + a * (np.minimum(level[w], 4.0 * cur) - cur), 1.0)
 
 
 def _group_starts(r: np.ndarray) -> np.ndarray:

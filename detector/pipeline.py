@@ -64,7 +64,8 @@ class Pipeline:
             readings_field=f.readings, max_message_bytes=cfg.input.max_message_bytes,
             max_future_s=cfg.input.max_future_s,
         )
-        self.engine = Engine(artifact, device=device, max_gap_s=cfg.scoring.max_gap_s)
+        self.engine = Engine(artifact, device=device, max_gap_s=cfg.scoring.max_gap_s,
+                             adapt_halflife=cfg.scoring.adapt_halflife_windows)
         self.threshold = build_threshold(cfg.thresholds, m)
         self.alerts = AlertMachine(cfg.alerts, self.engine.capacity)
         self.gate = SensorGate(m.features, cfg.sensors.flatline_readings, dict(cfg.sensors.limits))

@@ -18,6 +18,7 @@ def score_windows(
     err_std: torch.Tensor,
     tail: int,
     aggregate: str = "max",
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score K windows (K, W, F) on their newest `tail` readings.
 
@@ -27,7 +28,8 @@ def score_windows(
     squared standardised error among their present values (`max`: a fault in one sensor for one reading
     counts in full) or their mean (`mean`: diluted across readings and sensors). Returns (score (K,),
     per-feature score (K, F), share (K, F) summing to 1, direction (K, F): +1 where readings were above
-    what the model expected, -1 below).
+    what the model expected, -1 below). `scale` (K, F), when given, divides each feature's squared errors:
+    the engine's per-stream adaptation to a feature that runs noisier than in calibration.
 
     >>> x = torch.zeros(1, 4, 2); x[0, -1, 1] = 3.0
     >>> s, pf, share, d = score_windows(x, torch.zeros_like(x), torch.ones_like(x, dtype=torch.bool),
@@ -41,6 +43,8 @@ def score_windows(
     err = (x - recon)[:, -tail:]
     m = mask[:, -tail:]
     z2 = torch.where(m, ((err - err_mean) / err_std) ** 2, 0.0)
+    if scale is not None:
+        z2 = z2 / scale[:, None, :]
     per_feature_sum = z2.sum(dim=1)
     if aggregate == "max":
         score = z2.amax(dim=(1, 2))

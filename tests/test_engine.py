@@ -119,3 +119,32 @@ def test_a_gap_inside_one_batch_splits_it() -> None:
 def test_empty_batch() -> None:
     res = Engine(random_artifact()).score_batch(Readings.empty(3))
     assert len(res.windows) == 0 and len(res.dropped) == 0
+
+
+def test_adaptation_quiets_a_feature_that_runs_noisier_and_keeps_new_faults_visible() -> None:
+    art = random_artifact(window=8, hop=4, hidden=16)
+    rng = np.random.default_rng(7)
+    n = 800
+    v = sine_values(n, seed=3)
+    v[:, 0] += rng.normal(0.0, 3 * 5.0, n)  # feature 0 (scale 5) runs far noisier than the model has seen
+    v[700:, 1] += 10 * 0.2  # then feature 1 (scale 0.2) shifts: a new fault
+    ts = T0 + 60.0 * np.arange(n)
+    plain, adapted = Engine(art), Engine(art, adapt_halflife=20)
+    out, levels = {}, {}
+    for name, eng in (("plain", plain), ("adapted", adapted)):
+        parts = []
+        for a in range(0, n, 50):
+            parts.append(eng.score_batch(readings("m", ts[a:a + 50], v[a:a + 50])).windows)
+            if a + 50 == 700:
+                levels[name] = eng.level[0].copy()  # just before the fault
+        out[name] = (np.concatenate([p.end_ts for p in parts]), np.concatenate([p.score for p in parts]),
+                     np.concatenate([p.share for p in parts]))
+    end, s_plain, _ = out["plain"]
+    _, s_adapt, share = out["adapted"]
+    assert levels["adapted"][0] > 4 and levels["adapted"][1] < 3
+    before = (end > T0 + 60 * 400) & (end < T0 + 60 * 700)
+    assert np.median(s_adapt[before]) < 0.2 * np.median(s_plain[before]), "the noisy feature no longer dominates"
+    during = end >= T0 + 60 * 716
+    assert np.median(s_adapt[during]) > 5 * np.median(s_adapt[before]), "the new fault stands out"
+    assert (share[during].argmax(axis=1) == 1).mean() > 0.8, "and is attributed to feature 1"
+    assert (levels["plain"] == 1.0).all() and (plain.level == 1.0).all(), "without a half-life nothing is learned"

@@ -63,14 +63,13 @@ class SensorGate:
     def _ensure(self, capacity: int) -> None:
         if capacity <= self.cap:
             return
-        F = len(self.features)
 
         def grow(a: np.ndarray, fill: float) -> np.ndarray:
             new = np.full((capacity, *a.shape[1:]), fill, a.dtype)
             new[: self.cap] = a[: self.cap]
             return new
 
-        self.last = grow(self.last, np.nan) if self.cap else np.full((capacity, F), np.nan)
+        self.last = grow(self.last, np.nan)
         self.run = grow(self.run, 0)
         self.open = grow(self.open, False)
         self.opened_at = grow(self.opened_at, 0.0)
@@ -131,12 +130,11 @@ class SensorGate:
         raised = faults[n, f, k]
         raised_at = np.empty(len(n))
         # walk the transitions in time order per (stream, feature, reason) to carry each episode's start time
-        out_at = self.opened_at
         for j in np.lexsort((n, k, f, r[n])).tolist():
             row, feat, reason = int(r[n[j]]), int(f[j]), int(k[j])
             if raised[j]:
-                out_at[row, feat, reason] = t[n[j]]
-            raised_at[j] = out_at[row, feat, reason]
+                self.opened_at[row, feat, reason] = t[n[j]]
+            raised_at[j] = self.opened_at[row, feat, reason]
             self.open[row, feat, reason] = bool(raised[j])
         order_ev = np.lexsort((n,))
         return SensorEvents(

@@ -33,6 +33,8 @@ __all__ = [
     "ModelConfig",
     "ScoringConfig",
     "ThresholdConfig",
+    "PolicyConfig",
+    "ThresholdOverride",
     "RollingLevels",
     "EvtLevels",
     "AlertConfig",
@@ -173,8 +175,8 @@ class EvtLevels(_Section):
         return self
 
 
-class ThresholdConfig(_Section):
-    """The threshold policy in force and its warning and critical levels."""
+class PolicyConfig(_Section):
+    """A threshold policy and the settings of each policy kind."""
 
     policy: Literal["static", "calibrated", "rolling", "evt"] = "calibrated"
     static: StaticLevels = StaticLevels()
@@ -183,12 +185,24 @@ class ThresholdConfig(_Section):
     evt: EvtLevels = EvtLevels()
 
     @model_validator(mode="after")
-    def _ordered(self) -> ThresholdConfig:
+    def _ordered(self) -> PolicyConfig:
         if self.static.critical < self.static.warning:
             raise ValueError("static.critical must be >= static.warning")
         if self.calibrated.critical < self.calibrated.warning:
             raise ValueError("calibrated.critical must be >= calibrated.warning")
         return self
+
+
+class ThresholdOverride(PolicyConfig):
+    """A policy for the streams whose id matches a glob; keys it leaves out take their defaults."""
+
+    streams: str = Field(min_length=1)
+
+
+class ThresholdConfig(PolicyConfig):
+    """The threshold policy in force, and per-stream overrides (the first matching glob wins)."""
+
+    overrides: list[ThresholdOverride] = Field(default_factory=list)
 
 
 class AlertConfig(_Section):

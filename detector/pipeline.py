@@ -66,7 +66,7 @@ class Pipeline:
         )
         self.engine = Engine(artifact, device=device, max_gap_s=cfg.scoring.max_gap_s,
                              adapt_halflife=cfg.scoring.adapt_halflife_windows)
-        self.threshold = build_threshold(cfg.thresholds, m)
+        self.threshold = build_threshold(cfg.thresholds, m, self.engine.streams)
         self.alerts = AlertMachine(cfg.alerts, self.engine.capacity)
         self.gate = SensorGate(m.features, cfg.sensors.flatline_readings, dict(cfg.sensors.limits))
 
@@ -137,7 +137,7 @@ class Pipeline:
             "severity": severity,
             "score": round(float(ws.score[w]), 6),
             "threshold": round(float(critical[w] if severity == "critical" else warning[w]), 6),
-            "threshold_policy": self.threshold.name,
+            "threshold_policy": self.threshold.policy_of(int(ws.rows[w])),
             "window_start": iso(float(ws.start_ts[w])),
             "window_end": iso(float(ws.end_ts[w])),
             "first_seen": iso(raised_at),

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from fnmatch import fnmatchcase
 
 import numpy as np
 
 from detector.artifact import Manifest
-from detector.config import ThresholdConfig
+from detector.config import PolicyConfig
 
 __all__ = ["ThresholdPolicy", "StaticThreshold", "CalibratedThreshold", "RollingThreshold", "EvtThreshold",
+           "StreamOverrides",
            "fit_gpd", "pot_quantile", "build_threshold"]
 
 
@@ -24,6 +26,10 @@ class ThresholdPolicy(ABC):
 
     def learn(self, rows: np.ndarray, scores: np.ndarray, flagged: np.ndarray) -> None:  # noqa: B027
         """Update from scored windows; windows already flagged are not learned from. Fixed policies ignore it."""
+
+    def policy_of(self, row: int) -> str:
+        """The name of the policy in force for a stream row."""
+        return self.name
 
 
 class StaticThreshold(ThresholdPolicy):
@@ -253,8 +259,63 @@ class EvtThreshold(ThresholdPolicy):
         self.fresh[row] = 0
 
 
-def build_threshold(cfg: ThresholdConfig, manifest: Manifest) -> ThresholdPolicy:
-    """The policy that `thresholds.policy` names, built from its section of the config."""
+class StreamOverrides(ThresholdPolicy):
+    """Per-stream policies: the first glob that matches a stream id picks its policy, else the default one.
+
+    >>> names = ["pump-1", "turbine-1"]
+    >>> t = StreamOverrides(StaticThreshold(5.0, 9.0), [("turbine-*", StaticThreshold(20.0, 60.0))], names)
+    >>> w, c = t.levels(np.array([0, 1, 0]))
+    >>> w.tolist(), t.policy_of(1)
+    ([5.0, 20.0, 5.0], 'static')
+    """
+
+    name = "overrides"
+
+    def __init__(self, default: ThresholdPolicy, overrides: list[tuple[str, ThresholdPolicy]],
+                 names: list[str]) -> None:
+        self.policies = [default] + [p for _, p in overrides]
+        self.globs = [g for g, _ in overrides]
+        self.names = names  # the engine's stream ids by row (grows as streams appear)
+        self.group = np.full(0, -1, np.int64)
+
+    def _groups(self, rows: np.ndarray) -> np.ndarray:
+        need = int(rows.max()) + 1 if len(rows) else 0
+        if need > len(self.group):
+            self.group = np.concatenate([self.group, np.full(need - len(self.group), -1, np.int64)])
+        for row in np.unique(rows[self.group[rows] < 0]).tolist():  # once per stream, when it first appears
+            name = self.names[row]
+            self.group[row] = next((i + 1 for i, g in enumerate(self.globs) if fnmatchcase(name, g)), 0)
+        return self.group[rows]
+
+    def policy_of(self, row: int) -> str:
+        """The name of the policy in force for a stream row."""
+        return self.policies[int(self._groups(np.array([row]))[0])].name
+
+    def levels(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each window's levels from its stream's policy."""
+        groups = self._groups(rows)
+        warning, critical = np.empty(len(rows)), np.empty(len(rows))
+        for g in np.unique(groups).tolist():
+            sel = groups == g
+            warning[sel], critical[sel] = self.policies[g].levels(rows[sel])
+        return warning, critical
+
+    def learn(self, rows: np.ndarray, scores: np.ndarray, flagged: np.ndarray) -> None:
+        """Each policy learns from its own streams' windows."""
+        groups = self._groups(rows)
+        for g in np.unique(groups).tolist():
+            sel = groups == g
+            self.policies[g].learn(rows[sel], scores[sel], flagged[sel])
+
+
+def build_threshold(cfg: PolicyConfig, manifest: Manifest, names: list[str] | None = None) -> ThresholdPolicy:
+    """The policy that `thresholds.policy` names (with its per-stream overrides), built from the config."""
+    overrides = getattr(cfg, "overrides", [])
+    if overrides:
+        if names is None:
+            raise ValueError("per-stream overrides need the stream ids (names)")
+        return StreamOverrides(build_threshold(cfg.model_copy(update={"overrides": []}), manifest),
+                               [(o.streams, build_threshold(o, manifest)) for o in overrides], names)
     if cfg.policy == "static":
         return StaticThreshold(cfg.static.warning, cfg.static.critical)
     c = cfg.calibrated

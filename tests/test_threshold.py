@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from detector.config import parse_config
 from detector.threshold import EvtThreshold, RollingThreshold, StaticThreshold, build_threshold, fit_gpd, pot_quantile
@@ -107,3 +108,28 @@ def test_evt_policy_is_built_from_the_config() -> None:
     assert isinstance(t, EvtThreshold) and t.name == "evt" and t.risks == (0.005, 0.001)
     w, c = t.levels(np.array([0]))
     assert 0 < w[0] < c[0]
+
+
+def test_overrides_pick_a_policy_per_stream_by_glob() -> None:
+    art = random_artifact()
+    cfg = parse_config({"thresholds": {"policy": "static", "static": {"warning": 5, "critical": 9}, "overrides": [
+        {"streams": "turbine-*", "policy": "static", "static": {"warning": 50, "critical": 90}},
+        {"streams": "turbine-7", "policy": "calibrated"},  # never reached: the first match wins
+        {"streams": "pump-?2", "policy": "rolling"},
+    ]}})
+    names: list[str] = []
+    t = build_threshold(cfg.thresholds, art.manifest, names)
+    names.extend(["pump-01", "turbine-7", "pump-02"])  # streams appear after the policy was built
+    w, c = t.levels(np.array([0, 1, 2, 1]))
+    assert w[:2].tolist() == [5.0, 50.0] and c[1] == 90.0 and w[3] == 50.0
+    assert w[2] == art.manifest.quantile(0.999), "the rolling policy starts from the calibrated levels"
+    assert [t.policy_of(r) for r in range(3)] == ["static", "static", "rolling"]
+    t.learn(np.array([2] * 60), np.full(60, 1000.0), np.zeros(60, bool))
+    assert t.levels(np.array([2]))[0][0] > 999 and t.levels(np.array([0]))[0][0] == 5.0, "each learns its own"
+
+
+def test_an_override_needs_a_glob() -> None:
+    from detector.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"thresholds.overrides.0.streams: Field required"):
+        parse_config({"thresholds": {"overrides": [{"policy": "static"}]}})

@@ -2,7 +2,9 @@
 
 A stream raises after k of its last n windows reach the warning level, escalates once k of the last n
 reach critical, and clears after `clear_after` windows in a row below `clear_ratio` x warning (hysteresis).
-After a clear, `cooldown_windows` windows pass before it can raise again. The alert id is derived from the
+An episode lasts at least `min_duration_windows` windows (a blip that fires and clears at once is held
+open that long, so it reads as one alert, not a flapping pair). After a clear, `cooldown_windows`
+windows pass before it can raise again. The alert id is derived from the
 model, the stream and the event time of the window that raised, so a replay of the same input yields the
 same ids.
 """
@@ -54,6 +56,7 @@ class AlertMachine:
         self.state = np.zeros(0, np.int8)
         self.below = np.zeros(0, np.int32)
         self.cooldown = np.zeros(0, np.int32)
+        self.age = np.zeros(0, np.int32)  # windows since the episode was raised
         self.raised_at = np.zeros(0, np.float64)
         self.ensure(capacity)
 
@@ -61,7 +64,7 @@ class AlertMachine:
         """Grow the state arrays to hold `capacity` streams."""
         if capacity <= self.capacity:
             return
-        for name in ("warn_bits", "crit_bits", "state", "below", "cooldown", "raised_at"):
+        for name in ("warn_bits", "crit_bits", "state", "below", "cooldown", "raised_at", "age"):
             old = getattr(self, name)
             new = np.zeros(capacity, old.dtype)
             new[: len(old)] = old
@@ -70,7 +73,7 @@ class AlertMachine:
 
     def reset(self, rows: np.ndarray) -> None:
         """Return these streams to normal without an event (their history is gone)."""
-        for arr in (self.warn_bits, self.crit_bits, self.state, self.below, self.cooldown):
+        for arr in (self.warn_bits, self.crit_bits, self.state, self.below, self.cooldown, self.age):
             arr[rows] = 0
 
     def update(self, rows: np.ndarray, end_ts: np.ndarray, score: np.ndarray, warning: np.ndarray,
@@ -98,7 +101,8 @@ class AlertMachine:
 
             raise_ = (st == NORMAL) & (self.cooldown[r] == 0) & (n_warn >= cfg.k)
             escalate = (st == RAISED) & (n_crit >= cfg.k)
-            clear = (st > NORMAL) & (self.below[r] >= cfg.clear_after)
+            self.age[r] = np.where(st > NORMAL, self.age[r] + 1, 0)
+            clear = (st > NORMAL) & (self.below[r] >= cfg.clear_after) & (self.age[r] >= cfg.min_duration_windows)
             self.cooldown[r] = np.where(st == NORMAL, np.maximum(self.cooldown[r] - 1, 0), self.cooldown[r])
 
             if raise_.any():

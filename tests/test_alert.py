@@ -63,3 +63,11 @@ def test_episode_events_share_the_raise_time_for_their_id() -> None:
     assert tr.event.tolist() == ["raised", "escalated", "cleared"]
     assert tr.raised_at.tolist() == [5.0, 5.0, 5.0]
     assert alert_id("m", "s", 5.0) != alert_id("m", "s", 6.0) != alert_id("m", "t", 5.0)
+
+
+def test_minimum_duration_holds_a_blip_open() -> None:
+    blip = [11, 1, 1, 1, 1, 1]
+    assert run(AlertMachine(AlertConfig(k=1, n=1, clear_after=1), capacity=1), blip) == [
+        (0, "raised", "warning"), (1, "cleared", "warning")]
+    held = AlertMachine(AlertConfig(k=1, n=1, clear_after=1, min_duration_windows=3), capacity=1)
+    assert run(held, blip) == [(0, "raised", "warning"), (3, "cleared", "warning")]

@@ -37,6 +37,7 @@ __all__ = [
     "ThresholdOverride",
     "RollingLevels",
     "EvtLevels",
+    "BudgetLevels",
     "AlertConfig",
     "SensorConfig",
     "RuntimeConfig",
@@ -175,14 +176,29 @@ class EvtLevels(_Section):
         return self
 
 
+class BudgetLevels(_Section):
+    """A false-alarm budget: at most so many alerts per stream per day at normal operation."""
+
+    alerts_per_day: float = Field(1.0, gt=0)
+    critical_per_day: float = Field(0.1, gt=0)
+    reading_interval_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BudgetLevels:
+        if self.critical_per_day > self.alerts_per_day:
+            raise ValueError("critical_per_day must be <= alerts_per_day")
+        return self
+
+
 class PolicyConfig(_Section):
     """A threshold policy and the settings of each policy kind."""
 
-    policy: Literal["static", "calibrated", "rolling", "evt"] = "calibrated"
+    policy: Literal["static", "calibrated", "rolling", "evt", "budget"] = "calibrated"
     static: StaticLevels = StaticLevels()
     calibrated: CalibratedLevels = CalibratedLevels()
     rolling: RollingLevels = RollingLevels()
     evt: EvtLevels = EvtLevels()
+    budget: BudgetLevels = BudgetLevels()
 
     @model_validator(mode="after")
     def _ordered(self) -> PolicyConfig:

@@ -66,7 +66,7 @@ class Pipeline:
         )
         self.engine = Engine(artifact, device=device, max_gap_s=cfg.scoring.max_gap_s,
                              adapt_halflife=cfg.scoring.adapt_halflife_windows)
-        self.threshold = build_threshold(cfg.thresholds, m, self.engine.streams)
+        self.threshold = build_threshold(cfg.thresholds, m, self.engine.streams, (cfg.alerts.k, cfg.alerts.n))
         self.alerts = AlertMachine(cfg.alerts, self.engine.capacity)
         self.gate = SensorGate(m.features, cfg.sensors.flatline_readings, dict(cfg.sensors.limits))
 

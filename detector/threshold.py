@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from fnmatch import fnmatchcase
 
@@ -11,7 +12,7 @@ from detector.artifact import Manifest
 from detector.config import PolicyConfig
 
 __all__ = ["ThresholdPolicy", "StaticThreshold", "CalibratedThreshold", "RollingThreshold", "EvtThreshold",
-           "StreamOverrides",
+           "StreamOverrides", "BudgetThreshold",
            "fit_gpd", "pot_quantile", "build_threshold"]
 
 
@@ -58,6 +59,35 @@ class CalibratedThreshold(StaticThreshold):
     def __init__(self, manifest: Manifest, warning_q: float, critical_q: float, scale: float = 1.0) -> None:
         super().__init__(scale * manifest.quantile(warning_q), scale * manifest.quantile(critical_q))
         self.warning_q, self.critical_q = warning_q, critical_q
+
+
+class BudgetThreshold(StaticThreshold):
+    """The calibrated levels that let at most `alerts_per_day` alerts per stream through at normal operation.
+
+    A day holds D = 86400 / (reading interval x hop) windows. Under the k-of-n rule, with windows
+    exceeding a level independently with probability p, about D x C(n, k) x p^k alerts a day would be
+    raised; solving for p and taking the calibration quantile 1 - p gives the level. The calibration
+    distribution ends at its largest score, so budgets below what it resolves give that score.
+
+    >>> from detector.artifact import Manifest
+    >>> m = Manifest(["a"], [0.0], [1.0], 32, 8, 8, 1, [0.0], [1.0], [0.0, 0.99, 1.0], [0.0, 10.0, 20.0])
+    >>> b = BudgetThreshold(m, alerts_per_day=1.8, critical_per_day=0.1, reading_interval_s=60.0, k=1, n=1)
+    >>> round(b.warning, 2)  # 180 windows a day: p = 0.01, the 0.99 quantile
+    10.0
+    """
+
+    name = "budget"
+
+    def __init__(self, manifest: Manifest, alerts_per_day: float, critical_per_day: float, reading_interval_s: float,
+                 k: int, n: int) -> None:
+        per_day = 86400.0 / (reading_interval_s * manifest.hop)
+        ways = math.comb(n, k)
+
+        def level(budget: float) -> float:
+            p = min((budget / (per_day * ways)) ** (1.0 / k), 0.5)
+            return manifest.quantile(1.0 - p)
+
+        super().__init__(level(alerts_per_day), level(critical_per_day))
 
 
 class RollingThreshold(ThresholdPolicy):
@@ -308,16 +338,23 @@ class StreamOverrides(ThresholdPolicy):
             self.policies[g].learn(rows[sel], scores[sel], flagged[sel])
 
 
-def build_threshold(cfg: PolicyConfig, manifest: Manifest, names: list[str] | None = None) -> ThresholdPolicy:
-    """The policy that `thresholds.policy` names (with its per-stream overrides), built from the config."""
+def build_threshold(cfg: PolicyConfig, manifest: Manifest, names: list[str] | None = None,
+                    rule: tuple[int, int] = (1, 1)) -> ThresholdPolicy:
+    """The policy that `thresholds.policy` names (with its per-stream overrides), built from the config.
+
+    `rule` is the alert rule's (k, n), which the budget policy needs to turn alerts into window levels.
+    """
     overrides = getattr(cfg, "overrides", [])
     if overrides:
         if names is None:
             raise ValueError("per-stream overrides need the stream ids (names)")
-        return StreamOverrides(build_threshold(cfg.model_copy(update={"overrides": []}), manifest),
-                               [(o.streams, build_threshold(o, manifest)) for o in overrides], names)
+        return StreamOverrides(build_threshold(cfg.model_copy(update={"overrides": []}), manifest, rule=rule),
+                               [(o.streams, build_threshold(o, manifest, rule=rule)) for o in overrides], names)
     if cfg.policy == "static":
         return StaticThreshold(cfg.static.warning, cfg.static.critical)
+    if cfg.policy == "budget":
+        b = cfg.budget
+        return BudgetThreshold(manifest, b.alerts_per_day, b.critical_per_day, b.reading_interval_s, *rule)
     c = cfg.calibrated
     calibrated = CalibratedThreshold(manifest, c.warning, c.critical, c.scale)
     if cfg.policy == "rolling":

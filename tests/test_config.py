@@ -50,7 +50,7 @@ def test_root_config_yaml_lists_every_key_with_its_default() -> None:
         ({"thresholds": {"calibrated": {"warning": 1.5}}},
          "thresholds.calibrated.warning: Input should be less than 1"),
         ({"thresholds": {"policy": "magic"}},
-         "thresholds.policy: Input should be 'static', 'calibrated', 'rolling' or 'evt'"),
+         "thresholds.policy: Input should be 'static', 'calibrated', 'rolling', 'evt' or 'budget'"),
         ({"thresholds": {"static": {"warning": 5, "critical": 2}}}, "static.critical must be >= static.warning"),
         ({"alerts": {"k": 5, "n": 3}}, "alerts: k (5) must be <= n (3)"),
         ({"kafka": {"security_protocol": "SASL_SSL"}}, "needs sasl_mechanism, sasl_username and sasl_password"),
@@ -132,3 +132,8 @@ def test_evt_levels_are_checked() -> None:
         parse_config({"thresholds": {"evt": {"warning_risk": 0.001, "critical_risk": 0.01}}})
     with pytest.raises(ConfigError, match="warning_risk must be below 1 - level"):
         parse_config({"thresholds": {"evt": {"level": 0.995, "warning_risk": 0.01, "critical_risk": 0.001}}})
+
+
+def test_budget_levels_are_checked() -> None:
+    with pytest.raises(ConfigError, match="critical_per_day must be <= alerts_per_day"):
+        parse_config({"thresholds": {"budget": {"alerts_per_day": 1, "critical_per_day": 2}}})

@@ -133,3 +133,19 @@ def test_an_override_needs_a_glob() -> None:
 
     with pytest.raises(ConfigError, match=r"thresholds.overrides.0.streams: Field required"):
         parse_config({"thresholds": {"overrides": [{"policy": "static"}]}})
+
+
+def test_budget_turns_alerts_per_day_into_calibrated_levels() -> None:
+    art = random_artifact()  # hop 4; calibration scores rise linearly from 0.5 to 5.0 over the levels
+    m = art.manifest
+    cfg = parse_config({"thresholds": {"policy": "budget", "budget": {
+        "alerts_per_day": 3.6, "critical_per_day": 0.36, "reading_interval_s": 60}}})
+    one = build_threshold(cfg.thresholds, m, rule=(1, 1))
+    # 86400 / (60 x 4) = 360 windows a day: 3.6 alerts a day is p = 0.01 per window, 0.36 is p = 0.001
+    assert one.name == "budget"
+    assert one.levels(np.array([0]))[0][0] == pytest.approx(m.quantile(0.99))
+    assert one.levels(np.array([0]))[1][0] == pytest.approx(m.quantile(0.999))
+    two_of_three = build_threshold(cfg.thresholds, m, rule=(2, 3))
+    # 2 of 3: 360 x 3 x p^2 = 3.6, so p = sqrt(1/300): a lower level than 1 of 1 needs
+    assert two_of_three.levels(np.array([0]))[0][0] == pytest.approx(m.quantile(1 - (1 / 300) ** 0.5))
+    assert two_of_three.levels(np.array([0]))[0][0] < one.levels(np.array([0]))[0][0]

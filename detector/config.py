@@ -230,6 +230,7 @@ class AlertConfig(_Section):
     clear_ratio: float = Field(0.8, gt=0, le=1)
     cooldown_windows: int = Field(0, ge=0)
     min_duration_windows: int = Field(0, ge=0)
+    warmup_readings: int = Field(0, ge=0)
     top_features: int = Field(3, ge=1)
 
     @model_validator(mode="after")

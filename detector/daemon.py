@@ -122,7 +122,9 @@ class Daemon:
             log.info("alert %s %s stream=%s score=%.2f threshold=%.2f top=%s", alert["state"], alert["alert_id"],
                      alert["stream"], alert["score"], alert["threshold"], alert["top_features"][0]["name"],
                      extra={"stream": alert["stream"]})
-        m.active_streams.set(len(self.pipeline.engine.streams))
+        engine = self.pipeline.engine
+        m.active_streams.set(len(engine.streams))
+        m.warming_streams.set(int((engine.count[: len(engine.streams)] < self.cfg.alerts.warmup_readings).sum()))
         now_ms = time.time() * 1000
         for r in records[:: max(1, len(records) // 64)]:
             if r.timestamp_ms > 0:

@@ -40,6 +40,7 @@ class WindowScores:
     start_ts: np.ndarray  # (K,) float64 event time of the window's first reading
     end_ts: np.ndarray  # (K,) float64 event time of the window's newest reading
     reading: np.ndarray  # (K,) int64 index (into the batch's Readings) of the window's newest reading
+    nth: np.ndarray  # (K,) int64 readings of the stream since its last reset, up to the window's newest one
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -55,7 +56,7 @@ class WindowScores:
             z = np.empty(0)
             zf = np.empty((0, n_features), np.float32)
             return WindowScores(
-                z.astype(np.int64), z, zf, zf, zf.astype(np.int8), z, z, z.astype(np.int64)
+                z.astype(np.int64), z, zf, zf, zf.astype(np.int8), z, z, z.astype(np.int64), z.astype(np.int64)
             )
         ws = WindowScores(
             *(np.concatenate([getattr(p, f) for p in parts]) for f in WindowScores.__slots__)  # type: ignore[attr-defined]
@@ -237,6 +238,7 @@ class Engine:
                     start_ts=text[gi, gj + 1],
                     end_ts=text[gi, gj + W],
                     reading=idx[start[gi] + gj],
+                    nth=nth[gi, gj],
                 )
             else:
                 result = WindowScores.concat([], F)

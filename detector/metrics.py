@@ -30,6 +30,8 @@ class Metrics:
                                  "From a record's Kafka timestamp to its batch being committed",
                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
         self.active_streams = Gauge("detector_active_streams", "Streams held in the state table", registry=r)
+        self.warming_streams = Gauge("detector_warming_streams", "Streams still in their warm-up (no alerts yet)",
+                                     registry=r)
         self.lag = Gauge("detector_consumer_lag", "Messages behind the end of the assigned partitions", registry=r)
         self.ready = Gauge("detector_ready", "1 when connected to Kafka and consuming", registry=r)
 

@@ -84,8 +84,10 @@ class Pipeline:
         ws = res.windows
         self.alerts.ensure(self.engine.capacity)
         warning, critical = self.threshold.levels(ws.rows)
-        tr = self.alerts.update(ws.rows, ws.end_ts, ws.score, warning, critical)
-        self.threshold.learn(ws.rows, ws.score, ws.score >= warning)
+        live = np.flatnonzero(ws.nth >= self.cfg.alerts.warmup_readings)  # warming streams neither alert nor teach
+        tr = self.alerts.update(ws.rows[live], ws.end_ts[live], ws.score[live], warning[live], critical[live])
+        tr.window = live[tr.window]
+        self.threshold.learn(ws.rows[live], ws.score[live], ws.score[live] >= warning[live])
         alerts = [
             self._alert(records, readings, ws, int(w), str(ev), float(at), str(sev), warning, critical)
             for w, ev, at, sev in zip(tr.window, tr.event, tr.raised_at, tr.severity, strict=True)

@@ -143,3 +143,16 @@ def test_nothing_is_committed_when_alerts_are_not_acknowledged(trained: Artifact
     with pytest.raises(SinkError):
         daemon.process(src.poll_batch(0), src, failing)
     assert src.committed == committed, "the unacknowledged batch left the committed offsets where they were"
+
+
+def test_warming_streams_neither_alert_nor_teach_the_thresholds(trained: Artifact) -> None:
+    records = feed(4, 200, {1: 40})  # stream m1 is faulty from its 41st reading on
+    first_raise = {}
+    for warmup in (0, 120):
+        cfg = parse_config({"alerts": {"warmup_readings": warmup}})
+        sink, _ = run(cfg, trained, records)
+        raised = [orjson.loads(r.value) for r in sink.on(cfg.output.alerts_topic)]
+        raised = [a for a in raised if a["state"] == "raised" and a["stream"] == "m1"]
+        assert raised, f"the fault is alerted (warmup {warmup})"
+        first_raise[warmup] = raised[0]["input"]["offset"] // 4  # records are 4 streams per reading time
+    assert first_raise[0] < 119 <= first_raise[120]

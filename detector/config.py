@@ -39,6 +39,7 @@ __all__ = [
     "EvtLevels",
     "BudgetLevels",
     "AlertConfig",
+    "RegimeConfig",
     "SensorConfig",
     "RuntimeConfig",
     "MetricsConfig",
@@ -221,6 +222,15 @@ class ThresholdConfig(PolicyConfig):
     overrides: list[ThresholdOverride] = Field(default_factory=list)
 
 
+class RegimeConfig(_Section):
+    """Page-Hinkley test on each stream's log window score: a persistent rise is reported once."""
+
+    enabled: bool = False
+    delta: float = Field(0.5, ge=0)
+    threshold: float = Field(30.0, gt=0)
+    min_windows: int = Field(30, ge=1)
+
+
 class AlertConfig(_Section):
     """The per-stream alert state machine: raise after k of n, clear after m below the exit level."""
 
@@ -232,6 +242,7 @@ class AlertConfig(_Section):
     min_duration_windows: int = Field(0, ge=0)
     warmup_readings: int = Field(0, ge=0)
     top_features: int = Field(3, ge=1)
+    regime: RegimeConfig = RegimeConfig()
 
     @model_validator(mode="after")
     def _k_le_n(self) -> AlertConfig:

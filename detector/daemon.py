@@ -115,6 +115,10 @@ class Daemon:
         m.windows.inc(0 if out.windows is None else len(out.windows))
         for alert in out.alerts:
             m.alerts.labels(alert["state"]).inc()
+            if alert["kind"] == "regime_change":
+                log.info("regime_change %s stream=%s score=%.2f", alert["alert_id"], alert["stream"], alert["score"],
+                         extra={"stream": alert["stream"]})
+                continue
             if alert["kind"] == "sensor_fault":
                 log.info("sensor_fault %s %s stream=%s feature=%s reason=%s", alert["state"], alert["alert_id"],
                          alert["stream"], alert["feature"], alert["reason"], extra={"stream": alert["stream"]})

@@ -19,6 +19,7 @@ from detector.artifact import Artifact
 from detector.config import Config, config_hash
 from detector.decode import Decoder, Readings, Reject
 from detector.engine import Engine, WindowScores
+from detector.regime import RegimeDetector
 from detector.sensors import SensorEvents, SensorGate
 from detector.threshold import build_threshold
 
@@ -68,6 +69,8 @@ class Pipeline:
                              adapt_halflife=cfg.scoring.adapt_halflife_windows)
         self.threshold = build_threshold(cfg.thresholds, m, self.engine.streams, (cfg.alerts.k, cfg.alerts.n))
         self.alerts = AlertMachine(cfg.alerts, self.engine.capacity)
+        rc = cfg.alerts.regime
+        self.regime = RegimeDetector(rc.delta, rc.threshold, rc.min_windows) if rc.enabled else None
         self.gate = SensorGate(m.features, cfg.sensors.flatline_readings, dict(cfg.sensors.limits))
 
     def process(self, records: list[Record], now: float) -> BatchOutput:
@@ -88,13 +91,44 @@ class Pipeline:
         tr = self.alerts.update(ws.rows[live], ws.end_ts[live], ws.score[live], warning[live], critical[live])
         tr.window = live[tr.window]
         self.threshold.learn(ws.rows[live], ws.score[live], ws.score[live] >= warning[live])
+        changed = np.empty(0, np.int64)
+        if self.regime is not None:
+            changed = live[self.regime.update(ws.rows[live], ws.score[live])]
         alerts = [
             self._alert(records, readings, ws, int(w), str(ev), float(at), str(sev), warning, critical)
             for w, ev, at, sev in zip(tr.window, tr.event, tr.raised_at, tr.severity, strict=True)
         ]
+        alerts.extend(self._regime_event(records, readings, ws, int(w), warning) for w in changed)
         if sensor_events is not None and len(sensor_events):
             alerts.extend(self._sensor_alert(records, readings, sensor_events, e) for e in range(len(sensor_events)))
         return BatchOutput(alerts, rejects, readings, ws, warning)
+
+    def _regime_event(self, records: list[Record], readings: Readings, ws: WindowScores, w: int,
+                      warning: np.ndarray) -> dict[str, Any]:
+        stream = self.engine.streams[int(ws.rows[w])]
+        rec = records[int(readings.source[ws.reading[w]])]
+        m = self.manifest
+        at = float(ws.end_ts[w])
+        top = np.argsort(-ws.share[w], kind="stable")[: self.cfg.alerts.top_features]
+        return {
+            "alert_id": alert_id(f"{m.model_version or m.name}|regime", stream, at),
+            "kind": "regime_change",
+            "stream": stream,
+            "model": m.name,
+            "model_version": m.model_version,
+            "state": "detected",
+            "severity": "info",
+            "score": round(float(ws.score[w]), 6),
+            "threshold": round(float(warning[w]), 6),
+            "threshold_policy": self.threshold.policy_of(int(ws.rows[w])),
+            "window_start": iso(float(ws.start_ts[w])),
+            "window_end": iso(at),
+            "first_seen": iso(at),
+            "top_features": [{"name": m.features[int(f)], "share": round(float(ws.share[w, f]), 4)} for f in top],
+            "input": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
+            "config_hash": self.config_hash,
+            "detector_version": __version__,
+        }
 
     def _sensor_alert(self, records: list[Record], readings: Readings, ev: SensorEvents, e: int) -> dict[str, Any]:
         stream = self.engine.streams[int(ev.rows[e])]

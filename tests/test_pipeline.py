@@ -156,3 +156,23 @@ def test_warming_streams_neither_alert_nor_teach_the_thresholds(trained: Artifac
         assert raised, f"the fault is alerted (warmup {warmup})"
         first_raise[warmup] = raised[0]["input"]["offset"] // 4  # records are 4 streams per reading time
     assert first_raise[0] < 119 <= first_raise[120]
+
+
+def test_a_persistent_shift_is_one_regime_change_and_the_alert_settles(trained: Artifact) -> None:
+    records = feed(4, 800, {1: 200})  # m1's pressure moves to a new level for good at reading 200
+    events = {}
+    for enabled in (False, True):
+        cfg = parse_config({"thresholds": {"policy": "rolling"}, "alerts": {"regime": {"enabled": enabled}}})
+        sink, _ = run(cfg, trained, records)
+        events[enabled] = [orjson.loads(r.value) for r in sink.on(cfg.output.alerts_topic)]
+    def same(alerts: list[dict]) -> list[dict]:
+        return [{k: v for k, v in a.items() if k != "config_hash"} for a in alerts if a["kind"] != "regime_change"]
+
+    assert same(events[True]) == same(events[False]), "the regime change only reports"
+    with_regime = events[True]
+    changes = [a for a in with_regime if a["kind"] == "regime_change"]
+    assert [a["stream"] for a in changes] == ["m1"], "one regime change, on the shifted stream only"
+    assert changes[0]["input"]["offset"] // 4 >= 200
+    m1 = [a["state"] for a in with_regime if a["stream"] == "m1" and a["kind"] == "anomaly"]
+    assert m1 == ["raised", "cleared"], "one alert, closed once the rolling levels settle on the new level"
+    assert "regime_change" not in {a["kind"] for a in events[False]}

@@ -39,15 +39,16 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_config(path: Path, bootstrap: str, topic: str, alerts: str, dlq: str, group: str, model: Path,
-                 port: int) -> Path:
+                 port: int, extra: str = "") -> Path:
     path.write_text(f"""
 kafka: {{bootstrap_servers: "{bootstrap}", connect_retry_max_s: 2, connect_timeout_ms: 2000}}
 input: {{topics: [{topic}], group_id: {group}, max_poll_records: 500}}
 output: {{alerts_topic: {alerts}, dead_letter_topic: {dlq}}}
 model: {{path: "{model}", device: cpu}}
-alerts: {{k: 2, n: 3}}
+alerts: {{k: 2, n: 3, regime: {{enabled: true}}}}
 sensors: {{flatline_readings: 10}}
 metrics: {{port: {port}}}
+{extra}
 """)
     return path
 
@@ -176,3 +177,38 @@ def test_unreachable_broker_retries_then_stops_cleanly(model_dir: Path, tmp_path
         rc = proc.wait(timeout=30)
     assert rc == 0, log.read_text()
     assert "Traceback" not in log.read_text()
+
+
+def test_a_level_shift_through_kafka_is_one_regime_change_not_a_storm(kafka_bootstrap: str, topic_factory,
+                                                                      group_id: str, model_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    topic, alerts, dlq = topic_factory(partitions=2), topic_factory(partitions=1), topic_factory(partitions=1)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
+    n, shifted = 800, 200
+    for s in range(4):
+        v = sine_values(n, seed=500 + s, phase=3 * s).astype(float)
+        if s == 1:
+            v[shifted:, 2] += 2.5  # m1's pressure moves to a new level for good
+        for t in range(n):
+            body = {"stream": f"m{s}", "ts": T0 + 60 * t, "values": dict(zip(FEATURES, v[t].tolist(), strict=True))}
+            producer.send(topic, key=f"m{s}".encode(), value=orjson.dumps(body))
+    producer.flush()
+    producer.close()
+    cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topic, alerts, dlq, group_id, model_dir,
+                       free_ports(1)[0], extra="thresholds: {policy: rolling}")
+    log = tmp_path / "daemon.log"
+    proc = start_daemon(cfg, log)
+    try:
+        ends = end_offsets(kafka_bootstrap, topic, 2)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and committed(kafka_bootstrap, group_id, topic) != ends:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.5)
+        assert committed(kafka_bootstrap, group_id, topic) == ends, log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    events = [orjson.loads(m.value) for m in drain(kafka_bootstrap, alerts, 3)]
+    assert [(a["stream"], a["state"]) for a in events if a["kind"] == "regime_change"] == [("m1", "detected")]
+    m1 = [a["state"] for a in events if a["stream"] == "m1" and a["kind"] == "anomaly"]
+    assert m1 == ["raised", "cleared"], f"one alert that settles, not a storm: {m1}"

@@ -20,7 +20,7 @@ from detector.config import Config, config_hash
 from detector.decode import Decoder, Readings, Reject
 from detector.engine import Engine, WindowScores
 from detector.regime import RegimeDetector
-from detector.sensors import SensorEvents, SensorGate
+from detector.sensors import SensorEvents, SensorGate, SilenceWatch
 from detector.threshold import build_threshold
 
 __all__ = ["Pipeline", "BatchOutput", "iso"]
@@ -72,6 +72,8 @@ class Pipeline:
         rc = cfg.alerts.regime
         self.regime = RegimeDetector(rc.delta, rc.threshold, rc.min_windows) if rc.enabled else None
         self.gate = SensorGate(m.features, cfg.sensors.flatline_readings, dict(cfg.sensors.limits))
+        self.silence = SilenceWatch(cfg.sensors.silent_after_s) if cfg.sensors.silent_after_s > 0 else None
+        self.silent_since: dict[int, float] = {}  # row -> event time of its last reading before it fell silent
 
     def process(self, records: list[Record], now: float) -> BatchOutput:
         """Run one batch of raw records through every stage; `now` is wall-clock epoch seconds."""
@@ -101,7 +103,36 @@ class Pipeline:
         alerts.extend(self._regime_event(records, readings, ws, int(w), warning) for w in changed)
         if sensor_events is not None and len(sensor_events):
             alerts.extend(self._sensor_alert(records, readings, sensor_events, e) for e in range(len(sensor_events)))
+        if self.silence is not None and records:
+            went, back = self.silence.update(self.engine.last_ts[: len(self.engine.streams)])
+            alerts.extend(self._silence_alert(records[-1], int(r), state) for rows, state in
+                          ((went, "raised"), (back, "cleared")) for r in rows)
         return BatchOutput(alerts, rejects, readings, ws, warning)
+
+    def _silence_alert(self, rec: Record, row: int, state: str) -> dict[str, Any]:
+        stream = self.engine.streams[row]
+        m = self.manifest
+        quiet_since = float(self.silent_since.setdefault(row, float(self.engine.last_ts[row])))
+        if state == "cleared":
+            del self.silent_since[row]
+        return {
+            "alert_id": alert_id(f"{m.model_version or m.name}|*|silent", stream, quiet_since),
+            "kind": "sensor_fault",
+            "stream": stream,
+            "model": m.name,
+            "model_version": m.model_version,
+            "state": state,
+            "severity": "warning",
+            "reason": "silent",
+            "feature": "*",
+            "window_start": iso(quiet_since),
+            "window_end": iso(float(self.engine.last_ts[row])),
+            "first_seen": iso(quiet_since),
+            "top_features": [{"name": "*", "share": 1.0, "direction": "silent"}],
+            "input": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
+            "config_hash": self.config_hash,
+            "detector_version": __version__,
+        }
 
     def _regime_event(self, records: list[Record], readings: Readings, ws: WindowScores, w: int,
                       warning: np.ndarray) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from detector.errors import ModelError
 
-__all__ = ["SensorGate", "SensorEvents", "REASONS"]
+__all__ = ["SensorGate", "SensorEvents", "SilenceWatch", "REASONS"]
 
 REASONS = ("flatline", "out_of_range")
 
@@ -149,3 +149,36 @@ def _no_events() -> SensorEvents:
     e = np.empty(0)
     return SensorEvents(e.astype(np.int64), e.astype(np.int64), e.astype(object), e.astype(object),
                         e.astype(np.int64), e, e)
+
+
+class SilenceWatch:
+    """Streams that stopped sending: silent once their newest reading is `after_s` older than the fleet's.
+
+    Time is event time: the newest reading of any stream is the clock (a watermark), so a replay of old data
+    behaves as it did live, and one stream falling quiet while the others go on is what counts.
+
+    >>> w = SilenceWatch(600.0)
+    >>> w.update(np.array([1000.0, 1000.0]))
+    (array([], dtype=int64), array([], dtype=int64))
+    >>> w.update(np.array([1000.0, 1700.0]))  # stream 0 is 700 s behind
+    (array([0]), array([], dtype=int64))
+    >>> w.update(np.array([1800.0, 1800.0]))  # and back
+    (array([], dtype=int64), array([0]))
+    """
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self.silent = np.zeros(0, bool)
+
+    def update(self, last_ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows that fell silent and rows that came back, given every stream's newest event time."""
+        if len(last_ts) > len(self.silent):
+            self.silent = np.r_[self.silent, np.zeros(len(last_ts) - len(self.silent), bool)]
+        seen = np.isfinite(last_ts)
+        if not seen.any():
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        now = np.where(seen, last_ts < last_ts[seen].max() - self.after_s, False)
+        was = self.silent[: len(last_ts)]
+        went, back = np.flatnonzero(now & ~was), np.flatnonzero(~now & was)
+        self.silent[: len(last_ts)] = now
+        return went, back

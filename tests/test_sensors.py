@@ -74,3 +74,25 @@ def test_sensor_settings_are_checked() -> None:
         parse_config({"sensors": {"flatline_readings": 1}})
     with pytest.raises(ConfigError, match="low < high"):
         parse_config({"sensors": {"limits": {"temp": [5, 1]}}})
+
+
+def test_a_stream_that_falls_silent_is_one_sensor_fault_episode() -> None:
+    art = random_artifact()
+    pipe = Pipeline(parse_config({"sensors": {"silent_after_s": 600}}), art)
+    rng = np.random.default_rng(2)
+    records = []
+    for t in range(150):
+        for s in range(3):
+            if s == 2 and 50 <= t < 100:
+                continue  # p2 sends nothing for 50 minutes
+            v = {f: float(x) for f, x in zip(FEATURES, rng.normal(size=3) + [50.0, 1.0, 3.0], strict=True)}
+            body = {"stream": f"p{s}", "ts": 1.7e9 + 60 * t, "values": v}
+            records.append(Record("in", 0, len(records), f"p{s}".encode(), orjson.dumps(body), 0))
+    alerts = []
+    for a in range(0, len(records), 25):
+        alerts += pipe.process(records[a:a + 25], now=2e9).alerts
+    silent = [a for a in alerts if a["kind"] == "sensor_fault"]
+    assert [(a["stream"], a["state"], a["reason"], a["feature"]) for a in silent] == [
+        ("p2", "raised", "silent", "*"), ("p2", "cleared", "silent", "*")]
+    assert silent[0]["alert_id"] == silent[1]["alert_id"]
+    assert silent[0]["first_seen"] == "2023-11-14T23:02:20.000Z"  # p2's last reading before the silence (t=49)

@@ -259,8 +259,8 @@ class Engine:
 
         A feature whose errors run higher than in calibration (a temperature that drifts with the season)
         slowly stops dominating the score, while a fault that appears within a few half-lives stands out.
-        Each step is bounded (the level at most quadruples per window's worth of weight), so one extreme
-        window moves it little.
+        Each window pulls the level towards its own error at most as far as four times the current level,
+        so one extreme window moves it little.
         """
         first = _group_starts(rows)
         starts = np.flatnonzero(first)

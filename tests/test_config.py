@@ -137,3 +137,13 @@ def test_evt_levels_are_checked() -> None:
 def test_budget_levels_are_checked() -> None:
     with pytest.raises(ConfigError, match="critical_per_day must be <= alerts_per_day"):
         parse_config({"thresholds": {"budget": {"alerts_per_day": 1, "critical_per_day": 2}}})
+
+
+def test_the_operators_guide_examples_are_valid_configs() -> None:
+    text = (ROOT / "docs" / "operators.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    assert len(blocks) >= 3
+    for block in blocks:
+        lines = block.splitlines()
+        indent = min(len(x) - len(x.lstrip()) for x in lines if x.strip())
+        parse_config(yaml.safe_load("\n".join(x[indent:] for x in lines)))

@@ -257,6 +257,7 @@ class SensorConfig(_Section):
     flatline_readings: int = Field(0, ge=0, le=100000)
     limits: dict[str, tuple[float, float]] = Field(default_factory=dict)
     silent_after_s: float = Field(0.0, ge=0)
+    missing: dict[str, Literal["hold", "zero", "anomalous"]] = Field(default_factory=dict)
 
     @field_validator("flatline_readings")
     @classmethod

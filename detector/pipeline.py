@@ -71,7 +71,8 @@ class Pipeline:
         self.alerts = AlertMachine(cfg.alerts, self.engine.capacity)
         rc = cfg.alerts.regime
         self.regime = RegimeDetector(rc.delta, rc.threshold, rc.min_windows) if rc.enabled else None
-        self.gate = SensorGate(m.features, cfg.sensors.flatline_readings, dict(cfg.sensors.limits))
+        self.gate = SensorGate(m.features, cfg.sensors.flatline_readings, dict(cfg.sensors.limits),
+                               dict(cfg.sensors.missing))
         self.silence = SilenceWatch(cfg.sensors.silent_after_s) if cfg.sensors.silent_after_s > 0 else None
         self.silent_since: dict[int, float] = {}  # row -> event time of its last reading before it fell silent
 
@@ -181,8 +182,8 @@ class Pipeline:
             "window_start": iso(float(ev.raised_at[e])),
             "window_end": iso(float(ev.ts[e])),
             "first_seen": iso(float(ev.raised_at[e])),
-            "top_features": [{"name": feature, "share": 1.0, "direction": "stuck" if reason == "flatline" else
-                              "outside limits"}],
+            "top_features": [{"name": feature, "share": 1.0, "direction": {
+                "flatline": "stuck", "out_of_range": "outside limits", "missing": "missing"}[reason]}],
             "input": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
             "config_hash": self.config_hash,
             "detector_version": __version__,

@@ -1,7 +1,9 @@
 """The data-quality gate before the model: a stuck sensor or an impossible value is a sensor fault.
 
-A sensor that repeats exactly the same value for `flatline_readings` readings in a row is stuck, and a value
-outside its configured [low, high] limits is out of range. Either way the value is not evidence about the
+A sensor that repeats exactly the same value for `flatline_readings` readings in a row is stuck, a value
+outside its configured [low, high] limits is out of range, and a missing value of a feature whose missing
+policy is `anomalous` is missing (policy `zero` reads a missing value as 0; `hold`, the default, leaves it
+to the engine, which holds the last present value). Either way the value is not evidence about the
 machine: it is removed (the engine then treats it as missing: held at the last good value and left out of
 the score, so it neither raises a machine alert nor feeds the threshold statistics), and the stream gets a
 `sensor_fault` episode per feature and reason, raised when the condition starts and cleared when it ends.
@@ -16,9 +18,10 @@ import numpy as np
 
 from detector.errors import ModelError
 
-__all__ = ["SensorGate", "SensorEvents", "SilenceWatch", "REASONS"]
+__all__ = ["SensorGate", "SensorEvents", "SilenceWatch", "REASONS", "MISSING_POLICIES"]
 
-REASONS = ("flatline", "out_of_range")
+REASONS = ("flatline", "out_of_range", "missing")
+MISSING_POLICIES = ("hold", "zero", "anomalous")
 
 
 @dataclass(slots=True)
@@ -41,7 +44,7 @@ class SensorGate:
     """Finds stuck and out-of-range values per stream and feature, removes them, reports episodes."""
 
     def __init__(self, features: list[str], flatline_readings: int = 0,
-                 limits: dict[str, tuple[float, float]] | None = None) -> None:
+                 limits: dict[str, tuple[float, float]] | None = None, missing: dict[str, str] | None = None) -> None:
         self.features = list(features)
         F = len(features)
         self.flatline = flatline_readings
@@ -53,7 +56,15 @@ class SensorGate:
                                  f"({', '.join(self.features)})")
             i = self.features.index(name)
             self.low[i], self.high[i] = lo, hi
-        self.enabled = bool(flatline_readings) or bool(limits)
+        self.zero = np.zeros(F, bool)  # a missing value means 0 (e.g. a meter that reports nothing when idle)
+        self.absent_is_fault = np.zeros(F, bool)
+        for name, policy in (missing or {}).items():
+            if name not in self.features:
+                raise ModelError(f"sensors.missing: {name!r} is not one of the model's features "
+                                 f"({', '.join(self.features)})")
+            i = self.features.index(name)
+            self.zero[i], self.absent_is_fault[i] = policy == "zero", policy == "anomalous"
+        self.enabled = bool(flatline_readings) or bool(limits) or bool(self.zero.any() or self.absent_is_fault.any())
         self.cap = 0
         self.last = np.zeros((0, F))
         self.run = np.zeros((0, F), np.int64)
@@ -83,6 +94,8 @@ class SensorGate:
         self._ensure(int(rows.max()) + 1)
         order = np.lexsort((ts, rows))
         r, v = rows[order], values[order].astype(np.float64)
+        if self.zero.any():
+            v[:, self.zero] = np.nan_to_num(v[:, self.zero], nan=0.0)
         idx = np.arange(N)
         first = np.ones(N, bool)
         first[1:] = r[1:] != r[:-1]
@@ -102,6 +115,7 @@ class SensorGate:
             faults[:, :, 0] = run + 1 >= self.flatline
         present = ~np.isnan(v)
         faults[:, :, 1] = present & ((v < self.low) | (v > self.high))
+        faults[:, :, 2] = ~present & self.absent_is_fault
 
         ends = np.r_[np.flatnonzero(first)[1:] - 1, N - 1]
         self.run[r[ends]] = run[ends]
@@ -113,8 +127,8 @@ class SensorGate:
         self.last[r[ends]] = keep
 
         events = self._episodes(r, ts[order], order, first, faults)
-        cleaned = values.copy()
-        cleaned[order] = np.where(faults.any(axis=2), np.nan, values[order])
+        cleaned = np.empty_like(values)
+        cleaned[order] = np.where(faults.any(axis=2), np.nan, v)
         return cleaned, events
 
     def _episodes(self, r: np.ndarray, t: np.ndarray, order: np.ndarray, first: np.ndarray,

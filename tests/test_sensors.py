@@ -74,6 +74,8 @@ def test_sensor_settings_are_checked() -> None:
         parse_config({"sensors": {"flatline_readings": 1}})
     with pytest.raises(ConfigError, match="low < high"):
         parse_config({"sensors": {"limits": {"temp": [5, 1]}}})
+    with pytest.raises(ConfigError, match="sensors.missing.temp: Input should be 'hold', 'zero' or 'anomalous'"):
+        parse_config({"sensors": {"missing": {"temp": "interpolate"}}})
 
 
 def test_a_stream_that_falls_silent_is_one_sensor_fault_episode() -> None:
@@ -96,3 +98,15 @@ def test_a_stream_that_falls_silent_is_one_sensor_fault_episode() -> None:
         ("p2", "raised", "silent", "*"), ("p2", "cleared", "silent", "*")]
     assert silent[0]["alert_id"] == silent[1]["alert_id"]
     assert silent[0]["first_seen"] == "2023-11-14T23:02:20.000Z"  # p2's last reading before the silence (t=49)
+
+
+def test_missing_value_policies_per_feature() -> None:
+    gate = SensorGate(["a", "b", "c"], missing={"a": "zero", "b": "anomalous"})  # c: hold (the default)
+    vals = np.array([[1.0, 1.0, 1.0], [np.nan, np.nan, np.nan], [np.nan, np.nan, np.nan], [2.0, 2.0, 2.0]])
+    cleaned, ev = gate.check(np.zeros(4, np.int64), np.arange(4.0), vals)
+    assert cleaned[1:3, 0].tolist() == [0.0, 0.0], "zero: a missing value reads as 0"
+    assert np.isnan(cleaned[1:3, 1]).all() and np.isnan(cleaned[1:3, 2]).all()
+    assert list(zip(ev.state.tolist(), ev.reason.tolist(), ev.feature.tolist(), ev.ts.tolist(), strict=True)) == [
+        ("raised", "missing", 1, 1.0), ("cleared", "missing", 1, 3.0)], "anomalous: one episode; hold: none"
+    with pytest.raises(ModelError, match="sensors.missing: 'x' is not one of the model's features"):
+        SensorGate(["a"], missing={"x": "zero"})

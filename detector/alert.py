@@ -71,6 +71,13 @@ class AlertMachine:
             setattr(self, name, new)
         self.capacity = capacity
 
+    def reconfigure(self, cfg: AlertConfig) -> None:
+        """Take new rules, keeping every stream's state (window history beyond the new n is dropped)."""
+        self.cfg = cfg
+        self._mask = np.int64((1 << cfg.n) - 1)
+        self.warn_bits &= self._mask
+        self.crit_bits &= self._mask
+
     def reset(self, rows: np.ndarray) -> None:
         """Return these streams to normal without an event (their history is gone)."""
         for arr in (self.warn_bits, self.crit_bits, self.state, self.below, self.cooldown, self.age):

@@ -153,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     setup_logging(cfg.runtime.log_level, cfg.runtime.log_format)
-    return run_daemon(cfg)
+    return run_daemon(cfg, config_path=args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,8 @@ Checkpoint order for every batch, kept in this order:
 A failure in 1 or 2 commits nothing: the batch is read again after a restart (at least once).
 SIGTERM or SIGINT sets the stop flag: the batch in hand is finished, flushed and committed, the consumer
 leaves the group, and the process exits 0. A second SIGINT falls back to Python's default handler.
+SIGHUP, or an edit of the config file, reloads its thresholds, alerts and sensors sections between two
+batches, keeping every stream's state; an invalid file is rejected with its errors logged.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 import threading
 import time
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from kafka.errors import KafkaError
@@ -23,8 +26,9 @@ from kafka.errors import KafkaError
 from consumers.base import Offsets, Record, Sink, SinkError, Source
 from consumers.kafka import KafkaSink, KafkaSource
 from detector.artifact import check_features, load_artifact
-from detector.config import Config, config_hash
+from detector.config import Config, config_hash, load_config
 from detector.engine import pick_device
+from detector.errors import ConfigError, DetectorError
 from detector.logs import OncePerKind
 from detector.metrics import HealthServer, Metrics
 from detector.pipeline import BatchOutput, Pipeline, encode_alert
@@ -72,6 +76,7 @@ class Daemon:
         self.pipeline = pipeline
         self.metrics = metrics or Metrics()
         self.stop_event = threading.Event()
+        self.reload_requested = threading.Event()
         self._once = OncePerKind()
         self.committed: Offsets = {}
 
@@ -136,10 +141,44 @@ class Daemon:
         m.step_seconds.observe(time.monotonic() - t0)
         return out
 
+    def reload(self, path: str | Path) -> bool:
+        """Load the config file again and apply its live sections; an invalid file changes nothing."""
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("config reload rejected, the running config stays: %s: %s", exc.path, problem)
+            return False
+        try:
+            changes = self.pipeline.reconfigure(new)
+        except DetectorError as exc:
+            log.error("config reload rejected, the running config stays: %s", exc)
+            return False
+        self.cfg = self.pipeline.cfg
+        log.info("config reloaded from %s: %s; config %s", path, ", ".join(changes) or "no changes",
+                 config_hash(self.cfg))
+        return True
+
+    def watch(self, path: str | Path) -> None:
+        """Reload when the file changes on disk or SIGHUP arrives (checked between batches)."""
+        self._watch_path = Path(path)
+        self._watch_mtime = self._watch_path.stat().st_mtime_ns if self._watch_path.exists() else 0
+
+    def _maybe_reload(self) -> None:
+        path = getattr(self, "_watch_path", None)
+        if path is None:
+            return
+        mtime = path.stat().st_mtime_ns if path.exists() else self._watch_mtime
+        if self.reload_requested.is_set() or mtime != self._watch_mtime:
+            self.reload_requested.clear()
+            self._watch_mtime = mtime
+            self.reload(path)
+
     def loop(self, source: Source, sink: Sink) -> None:
         """Poll and process batches until the stop flag is set."""
         timeout = self.cfg.input.poll_timeout_ms / 1000
         while not self.stop_event.is_set():
+            self._maybe_reload()
             records = source.poll_batch(timeout)
             if records:
                 self.process(records, source, sink)
@@ -171,8 +210,11 @@ def _connect(cfg: Config, stop: threading.Event) -> tuple[KafkaSource, KafkaSink
     return None
 
 
-def run_daemon(cfg: Config, stop: threading.Event | None = None) -> int:
-    """Run the daemon until SIGTERM/SIGINT (or `stop` is set); return the process exit code."""
+def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: str | Path | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT (or `stop` is set); return the process exit code.
+
+    With `config_path`, edits of that file (or SIGHUP) reload its thresholds, alerts and sensors sections.
+    """
     device = pick_device(cfg.model.device)
     artifact = load_artifact(cfg.model.path, device)
     check_features(artifact, cfg.model.features)
@@ -181,6 +223,8 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None) -> int:
              artifact.manifest.window, artifact.manifest.hop, config_hash(cfg))
     log.info("effective config: %s", cfg.masked())
     daemon = Daemon(cfg, Pipeline(cfg, artifact, str(device)))
+    if config_path is not None:
+        daemon.watch(config_path)
     if stop is not None:
         daemon.stop_event = stop
     if threading.current_thread() is threading.main_thread():
@@ -221,5 +265,10 @@ def _install_signals(daemon: Daemon) -> None:
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    def on_hup(_signum: int, _frame: object) -> None:
+        daemon.reload_requested.set()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, on_hup)

@@ -76,6 +76,44 @@ class Pipeline:
         self.silence = SilenceWatch(cfg.sensors.silent_after_s) if cfg.sensors.silent_after_s > 0 else None
         self.silent_since: dict[int, float] = {}  # row -> event time of its last reading before it fell silent
 
+    LIVE_SECTIONS = ("thresholds", "alerts", "sensors")
+    """Configuration sections that a reload applies to the running pipeline; the others need a restart."""
+
+    def reconfigure(self, new: Config) -> list[str]:
+        """Apply the live sections of a new configuration, keeping every stream's state; say what changed.
+
+        The engine (windows, LSTM state), the alert machine's open episodes and the sensor gate's state are
+        kept. A new thresholds section rebuilds the policies (what rolling and evt policies had learned
+        restarts), and a new regime section restarts the regime tests.
+        """
+        old = self.cfg
+        changes = []
+        for name in type(old).model_fields:
+            if getattr(old, name) != getattr(new, name):
+                changes.append(name if name in self.LIVE_SECTIONS else f"{name} (takes effect after a restart)")
+        cfg = old.model_copy(update={n: getattr(new, n) for n in self.LIVE_SECTIONS})
+        m = self.manifest
+        # build everything first, so that a reload that fails (e.g. limits for an unknown feature) changes nothing
+        threshold, regime, gate, silence = self.threshold, self.regime, self.gate, self.silence
+        if cfg.thresholds != old.thresholds or (cfg.alerts.k, cfg.alerts.n) != (old.alerts.k, old.alerts.n):
+            threshold = build_threshold(cfg.thresholds, m, self.engine.streams, (cfg.alerts.k, cfg.alerts.n))
+        if cfg.alerts.regime != old.alerts.regime:
+            rc = cfg.alerts.regime
+            regime = RegimeDetector(rc.delta, rc.threshold, rc.min_windows) if rc.enabled else None
+        if cfg.sensors != old.sensors:
+            sc = cfg.sensors
+            gate = SensorGate(m.features, sc.flatline_readings, dict(sc.limits), dict(sc.missing))
+            gate.adopt(self.gate)  # open episodes go on, and clear once the new rules no longer flag them
+            silence = SilenceWatch(sc.silent_after_s) if sc.silent_after_s > 0 else None
+            if silence is not None and self.silence is not None:
+                silence.silent = self.silence.silent.copy()
+        if cfg.alerts != old.alerts:
+            self.alerts.reconfigure(cfg.alerts)
+        self.threshold, self.regime, self.gate, self.silence = threshold, regime, gate, silence
+        self.cfg = cfg
+        self.config_hash = config_hash(cfg)
+        return changes
+
     def process(self, records: list[Record], now: float) -> BatchOutput:
         """Run one batch of raw records through every stage; `now` is wall-clock epoch seconds."""
         readings, rejects = self.decoder.decode(records, now)

@@ -86,6 +86,13 @@ class SensorGate:
         self.opened_at = grow(self.opened_at, 0.0)
         self.cap = capacity
 
+    def adopt(self, other: SensorGate) -> None:
+        """Take over another gate's per-stream state (after a config reload): open episodes stay open."""
+        self._ensure(other.cap)
+        n = other.cap
+        self.last[:n], self.run[:n] = other.last[:n], other.run[:n]
+        self.open[:n], self.opened_at[:n] = other.open[:n], other.opened_at[:n]
+
     def check(self, rows: np.ndarray, ts: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, SensorEvents]:
         """The values (N, F) with faulty ones set to NaN, and the episodes that opened or closed."""
         N, F = values.shape

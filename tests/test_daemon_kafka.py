@@ -205,6 +205,13 @@ def test_a_level_shift_through_kafka_is_one_regime_change_not_a_storm(kafka_boot
             assert proc.poll() is None, log.read_text()
             time.sleep(0.5)
         assert committed(kafka_bootstrap, group_id, topic) == ends, log.read_text()
+        cfg.write_text(cfg.read_text().replace("thresholds: {policy: rolling}",
+                                               "thresholds: {policy: rolling, rolling: {warning_k: 9}}"))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "config reloaded" not in log.read_text():
+            time.sleep(0.2)
+        assert "config reloaded from" in log.read_text() and "thresholds" in log.read_text(), log.read_text()
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ __all__ = [
     "BudgetLevels",
     "AlertConfig",
     "RegimeConfig",
+    "MaintenanceWindow",
     "SensorConfig",
     "RuntimeConfig",
     "MetricsConfig",
@@ -231,6 +233,27 @@ class RegimeConfig(_Section):
     min_windows: int = Field(30, ge=1)
 
 
+class MaintenanceWindow(_Section):
+    """A period in which the matching streams raise no alerts: once (start, end) or every day (daily)."""
+
+    streams: str = Field("*", min_length=1)
+    start: datetime | None = None
+    end: datetime | None = None
+    daily: str | None = Field(None, pattern=r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> MaintenanceWindow:
+        once = self.start is not None or self.end is not None
+        if once == (self.daily is not None):
+            raise ValueError("give either start and end, or daily: \"HH:MM-HH:MM\" (UTC)")
+        if once:
+            if self.start is None or self.end is None or self.start.tzinfo is None or self.end.tzinfo is None:
+                raise ValueError("start and end are both needed, as RFC 3339 times with a zone (e.g. ...Z)")
+            if self.end <= self.start:
+                raise ValueError("end must be after start")
+        return self
+
+
 class AlertConfig(_Section):
     """The per-stream alert state machine: raise after k of n, clear after m below the exit level."""
 
@@ -243,6 +266,7 @@ class AlertConfig(_Section):
     warmup_readings: int = Field(0, ge=0)
     top_features: int = Field(3, ge=1)
     regime: RegimeConfig = RegimeConfig()
+    maintenance: list[MaintenanceWindow] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _k_le_n(self) -> AlertConfig:

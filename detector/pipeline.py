@@ -19,6 +19,7 @@ from detector.artifact import Artifact
 from detector.config import Config, config_hash
 from detector.decode import Decoder, Readings, Reject
 from detector.engine import Engine, WindowScores
+from detector.maintenance import MaintenanceSchedule
 from detector.regime import RegimeDetector
 from detector.sensors import SensorEvents, SensorGate, SilenceWatch
 from detector.threshold import build_threshold
@@ -75,6 +76,7 @@ class Pipeline:
                                dict(cfg.sensors.missing))
         self.silence = SilenceWatch(cfg.sensors.silent_after_s) if cfg.sensors.silent_after_s > 0 else None
         self.silent_since: dict[int, float] = {}  # row -> event time of its last reading before it fell silent
+        self.maintenance = MaintenanceSchedule(cfg.alerts.maintenance, self.engine.streams)
 
     LIVE_SECTIONS = ("thresholds", "alerts", "sensors")
     """Configuration sections that a reload applies to the running pipeline; the others need a restart."""
@@ -109,6 +111,7 @@ class Pipeline:
                 silence.silent = self.silence.silent.copy()
         if cfg.alerts != old.alerts:
             self.alerts.reconfigure(cfg.alerts)
+            self.maintenance = MaintenanceSchedule(cfg.alerts.maintenance, self.engine.streams)
         self.threshold, self.regime, self.gate, self.silence = threshold, regime, gate, silence
         self.cfg = cfg
         self.config_hash = config_hash(cfg)
@@ -128,7 +131,9 @@ class Pipeline:
         ws = res.windows
         self.alerts.ensure(self.engine.capacity)
         warning, critical = self.threshold.levels(ws.rows)
-        live = np.flatnonzero(ws.nth >= self.cfg.alerts.warmup_readings)  # warming streams neither alert nor teach
+        # warming streams and streams in maintenance neither alert nor teach the thresholds
+        paused = self.maintenance.active(ws.rows, ws.end_ts)
+        live = np.flatnonzero((ws.nth >= self.cfg.alerts.warmup_readings) & ~paused)
         tr = self.alerts.update(ws.rows[live], ws.end_ts[live], ws.score[live], warning[live], critical[live])
         tr.window = live[tr.window]
         self.threshold.learn(ws.rows[live], ws.score[live], ws.score[live] >= warning[live])

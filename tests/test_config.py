@@ -147,3 +147,12 @@ def test_the_operators_guide_examples_are_valid_configs() -> None:
         lines = block.splitlines()
         indent = min(len(x) - len(x.lstrip()) for x in lines if x.strip())
         parse_config(yaml.safe_load("\n".join(x[indent:] for x in lines)))
+
+
+def test_maintenance_windows_are_checked() -> None:
+    for bad, expected in [({"daily": "25:00-26:00"}, "should match pattern"),
+                          ({"start": "2026-12-01T06:00:00Z"}, "start and end are both needed"),
+                          ({"start": "2026-12-01T06:00:00Z", "end": "2026-12-01T05:00:00Z"}, "end must be after start"),
+                          ({}, "give either start and end, or daily")]:
+        with pytest.raises(ConfigError, match=expected):
+            parse_config({"alerts": {"maintenance": [bad]}})

@@ -176,3 +176,14 @@ def test_a_persistent_shift_is_one_regime_change_and_the_alert_settles(trained: 
     m1 = [a["state"] for a in with_regime if a["stream"] == "m1" and a["kind"] == "anomaly"]
     assert m1 == ["raised", "cleared"], "one alert, closed once the rolling levels settle on the new level"
     assert "regime_change" not in {a["kind"] for a in events[False]}
+
+
+def test_streams_in_maintenance_raise_no_alerts(trained: Artifact) -> None:
+    records = feed(4, 200, {1: 100, 2: 100})  # m1 and m2 are faulty from reading 100 on
+    fault_start = T0 + 60 * 100
+    cfg = parse_config({"alerts": {"maintenance": [{"streams": "m1", "start": fault_start - 60,
+                                                    "end": fault_start + 60 * 200}]}})
+    sink, _ = run(cfg, trained, records)
+    raised = {orjson.loads(r.value)["stream"] for r in sink.on(cfg.output.alerts_topic)
+              if orjson.loads(r.value)["state"] == "raised"}
+    assert "m2" in raised and "m1" not in raised, raised

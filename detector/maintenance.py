@@ -1,0 +1,55 @@
+"""Maintenance windows: periods in which the matching streams raise no alerts and teach the thresholds nothing."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+import numpy as np
+
+from detector.config import MaintenanceWindow
+
+__all__ = ["MaintenanceSchedule"]
+
+_DAY = 86400.0
+
+
+class MaintenanceSchedule:
+    """Which windows fall in a maintenance period of their stream (event time, UTC).
+
+    >>> from detector.config import parse_config
+    >>> cfg = parse_config({"alerts": {"maintenance": [{"streams": "pump-*", "daily": "23:00-01:00"}]}})
+    >>> s = MaintenanceSchedule(cfg.alerts.maintenance, ["pump-1", "fan-1"])
+    >>> s.active(np.array([0, 0, 1]), np.array([23.5, 12.0, 23.5]) * 3600).tolist()
+    [True, False, False]
+    """
+
+    def __init__(self, windows: list[MaintenanceWindow], names: list[str]) -> None:
+        self.windows = windows
+        self.names = names  # the engine's stream ids by row (grows as streams appear)
+        self.member = np.zeros((0, len(windows)), bool)
+        self.known = 0
+
+    def _members(self, rows: np.ndarray) -> np.ndarray:
+        need = int(rows.max()) + 1 if len(rows) else 0
+        if need > self.known:
+            new = np.array([[fnmatchcase(self.names[r], w.streams) for w in self.windows]
+                            for r in range(self.known, need)], bool).reshape(-1, len(self.windows))
+            self.member = np.concatenate([self.member, new])
+            self.known = need
+        return self.member[rows]
+
+    def active(self, rows: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """(K,) True where the window's stream is in maintenance at the window's event time `ts`."""
+        out = np.zeros(len(rows), bool)
+        if not self.windows or not len(rows):
+            return out
+        member = self._members(rows)
+        for j, w in enumerate(self.windows):
+            if w.daily is not None:
+                a, b = (int(p[:2]) * 3600 + int(p[3:]) * 60 for p in w.daily.split("-"))
+                tod = np.mod(ts, _DAY)
+                inside = (tod >= a) & (tod < b) if a <= b else (tod >= a) | (tod < b)
+            else:
+                inside = (ts >= w.start.timestamp()) & (ts < w.end.timestamp())  # type: ignore[union-attr]
+            out |= member[:, j] & inside
+        return out

@@ -18,10 +18,9 @@ import numpy as np
 
 from detector.errors import ModelError
 
-__all__ = ["SensorGate", "SensorEvents", "SilenceWatch", "REASONS", "MISSING_POLICIES"]
+__all__ = ["SensorGate", "SensorEvents", "SilenceWatch", "REASONS"]
 
 REASONS = ("flatline", "out_of_range", "missing")
-MISSING_POLICIES = ("hold", "zero", "anomalous")
 
 
 @dataclass(slots=True)

@@ -45,7 +45,7 @@ from detector.quality import (
     point_adjusted,
     point_metrics,
 )
-from detector.train import Series, TrainParams, train_model
+from detector.train import Series, TrainParams, scale_and_fill, train_model
 
 __all__ = ["FileResult", "EVAL_PARAMS", "PUBLISHED", "run_file", "baseline_scores", "likelihood", "evaluate"]
 
@@ -210,11 +210,7 @@ def _scaled(f: LabelledFile) -> np.ndarray:
     train = f.values[: f.train_rows]
     mu = np.nan_to_num(np.nanmean(train, axis=0))
     sd = np.nan_to_num(np.nanstd(train, axis=0), nan=1.0)
-    x = (f.values - mu) / np.where(sd > 1e-9, sd, 1.0)
-    present = ~np.isnan(x)
-    pos = np.where(present, np.arange(len(x))[:, None], -1)
-    np.maximum.accumulate(pos, axis=0, out=pos)
-    return np.where(pos >= 0, x[np.maximum(pos, 0), np.arange(x.shape[1])], 0.0)
+    return scale_and_fill(f.values, mu, np.where(sd > 1e-9, sd, 1.0))[0].astype(np.float64)
 
 
 def _hst(x: np.ndarray, train_rows: int, seed: int) -> np.ndarray:

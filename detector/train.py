@@ -25,7 +25,7 @@ from detector.errors import DataError
 from detector.model import LSTMAutoencoder
 from detector.score import score_windows
 
-__all__ = ["TrainParams", "Series", "load_series", "train_model", "CALIBRATION_LEVELS"]
+__all__ = ["TrainParams", "Series", "load_series", "train_model", "scale_and_fill", "CALIBRATION_LEVELS"]
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def load_series(path: str | Path, features: list[str] | None = None, ts_col: str
     return Series(list(features), streams, values)
 
 
-def _fill(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def scale_and_fill(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Scale, and hold the last present value where one is missing (0 before the first); return (x, mask)."""
     x = (values - mean) / std
     present = ~np.isnan(x)
@@ -190,7 +190,7 @@ def train_model(series: Series, params: TrainParams = TrainParams(),
         raise DataError(f"feature(s) {', '.join(bad)} have no values in the training part of the data")
     std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
     mean = mean.astype(np.float32)
-    filled = {s: _fill(v, mean, std) for s, v in usable}
+    filled = {s: scale_and_fill(v, mean, std) for s, v in usable}
 
     model = LSTMAutoencoder(F, params.hidden_size, params.num_layers, W)
     opt = torch.optim.Adam(model.parameters(), lr=params.lr)

@@ -146,13 +146,13 @@ class Engine:
         self.last_val[rows] = 0.0
 
     # ----- scoring ---------------------------------------------------------------------------------------
-    def score_batch(self, readings: Readings) -> EngineResult:
-        """Advance every stream in the batch and score the windows it completes."""
+    def score_batch(self, readings: Readings, rows: np.ndarray | None = None) -> EngineResult:
+        """Advance every stream in the batch and score the windows it completes (`rows`: from rows_for)."""
         n = len(readings)
         if n == 0:
             return EngineResult(WindowScores.concat([], self.n_features), np.empty(0, np.int64),
                                 np.empty(0, object), 0)
-        rows = self.rows_for(readings.streams)
+        rows = self.rows_for(readings.streams) if rows is None else rows
         order = np.lexsort((readings.ts, rows))
         r, t = rows[order], readings.ts[order]
         first = _group_starts(r)

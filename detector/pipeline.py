@@ -120,11 +120,11 @@ class Pipeline:
     def process(self, records: list[Record], now: float) -> BatchOutput:
         """Run one batch of raw records through every stage; `now` is wall-clock epoch seconds."""
         readings, rejects = self.decoder.decode(records, now)
-        sensor_events = None
+        sensor_events, rows = None, None
         if self.gate.enabled and len(readings):
-            readings.values, sensor_events = self.gate.check(self.engine.rows_for(readings.streams), readings.ts,
-                                                             readings.values)
-        res = self.engine.score_batch(readings)
+            rows = self.engine.rows_for(readings.streams)  # looked up once, for the gate and the engine
+            readings.values, sensor_events = self.gate.check(rows, readings.ts, readings.values)
+        res = self.engine.score_batch(readings, rows)
         for i, why in zip(res.dropped, res.dropped_reason, strict=True):
             rejects.append(Reject(int(readings.source[i]), str(why), f"reading at ts {readings.ts[i]:.3f} "
                                   f"is not after the stream's last reading"))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from detector.config import AlertConfig
+from detector.rows import grown
 
 __all__ = ["AlertMachine", "Transitions", "NORMAL", "RAISED", "ESCALATED", "alert_id"]
 
@@ -65,10 +66,7 @@ class AlertMachine:
         if capacity <= self.capacity:
             return
         for name in ("warn_bits", "crit_bits", "state", "below", "cooldown", "raised_at", "age"):
-            old = getattr(self, name)
-            new = np.zeros(capacity, old.dtype)
-            new[: len(old)] = old
-            setattr(self, name, new)
+            setattr(self, name, grown(getattr(self, name), capacity))
         self.capacity = capacity
 
     def reconfigure(self, cfg: AlertConfig) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from detector.artifact import Artifact
 from detector.decode import Readings
+from detector.rows import grown
 from detector.score import score_windows
 
 __all__ = ["Engine", "WindowScores", "EngineResult", "pick_device"]
@@ -109,11 +110,11 @@ class Engine:
             if old:
                 h[:, :old], c[:, :old], buf[:old], bmask[:old] = self.h, self.c, self.buf, self.bmask
         self.h, self.c, self.buf, self.bmask = h, c, buf, bmask
-        self.bts = _grown(getattr(self, "bts", None), (capacity, W), 0.0, np.float64)
-        self.count = _grown(getattr(self, "count", None), (capacity,), 0, np.int64)
-        self.last_ts = _grown(getattr(self, "last_ts", None), (capacity,), -np.inf, np.float64)
-        self.last_val = _grown(getattr(self, "last_val", None), (capacity, F), 0.0, np.float32)
-        self.level = _grown(getattr(self, "level", None), (capacity, F), 1.0, np.float32)
+        self.bts = grown(getattr(self, "bts", np.zeros((0, W))), capacity)
+        self.count = grown(getattr(self, "count", np.zeros(0, np.int64)), capacity)
+        self.last_ts = grown(getattr(self, "last_ts", np.zeros(0)), capacity, -np.inf)
+        self.last_val = grown(getattr(self, "last_val", np.zeros((0, F), np.float32)), capacity)
+        self.level = grown(getattr(self, "level", np.zeros((0, F), np.float32)), capacity, 1.0)
         self.capacity = capacity
 
     def rows_for(self, streams: np.ndarray) -> np.ndarray:
@@ -277,10 +278,3 @@ def _group_starts(r: np.ndarray) -> np.ndarray:
     first = np.ones(len(r), dtype=bool)
     first[1:] = r[1:] != r[:-1]
     return first
-
-
-def _grown(old: np.ndarray | None, shape: tuple[int, ...], fill: float, dtype: type) -> np.ndarray:
-    new = np.full(shape, fill, dtype=dtype)
-    if old is not None:
-        new[: len(old)] = old
-    return new

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from detector.rows import grown, needed
+
 __all__ = ["RegimeDetector"]
 
 
@@ -33,11 +35,9 @@ class RegimeDetector:
         self.low = np.zeros(0)
 
     def _ensure(self, rows: np.ndarray) -> None:
-        need = int(rows.max()) + 1 if len(rows) else 0
-        if need > len(self.n):
-            grow = need - len(self.n)
-            self.n = np.r_[self.n, np.zeros(grow, np.int64)]
-            self.mean, self.cum, self.low = (np.r_[a, np.zeros(grow)] for a in (self.mean, self.cum, self.low))
+        cap = needed(rows, len(self.n))
+        if cap:
+            self.n, self.mean, self.cum, self.low = (grown(a, cap) for a in (self.n, self.mean, self.cum, self.low))
 
     def restart(self, rows: np.ndarray) -> None:
         """Start these streams' tests afresh."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from detector.errors import ModelError
+from detector.rows import grown
 
 __all__ = ["SensorGate", "SensorEvents", "SilenceWatch", "REASONS"]
 
@@ -73,16 +74,10 @@ class SensorGate:
     def _ensure(self, capacity: int) -> None:
         if capacity <= self.cap:
             return
-
-        def grow(a: np.ndarray, fill: float) -> np.ndarray:
-            new = np.full((capacity, *a.shape[1:]), fill, a.dtype)
-            new[: self.cap] = a[: self.cap]
-            return new
-
-        self.last = grow(self.last, np.nan)
-        self.run = grow(self.run, 0)
-        self.open = grow(self.open, False)
-        self.opened_at = grow(self.opened_at, 0.0)
+        self.last = grown(self.last, capacity, np.nan)
+        self.run = grown(self.run, capacity)
+        self.open = grown(self.open, capacity, False)
+        self.opened_at = grown(self.opened_at, capacity)
         self.cap = capacity
 
     def adopt(self, other: SensorGate) -> None:
@@ -192,8 +187,7 @@ class SilenceWatch:
 
     def update(self, last_ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows that fell silent and rows that came back, given every stream's newest event time."""
-        if len(last_ts) > len(self.silent):
-            self.silent = np.r_[self.silent, np.zeros(len(last_ts) - len(self.silent), bool)]
+        self.silent = grown(self.silent, len(last_ts), False)
         seen = np.isfinite(last_ts)
         if not seen.any():
             return np.empty(0, np.int64), np.empty(0, np.int64)

@@ -10,6 +10,7 @@ import numpy as np
 
 from detector.artifact import Manifest
 from detector.config import PolicyConfig
+from detector.rows import grown, needed
 
 __all__ = ["ThresholdPolicy", "StaticThreshold", "CalibratedThreshold", "RollingThreshold", "EvtThreshold",
            "StreamOverrides", "BudgetThreshold",
@@ -121,14 +122,9 @@ class RollingThreshold(ThresholdPolicy):
         self.n = np.zeros(0, np.int64)
 
     def _ensure(self, rows: np.ndarray) -> None:
-        need = int(rows.max()) + 1 if len(rows) else 0
-        if need > len(self.n):
-            cap = max(need, 2 * len(self.n))
-            buf = np.full((cap, self.history), np.nan, np.float32)
-            buf[: len(self.buf)] = self.buf
-            self.buf = buf
-            self.pos = np.concatenate([self.pos, np.zeros(cap - len(self.pos), np.int64)])
-            self.n = np.concatenate([self.n, np.zeros(cap - len(self.n), np.int64)])
+        cap = needed(rows, len(self.n))
+        if cap:
+            self.buf, self.pos, self.n = grown(self.buf, cap, np.nan), grown(self.pos, cap), grown(self.n, cap)
 
     def levels(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The base levels, raised to each stream's median + k x MAD once it has enough history."""
@@ -223,27 +219,19 @@ class EvtThreshold(ThresholdPolicy):
         self.n_recent = np.zeros(0, np.int64)
 
     def _ensure(self, rows: np.ndarray) -> None:
-        need = int(rows.max()) + 1 if len(rows) else 0
-        if need <= self.cap:
+        cap = needed(rows, self.cap)
+        if not cap:
             return
-        old, cap = self.cap, max(need, 2 * self.cap)
-        k = len(self._init_peaks)
-
-        def grow(a: np.ndarray, fill: object) -> np.ndarray:
-            new = np.empty((cap, *a.shape[1:]), a.dtype)
-            new[:old] = a[:old]
-            new[old:] = fill
-            return new
-
-        self.peaks = grow(self.peaks, 0.0)
-        self.peaks[old:, :k] = self._init_peaks
-        self.n_peaks = grow(self.n_peaks, k)
-        self.n = grow(self.n, self._init_n)
-        self.fresh = grow(self.fresh, 0)
-        self.warning = grow(self.warning, self._init_levels[0])
-        self.critical = grow(self.critical, self._init_levels[1])
-        self.recent = grow(self.recent, self._init_mean)  # DSPOT starts from the calibration mean
-        self.n_recent = grow(self.n_recent, self.drift_window)
+        old, k = self.cap, len(self._init_peaks)
+        self.peaks = grown(self.peaks, cap)
+        self.peaks[old:, :k] = self._init_peaks  # every new stream starts from the calibration tail
+        self.n_peaks = grown(self.n_peaks, cap, k)
+        self.n = grown(self.n, cap, self._init_n)
+        self.fresh = grown(self.fresh, cap)
+        self.warning = grown(self.warning, cap, self._init_levels[0])
+        self.critical = grown(self.critical, cap, self._init_levels[1])
+        self.recent = grown(self.recent, cap, self._init_mean)  # DSPOT starts from the calibration mean
+        self.n_recent = grown(self.n_recent, cap, self.drift_window)
         self.cap = cap
 
     def _drift(self, rows: np.ndarray) -> np.ndarray:
@@ -309,9 +297,7 @@ class StreamOverrides(ThresholdPolicy):
         self.group = np.full(0, -1, np.int64)
 
     def _groups(self, rows: np.ndarray) -> np.ndarray:
-        need = int(rows.max()) + 1 if len(rows) else 0
-        if need > len(self.group):
-            self.group = np.concatenate([self.group, np.full(need - len(self.group), -1, np.int64)])
+        self.group = grown(self.group, needed(rows, len(self.group)), -1)
         for row in np.unique(rows[self.group[rows] < 0]).tolist():  # once per stream, when it first appears
             name = self.names[row]
             self.group[row] = next((i + 1 for i, g in enumerate(self.globs) if fnmatchcase(name, g)), 0)

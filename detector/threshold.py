@@ -357,4 +357,4 @@ def calibration_sample(manifest: Manifest, n: int | None = None) -> np.ndarray:
     """A sample of calibration window scores rebuilt from the manifest's stored quantiles (inverse CDF)."""
     n = n or int(manifest.training.get("calibration_windows") or 2000)
     n = max(n, 200)
-    return np.array([manifest.quantile(u) for u in (np.arange(n) + 0.5) / n])
+    return np.interp((np.arange(n) + 0.5) / n, manifest.calibration_levels, manifest.calibration_scores)

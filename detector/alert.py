@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from detector.config import AlertConfig
-from detector.rows import grown
+from detector.rows import RowState, grown
 
 __all__ = ["AlertMachine", "Transitions", "NORMAL", "RAISED", "ESCALATED", "alert_id"]
 
@@ -45,7 +45,7 @@ class Transitions:
     severity: np.ndarray  # (E,) object: warning | critical
 
 
-class AlertMachine:
+class AlertMachine(RowState):
     """Runs the alert state machine of every stream over scored windows."""
 
     def __init__(self, cfg: AlertConfig, capacity: int = 0) -> None:
@@ -60,6 +60,16 @@ class AlertMachine:
         self.age = np.zeros(0, np.int32)  # windows since the episode was raised
         self.raised_at = np.zeros(0, np.float64)
         self.ensure(capacity)
+
+    def row_fields(self) -> dict[str, object]:
+        """Window history bits, state, counters and the open episode's start of each stream."""
+        return {name: 0 for name in ("warn_bits", "crit_bits", "state", "below", "cooldown", "raised_at", "age")}
+
+    def import_rows(self, rows: np.ndarray, state: dict[str, np.ndarray] | None) -> list[str]:
+        """Set these streams' state (None: normal, no history)."""
+        if len(rows):
+            self.ensure(int(rows.max()) + 1)
+        return super().import_rows(rows, state)
 
     def ensure(self, capacity: int) -> None:
         """Grow the state arrays to hold `capacity` streams."""

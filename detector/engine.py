@@ -146,6 +146,43 @@ class Engine:
         self.count[rows] = 0
         self.last_val[rows] = 0.0
 
+    _ROW_ARRAYS = {"bts": 0.0, "count": 0, "last_ts": -np.inf, "last_val": 0.0, "level": 1.0}
+
+    def export_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The state of these streams as numpy arrays, rows first: LSTM h and c, window, counters."""
+        with torch.inference_mode():
+            rt = torch.as_tensor(rows, device=self.device)
+            out = {"h": self.h[:, rt].transpose(0, 1).cpu().numpy(), "c": self.c[:, rt].transpose(0, 1).cpu().numpy(),
+                   "buf": self.buf[rt].cpu().numpy(), "bmask": self.bmask[rt].cpu().numpy()}
+        out.update({name: getattr(self, name)[rows] for name in self._ROW_ARRAYS})
+        return out
+
+    def import_rows(self, rows: np.ndarray, state: dict[str, np.ndarray] | None) -> list[str]:
+        """Set these streams' state (None: fresh, as a new stream); return the fields that did not fit."""
+        misfit: list[str] = []
+        if len(rows) == 0:
+            return misfit
+        self.reset(rows)
+        self.last_ts[rows] = -np.inf
+        self.level[rows] = 1.0
+        if state is None:
+            return misfit
+        L, H, W, F = self.model.num_layers, self.model.hidden_size, self.window, self.n_features
+        shapes = {"h": (L, H), "c": (L, H), "buf": (W, F), "bmask": (W, F), "bts": (W,), "count": (),
+                  "last_ts": (), "last_val": (F,), "level": (F,)}
+        misfit = [k for k, shape in shapes.items() if k not in state or state[k].shape != (len(rows), *shape)]
+        if misfit:  # another model's state (window, layers or features differ): the streams start fresh
+            return misfit
+        with torch.inference_mode():
+            rt = torch.as_tensor(rows, device=self.device)
+            self.h[:, rt] = torch.as_tensor(state["h"], device=self.device).transpose(0, 1)
+            self.c[:, rt] = torch.as_tensor(state["c"], device=self.device).transpose(0, 1)
+            self.buf[rt] = torch.as_tensor(state["buf"], device=self.device)
+            self.bmask[rt] = torch.as_tensor(state["bmask"], device=self.device)
+        for name in self._ROW_ARRAYS:
+            getattr(self, name)[rows] = state[name]
+        return misfit
+
     # ----- scoring ---------------------------------------------------------------------------------------
     def score_batch(self, readings: Readings, rows: np.ndarray | None = None) -> EngineResult:
         """Advance every stream in the batch and score the windows it completes (`rows`: from rows_for)."""

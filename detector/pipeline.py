@@ -21,6 +21,7 @@ from detector.decode import Decoder, Readings, Reject
 from detector.engine import Engine, WindowScores
 from detector.maintenance import MaintenanceSchedule
 from detector.regime import RegimeDetector
+from detector.rows import RowState, grown
 from detector.sensors import SensorEvents, SensorGate, SilenceWatch
 from detector.threshold import build_threshold
 
@@ -45,6 +46,7 @@ class BatchOutput:
     readings: Readings | None = None
     windows: WindowScores | None = None
     warning: np.ndarray | None = None  # (K,) level in force for each window
+    replayed: int = 0  # readings skipped because the stream's restored state already holds them
 
     @property
     def n_readings(self) -> int:
@@ -52,8 +54,14 @@ class BatchOutput:
         return 0 if self.readings is None else len(self.readings)
 
 
-class Pipeline:
-    """The detector's stages wired in order, for any source of record batches."""
+class Pipeline(RowState):
+    """The detector's stages wired in order, for any source of record batches.
+
+    Every stage keeps its per-stream state in rows of arrays; `export_rows` and `import_rows` move the state of
+    a set of streams out of and into all of them at once (checkpoints). Beside it the pipeline keeps, per
+    stream, where its newest reading came from (topic, partition, offset): after a restore, readings from
+    records at or before that offset are already in the state and are skipped, so a replay never counts twice.
+    """
 
     def __init__(self, cfg: Config, artifact: Artifact, device: str = "cpu") -> None:
         m = artifact.manifest
@@ -75,8 +83,95 @@ class Pipeline:
         self.gate = SensorGate(m.features, cfg.sensors.flatline_readings, dict(cfg.sensors.limits),
                                dict(cfg.sensors.missing))
         self.silence = SilenceWatch(cfg.sensors.silent_after_s) if cfg.sensors.silent_after_s > 0 else None
-        self.silent_since: dict[int, float] = {}  # row -> event time of its last reading before it fell silent
+        self.silent_since = np.zeros(0)  # per row: event time of its last reading before it fell silent, else NaN
         self.maintenance = MaintenanceSchedule(cfg.alerts.maintenance, self.engine.streams)
+        self.topics: list[str] = []  # input topics seen, indexed by in_topic
+        self.in_topic = np.zeros(0, np.int64)
+        self.in_partition = np.zeros(0, np.int64)
+        self.in_offset = np.zeros(0, np.int64)
+        self.dirty = np.zeros(0, bool)  # changed since the last checkpoint
+
+    # ----- per-stream state --------------------------------------------------------------------------------
+    def row_fields(self) -> dict[str, object]:
+        """Where each stream's newest reading came from, and since when it is silent."""
+        return {"in_topic": -1, "in_partition": -1, "in_offset": -1, "silent_since": np.nan}
+
+    def _stages(self) -> dict[str, RowState | None]:
+        return {"engine": self.engine, "alerts": self.alerts, "threshold": self.threshold, "regime": self.regime,
+                "gate": self.gate, "silence": self.silence}
+
+    def _ensure_rows(self) -> None:
+        cap = self.engine.capacity
+        self.alerts.ensure(cap)
+        for name, fill in (*self.row_fields().items(), ("dirty", False)):
+            setattr(self, name, grown(getattr(self, name), cap, fill))
+
+    def export_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The whole per-stream state of these rows, `stage.field` -> array with one entry per row."""
+        out = {f"pipeline.{k}": v for k, v in super().export_rows(rows).items()}
+        for stage, obj in self._stages().items():
+            if obj is not None:
+                out.update({f"{stage}.{k}": v for k, v in obj.export_rows(rows).items()})
+        return out
+
+    def import_rows(self, rows: np.ndarray, state: dict[str, np.ndarray] | None) -> list[str]:
+        """Set the whole state of these rows (None: fresh streams); return the fields that did not fit."""
+        self._ensure_rows()
+
+        def part(prefix: str) -> dict[str, np.ndarray] | None:
+            if state is None:
+                return None
+            return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+        misfit = [f"pipeline.{k}" for k in super().import_rows(rows, part("pipeline"))]
+        for stage, obj in self._stages().items():
+            if obj is not None:
+                misfit += [f"{stage}.{k}" for k in obj.import_rows(rows, part(stage))]
+        self.dirty[rows] = False
+        return misfit
+
+    def streams_at(self, rows: np.ndarray) -> list[str]:
+        """The stream ids of these rows."""
+        return [self.engine.streams[int(r)] for r in rows]
+
+    def rows_on(self, partitions: set[tuple[str, int]]) -> np.ndarray:
+        """Rows of the streams whose newest reading came from one of these (topic, partition)s."""
+        self._ensure_rows()
+        n = len(self.engine.streams)
+        hit = np.zeros(n, bool)
+        for topic, p in partitions:
+            if topic in self.topics:
+                hit |= (self.in_topic[:n] == self.topics.index(topic)) & (self.in_partition[:n] == p)
+        return np.flatnonzero(hit)
+
+    def take_dirty(self) -> np.ndarray:
+        """Rows changed since the last call (to checkpoint), and mark them clean."""
+        self._ensure_rows()
+        rows = np.flatnonzero(self.dirty)
+        self.dirty[rows] = False
+        return rows
+
+    def _skip_replayed(self, records: list[Record], readings: Readings, rows: np.ndarray) -> tuple[np.ndarray, int]:
+        """Mark where each stream's readings come from; drop those its state already holds (a replay)."""
+        self._ensure_rows()
+        src = readings.source
+        topic_of = {}
+        for t in {records[i].topic for i in np.unique(src).tolist()}:
+            if t not in self.topics:
+                self.topics.append(t)
+            topic_of[t] = self.topics.index(t)
+        rec_topic = np.fromiter((topic_of[r.topic] for r in records), np.int64, len(records))[src]
+        rec_part = np.fromiter((r.partition for r in records), np.int64, len(records))[src]
+        rec_off = np.fromiter((r.offset for r in records), np.int64, len(records))[src]
+        seen = (self.in_topic[rows] == rec_topic) & (self.in_partition[rows] == rec_part) & (
+            rec_off <= self.in_offset[rows])
+        keep = ~seen
+        k = rows[keep]
+        self.in_topic[k], self.in_partition[k] = rec_topic[keep], rec_part[keep]
+        order = np.lexsort((rec_off[keep], k))  # the newest offset of each row lands last
+        self.in_offset[k[order]] = rec_off[keep][order]
+        self.dirty[k] = True
+        return keep, int(seen.sum())
 
     LIVE_SECTIONS = ("thresholds", "alerts", "sensors")
     """Configuration sections that a reload applies to the running pipeline; the others need a restart."""
@@ -120,9 +215,16 @@ class Pipeline:
     def process(self, records: list[Record], now: float) -> BatchOutput:
         """Run one batch of raw records through every stage; `now` is wall-clock epoch seconds."""
         readings, rejects = self.decoder.decode(records, now)
-        sensor_events, rows = None, None
+        sensor_events, replayed = None, 0
+        self._ensure_rows()
+        rows = self.engine.rows_for(readings.streams)  # looked up once, for every stage
+        if len(readings):
+            keep, replayed = self._skip_replayed(records, readings, rows)
+            if replayed:
+                readings = Readings(readings.streams[keep], readings.ts[keep], readings.values[keep],
+                                    readings.source[keep])
+                rows = rows[keep]
         if self.gate.enabled and len(readings):
-            rows = self.engine.rows_for(readings.streams)  # looked up once, for the gate and the engine
             readings.values, sensor_events = self.gate.check(rows, readings.ts, readings.values)
         res = self.engine.score_batch(readings, rows)
         for i, why in zip(res.dropped, res.dropped_reason, strict=True):
@@ -149,16 +251,19 @@ class Pipeline:
             alerts.extend(self._sensor_alert(records, readings, sensor_events, e) for e in range(len(sensor_events)))
         if self.silence is not None and records:
             went, back = self.silence.update(self.engine.last_ts[: len(self.engine.streams)])
+            self.dirty[went] = self.dirty[back] = True
             alerts.extend(self._silence_alert(records[-1], int(r), state) for rows, state in
                           ((went, "raised"), (back, "cleared")) for r in rows)
-        return BatchOutput(alerts, rejects, readings, ws, warning)
+        return BatchOutput(alerts, rejects, readings, ws, warning, replayed)
 
     def _silence_alert(self, rec: Record, row: int, state: str) -> dict[str, Any]:
         stream = self.engine.streams[row]
         m = self.manifest
-        quiet_since = float(self.silent_since.setdefault(row, float(self.engine.last_ts[row])))
+        if np.isnan(self.silent_since[row]):
+            self.silent_since[row] = self.engine.last_ts[row]
+        quiet_since = float(self.silent_since[row])
         if state == "cleared":
-            del self.silent_since[row]
+            self.silent_since[row] = np.nan
         return {
             "alert_id": alert_id(f"{m.model_version or m.name}|*|silent", stream, quiet_since),
             "kind": "sensor_fault",

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from detector.rows import grown, needed
+from detector.rows import RowState, grown, needed
 
 __all__ = ["RegimeDetector"]
 
 
-class RegimeDetector:
+class RegimeDetector(RowState):
     """Page-Hinkley tests on the log window scores of every stream, one row per stream.
 
     >>> d = RegimeDetector(delta=0.1, threshold=5.0, min_windows=10)
@@ -33,6 +33,10 @@ class RegimeDetector:
         self.mean = np.zeros(0)
         self.cum = np.zeros(0)
         self.low = np.zeros(0)
+
+    def row_fields(self) -> dict[str, object]:
+        """Each stream's test: windows seen, mean, cumulative sum and its minimum."""
+        return {"n": 0, "mean": 0.0, "cum": 0.0, "low": 0.0}
 
     def _ensure(self, rows: np.ndarray) -> None:
         cap = needed(rows, len(self.n))

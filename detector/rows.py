@@ -24,3 +24,45 @@ def needed(rows: np.ndarray, have: int) -> int:
     """The capacity to grow to so that every row in `rows` fits: 0 when it already does, else doubling."""
     need = int(rows.max()) + 1 if len(rows) else 0
     return max(need, 2 * have) if need > have else 0
+
+
+def take(a: np.ndarray, rows: np.ndarray, fill: object = 0) -> np.ndarray:
+    """`a[rows]`, with `fill` for rows beyond the end of `a` (streams it has not seen yet).
+
+    >>> take(np.array([5, 6]), np.array([1, 3]), fill=-1).tolist()
+    [6, -1]
+    """
+    out = np.full((len(rows), *a.shape[1:]), fill, a.dtype)
+    inside = rows < len(a)
+    out[inside] = a[rows[inside]]
+    return out
+
+
+class RowState:
+    """Per-stream state held in numpy arrays, one row per stream: exported and imported by row (checkpoints)."""
+
+    def row_fields(self) -> dict[str, object]:
+        """Name of each per-stream array attribute, with the value of a fresh row."""
+        return {}
+
+    def export_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The state of these streams, one array per field, rows first."""
+        return {name: take(getattr(self, name), rows, fill) for name, fill in self.row_fields().items()}
+
+    def import_rows(self, rows: np.ndarray, state: dict[str, np.ndarray] | None) -> list[str]:
+        """Set these streams' state (None: fresh); return the fields that did not fit and were left fresh."""
+        misfit = []
+        for name, fill in self.row_fields().items():
+            a = getattr(self, name)
+            cap = needed(rows, len(a))
+            if cap:
+                a = grown(a, cap, fill)
+                setattr(self, name, a)
+            value = None if state is None else state.get(name)
+            if value is not None and value.shape == (len(rows), *a.shape[1:]):
+                a[rows] = value
+            else:
+                a[rows] = fill
+                if state is not None:
+                    misfit.append(name)
+        return misfit

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from detector.errors import ModelError
-from detector.rows import grown
+from detector.rows import RowState, grown
 
 __all__ = ["SensorGate", "SensorEvents", "SilenceWatch", "REASONS"]
 
@@ -40,7 +40,7 @@ class SensorEvents:
         return len(self.rows)
 
 
-class SensorGate:
+class SensorGate(RowState):
     """Finds stuck and out-of-range values per stream and feature, removes them, reports episodes."""
 
     def __init__(self, features: list[str], flatline_readings: int = 0,
@@ -70,6 +70,16 @@ class SensorGate:
         self.run = np.zeros((0, F), np.int64)
         self.open = np.zeros((0, F, len(REASONS)), bool)
         self.opened_at = np.zeros((0, F, len(REASONS)))
+
+    def row_fields(self) -> dict[str, object]:
+        """Each stream's last values, repeat runs and open episodes."""
+        return {"last": np.nan, "run": 0, "open": False, "opened_at": 0.0}
+
+    def import_rows(self, rows: np.ndarray, state: dict[str, np.ndarray] | None) -> list[str]:
+        """Set these streams' state (None: fresh)."""
+        if len(rows):
+            self._ensure(int(rows.max()) + 1)
+        return super().import_rows(rows, state)
 
     def _ensure(self, capacity: int) -> None:
         if capacity <= self.cap:
@@ -166,7 +176,7 @@ def _no_events() -> SensorEvents:
                         e.astype(np.int64), e, e)
 
 
-class SilenceWatch:
+class SilenceWatch(RowState):
     """Streams that stopped sending: silent once their newest reading is `after_s` older than the fleet's.
 
     Time is event time: the newest reading of any stream is the clock (a watermark), so a replay of old data
@@ -184,6 +194,10 @@ class SilenceWatch:
     def __init__(self, after_s: float) -> None:
         self.after_s = after_s
         self.silent = np.zeros(0, bool)
+
+    def row_fields(self) -> dict[str, object]:
+        """Whether each stream is silent."""
+        return {"silent": False}
 
     def update(self, last_ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows that fell silent and rows that came back, given every stream's newest event time."""

@@ -10,14 +10,14 @@ import numpy as np
 
 from detector.artifact import Manifest
 from detector.config import PolicyConfig
-from detector.rows import grown, needed
+from detector.rows import RowState, grown, needed
 
 __all__ = ["ThresholdPolicy", "StaticThreshold", "CalibratedThreshold", "RollingThreshold", "EvtThreshold",
            "StreamOverrides", "BudgetThreshold",
            "fit_gpd", "pot_quantile", "build_threshold"]
 
 
-class ThresholdPolicy(ABC):
+class ThresholdPolicy(RowState, ABC):
     """Gives each scored window its warning and critical level."""
 
     name: str
@@ -121,6 +121,10 @@ class RollingThreshold(ThresholdPolicy):
         self.pos = np.zeros(0, np.int64)
         self.n = np.zeros(0, np.int64)
 
+    def row_fields(self) -> dict[str, object]:
+        """The score history ring of each stream."""
+        return {"buf": np.nan, "pos": 0, "n": 0}
+
     def _ensure(self, rows: np.ndarray) -> None:
         cap = needed(rows, len(self.n))
         if cap:
@@ -218,6 +222,19 @@ class EvtThreshold(ThresholdPolicy):
         self.recent = np.zeros((0, max(drift_window, 1)))
         self.n_recent = np.zeros(0, np.int64)
 
+    def row_fields(self) -> dict[str, object]:
+        """Each stream's peaks, counts, levels and (DSPOT) recent normal scores; a fresh row is the calibration's."""
+        first = np.zeros(self.max_peaks, np.float32)
+        first[: len(self._init_peaks)] = self._init_peaks
+        return {"peaks": first, "n_peaks": len(self._init_peaks), "n": self._init_n, "fresh": 0,
+                "warning": self._init_levels[0], "critical": self._init_levels[1], "recent": self._init_mean,
+                "n_recent": self.drift_window}
+
+    def import_rows(self, rows: np.ndarray, state: dict[str, np.ndarray] | None) -> list[str]:
+        """Set these streams' state (None: fresh, from the calibration tail)."""
+        self._ensure(rows)
+        return super().import_rows(rows, state)
+
     def _ensure(self, rows: np.ndarray) -> None:
         cap = needed(rows, self.cap)
         if not cap:
@@ -306,6 +323,19 @@ class StreamOverrides(ThresholdPolicy):
     def policy_of(self, row: int) -> str:
         """The name of the policy in force for a stream row."""
         return self.policies[int(self._groups(np.array([row]))[0])].name
+
+    def export_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Every policy's state of these streams, its fields prefixed by the policy's position."""
+        return {f"{i}.{k}": v for i, p in enumerate(self.policies) for k, v in p.export_rows(rows).items()}
+
+    def import_rows(self, rows: np.ndarray, state: dict[str, np.ndarray] | None) -> list[str]:
+        """Set every policy's state of these streams (None: fresh)."""
+        misfit = []
+        for i, p in enumerate(self.policies):
+            mine = None if state is None else {k.split(".", 1)[1]: v for k, v in state.items()
+                                               if k.startswith(f"{i}.")}
+            misfit += [f"{i}.{k}" for k in p.import_rows(rows, mine)]
+        return misfit
 
     def levels(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each window's levels from its stream's policy."""

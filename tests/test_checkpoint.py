@@ -1,0 +1,126 @@
+"""Checkpoints: a stream's whole state survives encode, decode and restore, and a replay never counts twice."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+from safetensors.numpy import save as st_save
+
+from consumers.base import Record
+from detector.artifact import Artifact
+from detector.checkpoint import decode, encode, restore, snapshot
+from detector.config import Config, parse_config
+from detector.pipeline import Pipeline
+from tests.test_pipeline import feed, trained  # noqa: F401 (fixture)
+
+CFG = {
+    "alerts": {"k": 2, "n": 3, "regime": {"enabled": True, "min_windows": 5}},
+    "thresholds": {"policy": "rolling", "rolling": {"min_history": 5},
+                   "overrides": [{"streams": "m1*", "policy": "evt", "evt": {"drift_window": 5}}]},
+    "sensors": {"flatline_readings": 6, "silent_after_s": 900},
+}
+
+
+def run(pipe: Pipeline, records: list[Record], batch: int = 101) -> tuple[list[dict], list[tuple]]:
+    """Alerts and (stream, end_ts, score) of every window, batch by batch."""
+    alerts, windows = [], []
+    for i in range(0, len(records), batch):
+        out = pipe.process(records[i : i + batch], now=2e9)
+        alerts += out.alerts
+        ws = out.windows
+        windows += [(pipe.engine.streams[int(r)], float(t), float(s)) for r, t, s in zip(ws.rows, ws.end_ts, ws.score,
+                                                                                            strict=True)]
+    return alerts, windows
+
+
+def identity(alert: dict) -> tuple:
+    """What must be identical between two runs over the same input."""
+    return alert["window_end"], alert["stream"], alert["kind"], alert["state"], alert["alert_id"], \
+        tuple(alert["input"].values())
+
+
+def stuck(records: list[Record]) -> list[Record]:
+    """Stream m2's first sensor frozen for a stretch, so the gate's state matters too."""
+    out = []
+    for r in records:
+        body = orjson.loads(r.value)
+        if body["stream"] == "m2" and 200 * 60 <= body["ts"] - 1_700_000_000 < 260 * 60:
+            body["values"]["temp"] = 51.125
+            r = Record(r.topic, r.partition, r.offset, r.key, orjson.dumps(body), r.timestamp_ms)
+        out.append(r)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cfg() -> Config:
+    return parse_config(CFG)
+
+
+def test_encode_decode_round_trip() -> None:
+    arrays = {"engine.h": np.arange(6, dtype=np.float32).reshape(1, 2, 3), "alerts.state": np.array([2], np.int8),
+              "gate.open": np.array([[True, False]])}
+    meta, back = decode(encode("pump-1", arrays, {"model_version": "v1", "topic": "in", "partition": "3"}))
+    assert meta["stream"] == "pump-1" and meta["partition"] == "3" and meta["model_version"] == "v1"
+    assert set(back) == set(arrays)
+    for k, v in arrays.items():
+        assert back[k].dtype == v.dtype and np.array_equal(back[k], v)
+
+
+@pytest.mark.parametrize("value", [b"", b"garbage that is not safetensors", st_save({"x": np.zeros(1)})])
+def test_decode_refuses_what_is_not_a_checkpoint(value: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode(value)
+
+
+def test_restore_then_replay_equals_an_uninterrupted_run(trained: Artifact, cfg: Config) -> None:  # noqa: F811
+    records = stuck(feed(12, 420, {1: 250, 4: 300, 7: 200}))
+    whole_alerts, whole_windows = run(Pipeline(cfg, trained), records)
+    assert {a["kind"] for a in whole_alerts} >= {"anomaly", "sensor_fault"}, "the run exercises alerts and the gate"
+
+    # first part, then a checkpoint of every stream, as the daemon writes it at a commit
+    cut = len(records) * 2 // 5
+    first = Pipeline(cfg, trained)
+    a1, w1 = run(first, records[:cut])
+    dirty = first.take_dirty()
+    assert len(dirty) == 12 and len(first.take_dirty()) == 0
+    values = [c.value for c in snapshot(first, dirty)]
+
+    # a fresh process restores them, then reads again from an earlier offset (the last commit was older):
+    # what the state already holds is skipped, so every window is scored exactly as in the uninterrupted run
+    second = Pipeline(cfg, trained)
+    report = restore(second, values)
+    assert report.restored == 12 and report.misfit == [] and report.skipped == {}
+    replay_from = cut - 300
+    a2, w2 = run(second, records[replay_from:])
+    # the same alerts; scores and levels agree to float tolerance (the model runs batches of another shape)
+    mine, theirs = sorted(a1 + a2, key=identity), sorted(whole_alerts, key=identity)
+    assert [identity(a) for a in mine] == [identity(a) for a in theirs]
+    np.testing.assert_allclose([a.get("score", 0) for a in mine], [a.get("score", 0) for a in theirs], rtol=1e-5)
+    got, whole_windows = sorted(w1 + w2), sorted(whole_windows)  # batches cut elsewhere interleave streams otherwise
+    assert [(s, t) for s, t, _ in got] == [(s, t) for s, t, _ in whole_windows]
+    np.testing.assert_allclose([x for *_, x in got], [x for *_, x in whole_windows], rtol=1e-5)
+
+
+def test_checkpoints_follow_the_input_partition(trained: Artifact, cfg: Config) -> None:  # noqa: F811
+    pipe = Pipeline(cfg, trained)
+    run(pipe, feed(6, 40, {}))
+    cps = snapshot(pipe, pipe.take_dirty())
+    assert {(c.stream, c.topic, c.partition) for c in cps} == {(f"m{s}", "in", s % 3) for s in range(6)}
+    assert sorted(pipe.streams_at(pipe.rows_on({("in", 1)}))) == ["m1", "m4"]
+
+
+def test_a_checkpoint_of_another_model_or_layout_leaves_the_stream_fresh(trained: Artifact, cfg: Config) -> None:  # noqa: F811
+    pipe = Pipeline(cfg, trained)
+    run(pipe, feed(2, 40, {}))
+    good = snapshot(pipe, pipe.take_dirty())
+    meta, arrays = decode(good[0].value)
+    other_model = encode(meta["stream"], arrays, {**meta, "model_version": "someone-else"})
+    arrays["engine.h"] = arrays["engine.h"][:, :, :3]  # a model with another hidden size
+    other_layout = encode(meta["stream"], arrays, meta)
+    fresh = Pipeline(cfg, trained)
+    report = restore(fresh, [other_model, b"junk", other_layout])
+    assert report.skipped == {"other_model": 1, "unreadable": 1}
+    assert report.restored == 1 and "engine.h" in report.misfit
+    row = fresh.engine.rows_for(np.array([meta["stream"]], dtype=object))
+    assert fresh.engine.count[row].tolist() == [0] and fresh.engine.last_ts[row].tolist() == [-np.inf]

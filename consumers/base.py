@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-__all__ = ["Record", "Source", "Sink", "SinkError", "Offsets"]
+__all__ = ["Record", "Source", "Sink", "SinkError", "SinkTimeout", "RebalanceError", "Offsets"]
 
 Offsets = dict[tuple[str, int], int]
 """Next offset to read, per (topic, partition): what a commit stores."""
@@ -27,6 +27,14 @@ class SinkError(Exception):
     """A sink could not make its records durable; nothing covered by them may be committed."""
 
 
+class SinkTimeout(SinkError):
+    """Records are still waiting for acknowledgement (the brokers are slow or away); they may yet succeed."""
+
+
+class RebalanceError(Exception):
+    """The consumer group moved on (partitions reassigned) before a commit: the commit was refused."""
+
+
 class Source(ABC):
     """Hands out batches of records, never single ones, and commits what downstream made durable."""
 
@@ -42,13 +50,37 @@ class Source(ABC):
     def close(self) -> None:
         """Release the source (for Kafka: leave the consumer group)."""
 
+    @property
+    def generation(self) -> int:
+        """Changes whenever the source's partition assignment changes (a fixed source: always 0)."""
+        return 0
+
+    def assignment(self) -> set[tuple[str, int]]:
+        """The (topic, partition)s this source reads now."""
+        return set()
+
+    def rewind(self, partitions: set[tuple[str, int]]) -> None:  # noqa: B027 (a fixed source has nothing to do)
+        """Go back to the committed offsets of these partitions (after a rebalance or an aborted commit)."""
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Messages behind the end of each partition read (unknown: empty)."""
+        return {}
+
+    def group_metadata(self) -> object:
+        """What a transactional commit of this source's offsets needs to name its consumer group."""
+        return None
+
 
 class Sink(ABC):
     """Takes records to publish; flush() returns only when all of them are durable, else raises SinkError."""
 
+    transactional = False
+    """True when records, and the source's offsets, commit atomically (begin, commit_transaction, abort)."""
+
     @abstractmethod
-    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
-        """Queue one record for `topic`."""
+    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None,
+             partition: int | None = None) -> None:
+        """Queue one record for `topic` (to `partition`, else the partitioner's choice by key)."""
 
     @abstractmethod
     def flush(self, timeout_s: float) -> None:
@@ -57,3 +89,15 @@ class Sink(ABC):
     @abstractmethod
     def close(self) -> None:
         """Flush what is pending and release the sink."""
+
+    def begin(self) -> None:
+        """Start a transaction (transactional sinks only)."""
+        raise NotImplementedError(f"{type(self).__name__} is not transactional")
+
+    def commit_transaction(self, offsets: Offsets, group: object) -> None:
+        """Commit the records sent since begin() together with the source's offsets, or raise."""
+        raise NotImplementedError(f"{type(self).__name__} is not transactional")
+
+    def abort(self) -> None:
+        """Drop the records sent since begin()."""
+        raise NotImplementedError(f"{type(self).__name__} is not transactional")

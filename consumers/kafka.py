@@ -1,25 +1,41 @@
-"""The Kafka edge: a consumer-group source and an acknowledged producer sink (kafka-python).
+"""The Kafka edge: a consumer-group source, an acknowledged (optionally transactional) producer sink, and the
+compacted topic of per-stream checkpoints (kafka-python).
 
 Every setting that matters is set here explicitly, since kafka-python's defaults are not ours: auto-commit
-off (offsets are committed only after the work they cover is durable), acks=all with idempotence, and the
-offset reset policy from the configuration.
+off (offsets are committed only after the work they cover is durable), acks=all with idempotence,
+read_committed, and the offset reset policy from the configuration.
+
+kafka-python runs rebalance listeners on its own I/O loop, where a blocking commit would stall the group, so
+the listener here only counts generations; the daemon notices the change after a poll and rewinds (see
+detector/daemon.py).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError
+from kafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaError,
+    KafkaTimeoutError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
 from kafka.structs import OffsetAndMetadata
 
-from consumers.base import Offsets, Record, Sink, SinkError, Source
+from consumers.base import Offsets, RebalanceError, Record, Sink, SinkError, SinkTimeout, Source
 
-__all__ = ["KafkaSource", "KafkaSink", "RebalanceEvents"]
+__all__ = ["KafkaSource", "KafkaSink", "RebalanceEvents", "StateTopic", "StateTopicError"]
+
+_GROUP_MOVED = (CommitFailedError, IllegalGenerationError, RebalanceInProgressError, UnknownMemberIdError)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +55,10 @@ class RebalanceEvents(ConsumerRebalanceListener):
             self.generation += 1
         log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
 
+    def on_partitions_lost(self, lost: Any) -> None:
+        """Forget partitions taken away without a revocation (this member was evicted)."""
+        self.on_partitions_revoked(lost)
+
     def on_partitions_assigned(self, assigned: Any) -> None:
         """Remember newly assigned partitions."""
         with self._lock:
@@ -54,6 +74,7 @@ class KafkaSource(Source):
                  auto_offset_reset: str = "earliest", max_poll_records: int = 5000,
                  session_timeout_ms: int = 10000) -> None:
         self.events = RebalanceEvents()
+        self._reset = auto_offset_reset
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=group_id,
@@ -79,31 +100,75 @@ class KafkaSource(Source):
         ]
 
     def commit(self, offsets: Offsets) -> None:
-        """Commit the next offsets to read, synchronously."""
+        """Commit the next offsets to read, synchronously; RebalanceError when the group has moved on."""
         if offsets:
-            self._consumer.commit(
-                {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
-            )
+            try:
+                self._consumer.commit(to_kafka_offsets(offsets))
+            except _GROUP_MOVED as exc:
+                raise RebalanceError(f"offset commit refused: {type(exc).__name__}") from exc
 
-    def lag(self) -> int:
-        """Messages between the consumer's position and the end of its assigned partitions."""
-        total = 0
+    @property
+    def generation(self) -> int:
+        """Changes with every revocation and assignment."""
+        return self.events.generation
+
+    def assignment(self) -> set[tuple[str, int]]:
+        """The partitions assigned to this member now."""
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def rewind(self, partitions: set[tuple[str, int]]) -> None:
+        """Seek each partition back to its committed offset (or per auto_offset_reset when it has none)."""
+        for topic, p in sorted(partitions):
+            tp = TopicPartition(topic, p)
+            offset = self._consumer.committed(tp)
+            if offset is not None:
+                self._consumer.seek(tp, offset)
+            elif self._reset == "earliest":
+                self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek_to_end(tp)
+
+    def group_metadata(self) -> object:
+        """The member's group metadata, for a transactional offset commit (fencing per KIP-447)."""
+        return self._consumer.group_metadata()
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Messages between the consumer's position and the end of each assigned partition (as last fetched)."""
+        out = {}
         for tp in self._consumer.assignment():
             high = self._consumer.highwater(tp)
             if high is not None:
-                total += max(high - self._consumer.position(tp), 0)
-        return total
+                out[(tp.topic, tp.partition)] = max(high - self._consumer.position(tp), 0)
+        return out
+
+    def partitions_of(self, topics: list[str]) -> dict[str, int]:
+        """The number of partitions of each topic (as the cluster metadata has them)."""
+        return {t: len(self._consumer.partitions_for_topic(t) or ()) for t in topics}
 
     def close(self) -> None:
         """Leave the group and close the connection (no auto-commit: we commit ourselves)."""
         self._consumer.close(autocommit=False, timeout_ms=5000)
 
 
+def to_kafka_offsets(offsets: Offsets) -> dict[TopicPartition, OffsetAndMetadata]:
+    """kafka-python's form of a commit."""
+    return {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+
+
 class KafkaSink(Sink):
-    """An idempotent acks=all producer; flush() waits for every acknowledgement and reports failures."""
+    """An idempotent acks=all producer; flush() waits for every acknowledgement and reports failures.
+
+    With a `transactional_id`, records sent between begin() and commit_transaction() commit atomically with
+    the consumer's offsets; init_transactions() at start-up aborts whatever a previous process with the same
+    id left open.
+    """
 
     def __init__(self, bootstrap: str, *, client: dict[str, Any], linger_ms: int = 5,
+                 transactional_id: str | None = None, transaction_timeout_ms: int = 60000,
                  on_error: Callable[[str, Exception], None] | None = None) -> None:
+        tx = {"transactional_id": transactional_id, "transaction_timeout_ms": transaction_timeout_ms} \
+            if transactional_id else {}
+        self.transactional = bool(transactional_id)
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap,
             acks="all",
@@ -114,30 +179,145 @@ class KafkaSink(Sink):
             delivery_timeout_ms=120000,
             compression_type=None,
             max_block_ms=30000,
+            **tx,
             **client,
         )
+        if self.transactional:
+            self._producer.init_transactions()
         self._futures: list[Any] = []
+        self.in_transaction = False
 
-    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
+    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None,
+             partition: int | None = None) -> None:
         """Queue one record."""
         try:
-            self._futures.append(self._producer.send(topic, key=key, value=value, headers=headers or []))
+            self._futures.append(self._producer.send(topic, key=key, value=value, headers=headers or [],
+                                                     partition=partition))
         except KafkaError as exc:  # e.g. no metadata for the topic within max_block_ms
             raise SinkError(f"cannot send to topic {topic!r}: {exc}") from exc
 
     def flush(self, timeout_s: float) -> None:
-        """Wait until every queued record is acknowledged by all in-sync replicas."""
-        futures, self._futures = self._futures, []
+        """Wait until every queued record is acknowledged by all in-sync replicas.
+
+        SinkTimeout when some are still in flight after timeout_s (call again to go on waiting), SinkError
+        when one failed for good.
+        """
         try:
             self._producer.flush(timeout=timeout_s)
+        except KafkaTimeoutError as exc:
+            raise SinkTimeout(f"{sum(not f.is_done for f in self._futures)} records not yet acknowledged "
+                              f"after {timeout_s:g} s") from exc
         except KafkaError as exc:
             raise SinkError(f"producer flush failed: {exc}") from exc
+        futures, self._futures = self._futures, []
         for fut in futures:
             if not fut.is_done:
-                raise SinkError("producer flush timed out before every record was acknowledged")
+                self._futures = [f for f in futures if not f.is_done]
+                raise SinkTimeout("producer flush returned before every record was acknowledged")
             if fut.failed():
                 raise SinkError(f"record not acknowledged: {fut.exception}") from fut.exception
+
+    def begin(self) -> None:
+        """Start a transaction."""
+        self._producer.begin_transaction()
+        self.in_transaction = True
+
+    def commit_transaction(self, offsets: Offsets, group: object) -> None:
+        """Add the consumer's offsets to the transaction and commit it; RebalanceError when fenced by the group."""
+        try:
+            if offsets:
+                self._producer.send_offsets_to_transaction(to_kafka_offsets(offsets), group)
+            self._producer.commit_transaction()
+        except _GROUP_MOVED as exc:
+            raise RebalanceError(f"transactional offset commit refused: {type(exc).__name__}") from exc
+        except KafkaError as exc:
+            raise SinkError(f"transaction not committed: {type(exc).__name__}: {exc}") from exc
+        self.in_transaction = False
+        self._futures = []
+
+    def abort(self) -> None:
+        """Abort the open transaction (its records are never seen by read_committed readers)."""
+        try:
+            self._producer.abort_transaction()
+        except KafkaError as exc:
+            raise SinkError(f"transaction not aborted: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.in_transaction = False
+            self._futures = []
 
     def close(self) -> None:
         """Flush and close the producer."""
         self._producer.close(timeout=5)
+
+
+class StateTopicError(Exception):
+    """The checkpoint topic exists but cannot serve (partitions or cleanup policy wrong); the message says why."""
+
+
+class StateTopic:
+    """The compacted topic of per-stream checkpoints: one partition per input partition, keyed by stream id."""
+
+    def __init__(self, bootstrap: str, topic: str, *, client: dict[str, Any]) -> None:
+        self.bootstrap, self.topic, self.client = bootstrap, topic, client
+
+    def ensure(self, input_topics: list[str], replication: int = -1) -> int:
+        """Create the topic (compacted, as many partitions as the input) or check it; return its partitions."""
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, **self.client)
+        try:
+            described = {t["name"]: t for t in admin.describe_topics(list(input_topics))}
+            counts = {t: (0 if d.get("error_code") else len(d["partitions"])) for t, d in described.items()}
+            if len(set(counts.values())) != 1 or 0 in counts.values():
+                raise StateTopicError(
+                    "the input topics must exist and all have the same number of partitions to share a state "
+                    "topic (input.topics); found " + ", ".join(f"{t}: {n or 'missing'}" for t, n in counts.items()))
+            want = next(iter(counts.values()))
+            found = {t["name"]: t for t in admin.describe_topics([self.topic])}.get(self.topic)
+            if found is None or found.get("error_code"):
+                log.info("creating state topic %s: %d partitions, cleanup.policy=compact", self.topic, want)
+                admin.create_topics({self.topic: {"num_partitions": want, "replication_factor": replication,
+                                                  "configs": {"cleanup.policy": "compact"}}},
+                                    raise_errors=False, wait_for_metadata=True)
+                found = {t["name"]: t for t in admin.describe_topics([self.topic])}.get(self.topic)
+            have = len(found["partitions"]) if found else 0
+            configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, self.topic, None)],
+                                             config_filter="all")
+            policy = configs.get("topic", {}).get(self.topic, {}).get("cleanup.policy", {}).get("value", "")
+        finally:
+            admin.close()
+        if have != want:
+            raise StateTopicError(f"state topic {self.topic} has {have} partitions but the input has {want}: it "
+                                  f"must be co-partitioned (delete it, or set delivery.state_topic to a new name)")
+        if "compact" not in policy.split(","):
+            raise StateTopicError(f"state topic {self.topic} has cleanup.policy={policy or '?'}; it must be compact "
+                                  f"(kafka-configs --alter --add-config cleanup.policy=compact)")
+        return have
+
+    def read(self, partitions: set[int], timeout_s: float) -> list[bytes]:
+        """The newest committed checkpoint of every stream on these partitions (read to their end)."""
+        if not partitions:
+            return []
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                                 isolation_level="read_committed", key_deserializer=None, value_deserializer=None,
+                                 max_partition_fetch_bytes=8 << 20, **self.client)
+        try:
+            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            ends = consumer.end_offsets(tps)
+            latest: dict[bytes | None, bytes] = {}
+            deadline = time.monotonic() + timeout_s
+            todo = {tp for tp in tps if ends[tp] > 0}
+            while todo:
+                if time.monotonic() > deadline:
+                    raise KafkaTimeoutError(f"state topic {self.topic}: not read to its end within {timeout_s:g} s "
+                                            f"(delivery.restore_timeout_s)")
+                for msgs in consumer.poll(timeout_ms=200).values():
+                    for m in msgs:
+                        if m.value is None:
+                            latest.pop(m.key, None)  # a tombstone
+                        else:
+                            latest[m.key] = m.value
+                todo = {tp for tp in todo if consumer.position(tp) < ends[tp]}
+            return list(latest.values())
+        finally:
+            consumer.close(autocommit=False)

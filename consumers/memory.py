@@ -62,8 +62,9 @@ class ListSink(Sink):
     records: list[SentRecord] = field(default_factory=list)
     pending: list[SentRecord] = field(default_factory=list)
 
-    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
-        """Queue one record."""
+    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None,
+             partition: int | None = None) -> None:
+        """Queue one record (the partition is not kept)."""
         self.pending.append(SentRecord(topic, key, value, tuple(headers or ())))
 
     def flush(self, timeout_s: float) -> None:

@@ -85,8 +85,11 @@ class RestoreReport:
     misfit: list[str] | None = None
 
 
-def restore(pipeline: Pipeline, values: list[bytes]) -> RestoreReport:
-    """Load checkpoint records into the pipeline; a record that cannot be used leaves its stream fresh."""
+def restore(pipeline: Pipeline, values: list[bytes], only: set[tuple[str, int]] | None = None) -> RestoreReport:
+    """Load checkpoint records into the pipeline; a record that cannot be used leaves its stream fresh.
+
+    With `only`, records of streams whose input (topic, partition) is not in it are skipped.
+    """
     report = RestoreReport(skipped={}, misfit=[])
     version = pipeline.manifest.model_version or pipeline.manifest.name
     groups: dict[tuple, list[tuple[str, dict[str, np.ndarray]]]] = {}
@@ -95,6 +98,9 @@ def restore(pipeline: Pipeline, values: list[bytes]) -> RestoreReport:
             meta, arrays = decode(value)
         except ValueError:
             report.skipped["unreadable"] = report.skipped.get("unreadable", 0) + 1
+            continue
+        if only is not None and (meta.get("topic"), int(meta.get("partition", -1))) not in only:
+            report.skipped["other_partition"] = report.skipped.get("other_partition", 0) + 1
             continue
         if meta.get("model_version") != version:
             report.skipped["other_model"] = report.skipped.get("other_model", 0) + 1

@@ -31,6 +31,7 @@ __all__ = [
     "KafkaConfig",
     "InputConfig",
     "OutputConfig",
+    "DeliveryConfig",
     "ModelConfig",
     "ScoringConfig",
     "ThresholdConfig",
@@ -111,6 +112,25 @@ class OutputConfig(_Section):
 
     alerts_topic: str = "sensor-alerts"
     dead_letter_topic: str = "sensor-readings-dlq"
+
+
+class DeliveryConfig(_Section):
+    """Processing guarantee, commit interval and the checkpoint topic that carries per-stream state."""
+
+    guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    commit_interval_ms: int = Field(1000, ge=0, le=600000)
+    state_topic: str | None = None  # None: "<input.group_id>-state"
+    state_replication: int = Field(-1, ge=-1, le=32)
+    transactional_id: str | None = None  # None: "<input.group_id>-<host name>"
+    transaction_timeout_ms: int = Field(60000, ge=1000, le=900000)
+    restore_timeout_s: float = Field(120.0, gt=0)
+
+    @field_validator("state_replication")
+    @classmethod
+    def _replication(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("state_replication is -1 (the broker's default) or at least 1")
+        return v
 
 
 class ModelConfig(_Section):
@@ -321,6 +341,7 @@ class Config(_Section):
     kafka: KafkaConfig = KafkaConfig()
     input: InputConfig = InputConfig()
     output: OutputConfig = OutputConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
     model: ModelConfig = ModelConfig()
     scoring: ScoringConfig = ScoringConfig()
     thresholds: ThresholdConfig = ThresholdConfig()
@@ -335,6 +356,18 @@ class Config(_Section):
         if v.alerts_topic == v.dead_letter_topic:
             raise ValueError("alerts_topic and dead_letter_topic must differ")
         return v
+
+    @model_validator(mode="after")
+    def _state_topic_is_its_own(self) -> Config:
+        state = self.delivery.state_topic
+        if state is not None and state in {*self.input.topics, self.output.alerts_topic, self.output.dead_letter_topic}:
+            raise ValueError(f"delivery.state_topic {state!r} must differ from the input, alerts and dead-letter "
+                             "topics")
+        return self
+
+    def state_topic(self) -> str:
+        """The compacted topic of per-stream checkpoints."""
+        return self.delivery.state_topic or f"{self.input.group_id}-state"
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data with secrets masked, for logging."""

@@ -1,31 +1,46 @@
-"""The daemon: Kafka source -> pipeline -> alert and dead-letter sinks, committing only what is durable.
+"""The daemon: Kafka source -> pipeline -> alert, dead-letter and checkpoint sinks, committing only what is durable.
 
-Checkpoint order for every batch, kept in this order:
-  1. run the batch through the pipeline (decode, window and model, score, threshold, alert);
-  2. send its alerts and dead-letter records, and flush: wait until Kafka acknowledged every one (acks=all);
-  3. commit each input partition's `last offset + 1`.
-A failure in 1 or 2 commits nothing: the batch is read again after a restart (at least once).
-SIGTERM or SIGINT sets the stop flag: the batch in hand is finished, flushed and committed, the consumer
-leaves the group, and the process exits 0. A second SIGINT falls back to Python's default handler.
-SIGHUP, or an edit of the config file, reloads its thresholds, alerts and sensors sections between two
-batches, keeping every stream's state; an invalid file is rejected with its errors logged.
+Every batch runs through the pipeline (decode, window and model, score, threshold, alert) and its alerts and
+dead letters are sent at once. Every `delivery.commit_interval_ms` (0: every batch) comes a commit:
+  1. the state of every stream that changed is sent to the compacted state topic, to the partition its
+     readings come from (so it follows its input partition to whichever member owns it);
+  2. at_least_once: flush, wait until Kafka acknowledged every alert, dead letter and checkpoint (acks=all),
+     then commit each input partition's `last offset + 1`;
+     exactly_once: all of it, offsets included, commits as one transaction.
+A failure before the commit commits nothing: the input is read again. A checkpoint may then be ahead of the
+committed offsets (at_least_once); the pipeline skips readings its restored state already holds.
+
+Partition assignment (start-up, a peer joining or leaving) is noticed after a poll: the open transaction is
+aborted, every stream's state is dropped, the state of the streams of the partitions now assigned is
+restored from the state topic, and the consumer goes back to their committed offsets. Only then is
+anything scored, and only then is /readyz true. A member thus replays at most one commit interval after a
+rebalance; kafka-python runs rebalance listeners on its I/O loop, where they may not commit.
+
+SIGTERM or SIGINT sets the stop flag: the batch in hand is finished and committed, the consumer leaves the
+group, and the process exits 0. A second SIGINT falls back to Python's default handler. SIGHUP, or an edit
+of the config file, reloads its thresholds, alerts and sensors sections between two batches, keeping every
+stream's state; an invalid file is rejected with its errors logged.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import signal
+import socket
 import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from kafka.errors import KafkaError
 
-from consumers.base import Offsets, Record, Sink, SinkError, Source
-from consumers.kafka import KafkaSink, KafkaSource
+from consumers.base import Offsets, RebalanceError, Record, Sink, SinkError, SinkTimeout, Source
+from consumers.kafka import KafkaSink, KafkaSource, StateTopic, StateTopicError
 from detector.artifact import check_features, load_artifact
+from detector.checkpoint import restore, snapshot
 from detector.config import Config, config_hash, load_config
 from detector.engine import pick_device
 from detector.errors import ConfigError, DetectorError
@@ -71,22 +86,38 @@ def next_offsets(records: list[Record]) -> Offsets:
 class Daemon:
     """Runs batches from a source through the pipeline into sinks until stopped."""
 
-    def __init__(self, cfg: Config, pipeline: Pipeline, metrics: Metrics | None = None) -> None:
+    def __init__(self, cfg: Config, pipeline: Pipeline, metrics: Metrics | None = None,
+                 state: StateTopic | None = None) -> None:
         self.cfg = cfg
         self.pipeline = pipeline
         self.metrics = metrics or Metrics()
+        self.state = state
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
+        self.ready = threading.Event()
         self._once = OncePerKind()
         self.committed: Offsets = {}
+        self.pending: Offsets = {}  # processed, not yet committed
+        self._last_commit = -math.inf
+        self._generation: int | None = None
+        self._group: object = None
+        self._in_txn = False
+
+    @property
+    def exactly_once(self) -> bool:
+        """Whether alerts, checkpoints and offsets commit in one transaction."""
+        return self.cfg.delivery.guarantee == "exactly_once"
 
     def stop(self) -> None:
         """Ask the loop to finish the batch in hand and return."""
         self.stop_event.set()
 
     def process(self, records: list[Record], source: Source, sink: Sink) -> BatchOutput:
-        """Score one batch, publish its alerts and rejects, wait for acks, then commit its offsets."""
+        """Score one batch and send its alerts and rejects; commit when the commit interval has passed."""
         t0 = time.monotonic()
+        if self.exactly_once and not self._in_txn:
+            sink.begin()
+            self._in_txn = True
         out = self.pipeline.process(records, now=time.time())
         topic_alerts, topic_dlq = self.cfg.output.alerts_topic, self.cfg.output.dead_letter_topic
         for alert in out.alerts:
@@ -109,17 +140,115 @@ class Daemon:
                             rec.topic, rec.partition, rec.offset, topic_dlq, rej.reason, rej.detail, rej.reason,
                             extra={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
                                    "reason": rej.reason})
-        sink.flush(self.cfg.runtime.shutdown_timeout_s * 4)
-        offsets = next_offsets(records)
-        source.commit(offsets)
-        self.committed.update(offsets)
+        for tp, offset in next_offsets(records).items():
+            self.pending[tp] = max(offset, self.pending.get(tp, 0))
+        self._observe(records, out, t0)
+        if time.monotonic() - self._last_commit >= self.cfg.delivery.commit_interval_ms / 1000:
+            self.commit(source, sink)
+        return out
 
+    def commit(self, source: Source, sink: Sink) -> None:
+        """Checkpoint the streams that changed, make everything durable, and commit the offsets it covers."""
+        if not self.pending and not self._in_txn:
+            self._last_commit = time.monotonic()
+            return
+        n_bytes = 0
+        checkpoints = snapshot(self.pipeline, self.pipeline.take_dirty()) if self.state is not None else []
+        for cp in checkpoints:
+            sink.send(self.state.topic, cp.stream.encode(), cp.value, partition=cp.partition)  # type: ignore[union-attr]
+            n_bytes += len(cp.value)
+        if self.exactly_once:
+            sink.commit_transaction(self.pending, self._group if self._group is not None else source.group_metadata())
+            self._in_txn = False
+        else:
+            self._flush(sink)
+            source.commit(self.pending)
+        self.committed.update(self.pending)
+        self.pending = {}
+        self._last_commit = time.monotonic()
+        m = self.metrics
+        m.commits.inc()
+        m.checkpoints.inc(len(checkpoints))
+        m.checkpoint_bytes.set(n_bytes)
+        m.last_commit = time.time()
+
+    def _flush(self, sink: Sink) -> None:
+        """Wait for every acknowledgement; while Kafka is away, keep waiting (not ready) until stopped."""
+        budget = self.cfg.runtime.shutdown_timeout_s
+        waited, stopping_since = 0.0, None
+        while True:
+            try:
+                sink.flush(budget)
+                break
+            except SinkTimeout as exc:
+                waited += budget
+                if self.stop_event.is_set():
+                    if stopping_since is not None:
+                        raise SinkError(f"stopping while Kafka does not acknowledge: {exc}") from exc
+                    stopping_since = waited
+                if self.ready.is_set():
+                    log.warning("Kafka has not acknowledged alerts and checkpoints for %.0f s (%s); not ready, "
+                                "waiting (nothing is committed until it does)", waited, exc)
+                    self.ready.clear()
+                    self.metrics.ready.set(0)
+        if waited and not self.ready.is_set():
+            log.info("Kafka acknowledged again after %.0f s; ready", waited)
+            self.ready.set()
+            self.metrics.ready.set(1)
+
+    def sync(self, source: Source, sink: Sink) -> bool:
+        """After a change of partition assignment: drop uncommitted work, restore the partitions now assigned.
+
+        Returns True when it rewound (the records of the poll that saw the change must then be dropped).
+        """
+        generation = source.generation
+        if generation == self._generation:
+            return False
+        self._generation = generation
+        self.rewind(source, sink, "rebalance")
+        return True
+
+    def rewind(self, source: Source, sink: Sink, reason: str) -> None:
+        """Go back to the last commit: abort the open transaction, restore the assigned streams, seek back."""
+        t0 = time.monotonic()
+        self.ready.clear()
+        self.metrics.ready.set(0)
+        self.metrics.rewinds.labels(reason).inc()
+        if self._in_txn:
+            sink.abort()
+            self._in_txn = False
+        self.pending = {}
+        assigned = source.assignment()
+        pipe = self.pipeline
+        pipe.import_rows(np.arange(len(pipe.engine.streams)), None)  # every stream starts over ...
+        report = None
+        if self.state is not None and assigned:  # ... from the checkpoint of those on our partitions
+            values = self.state.read({p for _, p in assigned}, self.cfg.delivery.restore_timeout_s)
+            report = restore(pipe, values, only=assigned)
+            self.metrics.restored_streams.inc(report.restored)
+        source.rewind(assigned)
+        self._group = source.group_metadata()
+        seconds = time.monotonic() - t0
+        self.metrics.restore_seconds.observe(seconds)
+        log.info("%s: %d partitions assigned (%s); restored %d streams in %.2f s%s", reason, len(assigned),
+                 ",".join(f"{t}[{p}]" for t, p in sorted(assigned)) or "none",
+                 report.restored if report else 0, seconds,
+                 f"; skipped {report.skipped}" if report and report.skipped else "")
+        if report and report.misfit:
+            log.warning("checkpoint fields that do not fit this model or config were started fresh: %s",
+                        ", ".join(report.misfit))
+        self._last_commit = time.monotonic()
+        self.ready.set()
+        self.metrics.ready.set(1)
+
+    def _observe(self, records: list[Record], out: BatchOutput, t0: float) -> None:
         m = self.metrics
         m.batch_size.observe(len(records))
         m.readings.inc(out.n_readings)
+        m.replayed.inc(out.replayed)
         m.windows.inc(0 if out.windows is None else len(out.windows))
         for alert in out.alerts:
-            m.alerts.labels(alert["state"]).inc()
+            m.alerts.labels(alert["kind"], alert["state"]).inc()
             if alert["kind"] == "regime_change":
                 log.info("regime_change %s stream=%s score=%.2f", alert["alert_id"], alert["stream"], alert["score"],
                          extra={"stream": alert["stream"]})
@@ -139,7 +268,6 @@ class Daemon:
             if r.timestamp_ms > 0:
                 m.latency.observe(max(now_ms - r.timestamp_ms, 0) / 1000)
         m.step_seconds.observe(time.monotonic() - t0)
-        return out
 
     def reload(self, path: str | Path) -> bool:
         """Load the config file again and apply its live sections; an invalid file changes nothing."""
@@ -180,8 +308,25 @@ class Daemon:
         while not self.stop_event.is_set():
             self._maybe_reload()
             records = source.poll_batch(timeout)
-            if records:
-                self.process(records, source, sink)
+            try:
+                if self.sync(source, sink):
+                    continue  # records fetched before the rewind; they are read again
+                if records:
+                    self.process(records, source, sink)
+                elif time.monotonic() - self._last_commit >= self.cfg.delivery.commit_interval_ms / 1000:
+                    self.commit(source, sink)
+            except RebalanceError as exc:
+                log.warning("commit refused, the group has moved on (%s): going back to the last commit", exc)
+                self._generation = source.generation
+                self.rewind(source, sink, "commit_refused")
+            else:
+                if records or not self.pending:
+                    for (topic, p), lag in source.lag().items():
+                        self.metrics.lag.labels(topic, str(p)).set(lag)
+        try:
+            self.commit(source, sink)
+        except RebalanceError as exc:
+            log.warning("final commit refused, the group has moved on (%s); the new owner reads it again", exc)
 
 
 def _connect(cfg: Config, stop: threading.Event) -> tuple[KafkaSource, KafkaSink] | None:
@@ -195,12 +340,12 @@ def _connect(cfg: Config, stop: threading.Event) -> tuple[KafkaSource, KafkaSink
                                  max_poll_records=cfg.input.max_poll_records,
                                  session_timeout_ms=cfg.input.session_timeout_ms)
             try:
-                sink = KafkaSink(cfg.kafka.bootstrap_servers, client=client)
+                sink = KafkaSink(cfg.kafka.bootstrap_servers, client=client, **transactions(cfg))
             except Exception:
                 source.close()
                 raise
-            log.info("connected to Kafka at %s; consuming %s as group %s", cfg.kafka.bootstrap_servers,
-                     ",".join(cfg.input.topics), cfg.input.group_id)
+            log.info("connected to Kafka at %s; consuming %s as group %s (%s)", cfg.kafka.bootstrap_servers,
+                     ",".join(cfg.input.topics), cfg.input.group_id, cfg.delivery.guarantee)
             return source, sink
         except KafkaError as exc:
             log.warning("cannot reach Kafka at %s (%s); retrying in %.0f s (kafka.bootstrap_servers)",
@@ -208,6 +353,14 @@ def _connect(cfg: Config, stop: threading.Event) -> tuple[KafkaSource, KafkaSink
             stop.wait(delay)
             delay = min(delay * 2, cfg.kafka.connect_retry_max_s)
     return None
+
+
+def transactions(cfg: Config) -> dict[str, Any]:
+    """The producer's transaction settings: none for at_least_once."""
+    if cfg.delivery.guarantee != "exactly_once":
+        return {}
+    tid = cfg.delivery.transactional_id or f"{cfg.input.group_id}-{socket.gethostname()}"
+    return {"transactional_id": tid, "transaction_timeout_ms": cfg.delivery.transaction_timeout_ms}
 
 
 def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: str | Path | None = None) -> int:
@@ -222,7 +375,8 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
              artifact.manifest.name, artifact.manifest.model_version, device, len(artifact.manifest.features),
              artifact.manifest.window, artifact.manifest.hop, config_hash(cfg))
     log.info("effective config: %s", cfg.masked())
-    daemon = Daemon(cfg, Pipeline(cfg, artifact, str(device)))
+    state = StateTopic(cfg.kafka.bootstrap_servers, cfg.state_topic(), client=kafka_client_settings(cfg))
+    daemon = Daemon(cfg, Pipeline(cfg, artifact, str(device)), state=state)
     if config_path is not None:
         daemon.watch(config_path)
     if stop is not None:
@@ -231,7 +385,9 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
         _install_signals(daemon)
     with ExitStack() as stack:
         if cfg.metrics.enabled:
-            health = HealthServer(daemon.metrics, cfg.metrics.host, cfg.metrics.port).start()
+            health = HealthServer(daemon.metrics, cfg.metrics.host, cfg.metrics.port)
+            health.ready = daemon.ready  # /readyz: connected, restored, and Kafka acknowledging
+            health.start()
             stack.callback(health.close)
             log.info("metrics and health on http://%s:%d/metrics", cfg.metrics.host, health.port)
         else:
@@ -243,15 +399,18 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
         source, sink = conn
         stack.callback(source.close)
         stack.callback(sink.close)
-        if health:
-            health.ready.set()
-            stack.callback(health.ready.clear)
-        daemon.metrics.ready.set(1)
+        stack.callback(daemon.ready.clear)
+        try:
+            n = state.ensure(cfg.input.topics, cfg.delivery.state_replication)
+            log.info("state topic %s: %d partitions, compacted", state.topic, n)
+        except (StateTopicError, KafkaError) as exc:
+            log.error("cannot use the state topic %s: %s", state.topic, exc)
+            return 2
         try:
             daemon.loop(source, sink)
         except SinkError as exc:
-            log.error("alerts or dead-letter records were not acknowledged (%s); exiting without committing "
-                      "the batch, which will be read again", exc)
+            log.error("alerts, dead letters or checkpoints were not acknowledged (%s); exiting without committing "
+                      "them: what they cover is read again at the next start", exc)
             return 1
         log.info("stopping: last batch flushed and committed (%s)",
                  ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(daemon.committed.items())) or "nothing read")

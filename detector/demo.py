@@ -123,6 +123,7 @@ def run_demo(streams: int = 50, features: int = 8, readings: int = 3600, normal:
         batch = source.poll_batch(0)
         if batch:
             daemon.process(batch, source, sink)
+    daemon.commit(source, sink)
     alerts = [orjson.loads(r.value) for r in sink.on(cfg.output.alerts_topic)]
     if out_dir:
         Path(out_dir, "alerts.jsonl").write_bytes(b"".join(r.value + b"\n" for r in sink.on(cfg.output.alerts_topic)))

@@ -140,6 +140,7 @@ def run_file(f: LabelledFile, cfg: Config, params: TrainParams = EVAL_PARAMS,
             score[last_end + 1: e + 1] = s
             last_end = e
         warning = float(out.warning[-1])
+    daemon.commit(src, sink)
     pred = np.zeros(T, bool)
     tops = []
     opened = None

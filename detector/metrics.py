@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -21,7 +22,11 @@ class Metrics:
         self.windows = Counter("detector_windows_scored_total", "Windows scored by the model", registry=r)
         self.rejects = Counter("detector_rejected_total", "Records sent to the dead-letter topic",
                                ["reason"], registry=r)
-        self.alerts = Counter("detector_alerts_total", "Alert transitions published", ["state"], registry=r)
+        self.alerts = Counter("detector_alerts_total", "Alert transitions published, by kind and state",
+                              ["kind", "state"], registry=r)
+        self.replayed = Counter("detector_replayed_readings_total",
+                                "Readings read again after a restore and skipped: the restored state holds them",
+                                registry=r)
         self.batch_size = Histogram("detector_batch_records", "Records per poll batch",
                                     buckets=(1, 10, 100, 500, 1000, 5000, 20000, 100000), registry=r)
         self.step_seconds = Histogram("detector_batch_seconds", "Wall time to process one batch end to end",
@@ -32,8 +37,23 @@ class Metrics:
         self.active_streams = Gauge("detector_active_streams", "Streams held in the state table", registry=r)
         self.warming_streams = Gauge("detector_warming_streams", "Streams still in their warm-up (no alerts yet)",
                                      registry=r)
-        self.lag = Gauge("detector_consumer_lag", "Messages behind the end of the assigned partitions", registry=r)
-        self.ready = Gauge("detector_ready", "1 when connected to Kafka and consuming", registry=r)
+        self.lag = Gauge("detector_consumer_lag", "Messages behind the end of an assigned partition",
+                         ["topic", "partition"], registry=r)
+        self.ready = Gauge("detector_ready", "1 when connected, restored and consuming", registry=r)
+        self.commits = Counter("detector_commits_total", "Commits (offsets with alerts and checkpoints)", registry=r)
+        self.checkpoints = Counter("detector_checkpoints_total", "Per-stream checkpoint records written", registry=r)
+        self.checkpoint_bytes = Gauge("detector_checkpoint_bytes", "Bytes of checkpoint records at the last commit",
+                                      registry=r)
+        self.last_commit = time.time()
+        self.checkpoint_age = Gauge("detector_checkpoint_age_seconds", "Seconds since the last commit and checkpoint",
+                                    registry=r)
+        self.checkpoint_age.set_function(lambda: time.time() - self.last_commit)
+        self.restore_seconds = Histogram("detector_restore_seconds", "Time to restore the state of assigned partitions",
+                                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120), registry=r)
+        self.restored_streams = Counter("detector_restored_streams_total", "Streams restored from checkpoints",
+                                        registry=r)
+        self.rewinds = Counter("detector_rewinds_total", "Returns to the last commit (rebalance or failed commit)",
+                               ["reason"], registry=r)
 
     def render(self) -> bytes:
         """The exposition text."""

@@ -62,6 +62,14 @@ def test_root_config_yaml_lists_every_key_with_its_default() -> None:
         ({"runtime": {"log_format": "xml"}}, "runtime.log_format"),
         ({"scoring": {"max_gap_s": -1}}, "scoring.max_gap_s: Input should be greater than 0"),
         ({"kafka": {"request_timeout_ms": 5}}, "kafka.request_timeout_ms"),
+        ({"delivery": {"guarantee": "at_most_once"}},
+         "delivery.guarantee: Input should be 'at_least_once' or 'exactly_once'"),
+        ({"delivery": {"commit_interval_ms": -1}}, "delivery.commit_interval_ms: Input should be greater than"),
+        ({"delivery": {"state_topic": "sensor-alerts"}}, "delivery.state_topic 'sensor-alerts' must differ"),
+        ({"delivery": {"state_replication": 0}}, "delivery.state_replication"),
+        ({"delivery": {"transactional_id": 5}}, "delivery.transactional_id: Input should be a valid string"),
+        ({"delivery": {"transaction_timeout_ms": 10}}, "delivery.transaction_timeout_ms"),
+        ({"delivery": {"restore_timeout_s": 0}}, "delivery.restore_timeout_s: Input should be greater than 0"),
     ],
 )
 def test_invalid_values_name_the_key_and_what_is_right(data: dict, expected: str) -> None:

@@ -50,6 +50,7 @@ def run(cfg: Config, art: Artifact, records: list[Record], batch: int = 97) -> t
         b = src.poll_batch(0)
         if b:
             daemon.process(b, src, sink)
+    daemon.commit(src, sink)
     return sink, src
 
 
@@ -133,7 +134,7 @@ class FailingSink(ListSink):
 
 
 def test_nothing_is_committed_when_alerts_are_not_acknowledged(trained: Artifact) -> None:
-    cfg = Config()
+    cfg = parse_config({"delivery": {"commit_interval_ms": 0}})
     records = feed(4, 200, {1: 100})
     daemon = Daemon(cfg, Pipeline(cfg, trained))
     src, ok, failing = IterSource(records, batch_size=200), ListSink(), FailingSink()

@@ -57,10 +57,13 @@ class SentRecord:
 
 @dataclass
 class ListSink(Sink):
-    """A sink that keeps every flushed record in a list (and optionally appends alerts to a JSONL file)."""
+    """A sink that keeps every flushed record in a list; it can also act as a transactional one."""
 
     records: list[SentRecord] = field(default_factory=list)
     pending: list[SentRecord] = field(default_factory=list)
+    committed: Offsets = field(default_factory=dict)  # offsets committed through transactions
+    in_transaction: bool = False
+    transactional = True  # in memory, a transaction is the pending list
 
     def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None,
              partition: int | None = None) -> None:
@@ -75,6 +78,21 @@ class ListSink(Sink):
     def close(self) -> None:
         """Flush."""
         self.flush(0)
+
+    def begin(self) -> None:
+        """Start a transaction: what is sent until commit_transaction() or abort() stays pending."""
+        self.in_transaction = True
+
+    def commit_transaction(self, offsets: Offsets, group: object) -> None:
+        """Make the pending records visible, and remember the offsets as committed with them."""
+        self.flush(0)
+        self.committed.update(offsets)
+        self.in_transaction = False
+
+    def abort(self) -> None:
+        """Drop the pending records."""
+        self.pending.clear()
+        self.in_transaction = False
 
     def on(self, topic: str) -> list[SentRecord]:
         """The flushed records sent to `topic`."""

@@ -112,6 +112,7 @@ class OutputConfig(_Section):
 
     alerts_topic: str = "sensor-alerts"
     dead_letter_topic: str = "sensor-readings-dlq"
+    scores_topic: str | None = None  # every window's score, for dashboards and replay checks
 
 
 class DeliveryConfig(_Section):
@@ -355,6 +356,8 @@ class Config(_Section):
     def _topics_distinct(cls, v: OutputConfig) -> OutputConfig:
         if v.alerts_topic == v.dead_letter_topic:
             raise ValueError("alerts_topic and dead_letter_topic must differ")
+        if v.scores_topic in (v.alerts_topic, v.dead_letter_topic):
+            raise ValueError("scores_topic must differ from alerts_topic and dead_letter_topic")
         return v
 
     @model_validator(mode="after")

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 from kafka.errors import KafkaError
 
 from consumers.base import Offsets, RebalanceError, Record, Sink, SinkError, SinkTimeout, Source
@@ -140,12 +141,23 @@ class Daemon:
                             rec.topic, rec.partition, rec.offset, topic_dlq, rej.reason, rej.detail, rej.reason,
                             extra={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
                                    "reason": rej.reason})
+        if self.cfg.output.scores_topic and out.windows is not None:
+            self._send_scores(out, sink)
         for tp, offset in next_offsets(records).items():
             self.pending[tp] = max(offset, self.pending.get(tp, 0))
         self._observe(records, out, t0)
         if time.monotonic() - self._last_commit >= self.cfg.delivery.commit_interval_ms / 1000:
             self.commit(source, sink)
         return out
+
+    def _send_scores(self, out: BatchOutput, sink: Sink) -> None:
+        ws, names, topic = out.windows, self.pipeline.engine.streams, self.cfg.output.scores_topic
+        assert ws is not None and out.warning is not None and topic is not None
+        for row, start, end, score, warning in zip(ws.rows.tolist(), ws.start_ts.tolist(), ws.end_ts.tolist(),
+                                                   ws.score.tolist(), out.warning.tolist(), strict=True):
+            stream = names[row]
+            sink.send(topic, stream.encode(), orjson.dumps(
+                {"stream": stream, "start": start, "end": end, "score": score, "warning": warning}))
 
     def commit(self, source: Source, sink: Sink) -> None:
         """Checkpoint the streams that changed, make everything durable, and commit the offsets it covers."""

@@ -1,0 +1,134 @@
+"""Failure tests against a real Apache Kafka: crashes, rebalances, bad input at volume, a broker that goes away.
+
+Each compares what the daemon published with the uninterrupted run of the same input (tests/reliability.py).
+docs/reliability.md says what each proves and the figures measured.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.kafka_broker import free_ports
+from tests.reliability import (
+    DaemonProc,
+    Feeder,
+    Outcome,
+    fleet,
+    identity,
+    read_all,
+    reference,
+    total_committed,
+    wait_until,
+)
+from tests.test_daemon_kafka import end_offsets, model_dir  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.kafka
+
+STREAMS, READINGS = 50, 2000  # 100,000 readings
+
+
+def write_config(path: Path, bootstrap: str, names: dict[str, str], group: str, model: Path, guarantee: str,
+                 extra: str = "") -> Path:
+    """A daemon config for these topics, with short intervals so that the tests stay quick."""
+    path.write_text(f"""
+kafka: {{bootstrap_servers: "{bootstrap}", connect_retry_max_s: 2, connect_timeout_ms: 2000}}
+input: {{topics: [{names['input']}], group_id: {group}, max_poll_records: 500, session_timeout_ms: 6000}}
+output: {{alerts_topic: {names['alerts']}, dead_letter_topic: {names['dlq']}, scores_topic: {names['scores']}}}
+delivery: {{guarantee: {guarantee}, commit_interval_ms: 300, transactional_id: "{group}-tx",
+           transaction_timeout_ms: 10000, restore_timeout_s: 60}}
+model: {{path: "{model}", device: cpu}}
+alerts: {{k: 2, n: 3}}
+sensors: {{flatline_readings: 10}}
+metrics: {{port: {free_ports(1)[0]}}}
+{extra}
+""")
+    return path
+
+
+def topics(topic_factory, partitions: int = 4) -> dict[str, str]:
+    """Fresh input, alerts, dead-letter and scores topics."""
+    return {"input": topic_factory(partitions=partitions), "alerts": topic_factory(partitions=2),
+            "dlq": topic_factory(partitions=1), "scores": topic_factory(partitions=4)}
+
+
+def outcome(bootstrap: str, names: dict[str, str]) -> Outcome:
+    """What a read_committed reader sees on the alerts and scores topics."""
+    return Outcome.from_records([m.value for m in read_all(bootstrap, names["alerts"])],
+                                [m.value for m in read_all(bootstrap, names["scores"])])
+
+
+def compare(got: Outcome, ref: Outcome, exactly_once: bool, restarts: int) -> dict[str, int]:
+    """Assert the guarantee's promise; return the duplicate counts."""
+    assert ref.alerts and {a["kind"] for a in ref.alerts} >= {"anomaly", "sensor_fault"}
+    ref_ids = collections.Counter(identity(a) for a in ref.alerts)
+    got_ids = collections.Counter(identity(a) for a in got.alerts)
+    assert set(got_ids) == set(ref_ids), (f"missing {set(ref_ids) - set(got_ids)}, "
+                                          f"extra {set(got_ids) - set(ref_ids)}")
+    assert set(got.scores) == set(ref.scores), "every window scored (none missing, none invented)"
+    for key, ref_score in ref.scores.items():
+        np.testing.assert_allclose(got.scores[key], ref_score[0], rtol=2e-4, atol=1e-6, err_msg=str(key))
+    dup_alerts = sum(n - 1 for n in got_ids.values())
+    dup_scores = sum(len(v) - 1 for v in got.scores.values())
+    if exactly_once:
+        assert dup_alerts == 0 and dup_scores == 0, f"{dup_alerts} alerts and {dup_scores} scores seen twice"
+    else:
+        assert max(got_ids.values()) <= 1 + restarts, got_ids.most_common(3)
+    return {"duplicate_alerts": dup_alerts, "duplicate_scores": dup_scores}
+
+
+def restore_lines(text: str) -> list[tuple[int, float]]:
+    """(streams restored, seconds) of every restore of assigned partitions that the daemon logged."""
+    return [(int(n), float(s)) for p, n, s in
+            re.findall(r"(\d+) partitions assigned .*; restored (\d+) streams in ([\d.]+) s", text) if int(p)]
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_sigkill_five_times_loses_nothing(kafka_bootstrap: str, topic_factory, group_id: str, model_dir: Path,  # noqa: F811
+                                         tmp_path: Path, guarantee: str, record_property) -> None:
+    names = topics(topic_factory)
+    cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, names, group_id, model_dir, guarantee)
+    items = fleet(STREAMS, READINGS)
+    ref = reference(cfg, items)
+    feeder = Feeder(kafka_bootstrap, names["input"], items, rate=2500)
+    feeder.start()
+    daemon = DaemonProc(cfg, tmp_path / "daemon.log")
+    rng = random.Random(5)
+    sent_at_kill = []
+    for _ in range(5):
+        daemon.start()
+        before = total_committed(kafka_bootstrap, group_id, names["input"])
+
+        def alive() -> None:
+            assert daemon.alive(), daemon.text()
+
+        wait_until(lambda: total_committed(kafka_bootstrap, group_id, names["input"]) > before, 90,  # noqa: B023
+                   "a commit after the restart", alive)
+        time.sleep(rng.uniform(0.05, 1.5))
+        daemon.kill()
+        sent_at_kill.append(feeder.sent)
+    assert sum(s < len(items) for s in sent_at_kill) >= 4, f"most kills land mid-stream: {sent_at_kill}"
+    daemon.start()
+    feeder.join(120)
+    assert feeder.error is None, feeder.error
+    ends = end_offsets(kafka_bootstrap, names["input"], 4)
+    assert sum(ends.values()) == len(items)
+    wait_until(lambda: total_committed(kafka_bootstrap, group_id, names["input"]) == len(items), 120,
+               "the last daemon to commit everything", lambda: None)
+    assert daemon.stop() == 0, daemon.text()
+    text = daemon.text()
+    assert "Traceback" not in text, text
+
+    dups = compare(outcome(kafka_bootstrap, names), ref, guarantee == "exactly_once", restarts=5)
+    restores = restore_lines(text)
+    # every start after the first restores what the commits before its kill covered; the last one, every stream
+    assert len(restores) >= 6 and all(n > 0 for n, _ in restores[1:]) and restores[-1][0] == STREAMS, restores
+    record_property("restores", restores)
+    record_property("duplicates", dups)
+    print(f"\n{guarantee}: kills at {sent_at_kill} of {len(items)} sent; restores {restores}; {dups}")

@@ -35,13 +35,13 @@ STREAMS, READINGS = 50, 2000  # 100,000 readings
 
 
 def write_config(path: Path, bootstrap: str, names: dict[str, str], group: str, model: Path, guarantee: str,
-                 extra: str = "") -> Path:
+                 extra: str = "", member: str = "") -> Path:
     """A daemon config for these topics, with short intervals so that the tests stay quick."""
     path.write_text(f"""
 kafka: {{bootstrap_servers: "{bootstrap}", connect_retry_max_s: 2, connect_timeout_ms: 2000}}
 input: {{topics: [{names['input']}], group_id: {group}, max_poll_records: 500, session_timeout_ms: 6000}}
 output: {{alerts_topic: {names['alerts']}, dead_letter_topic: {names['dlq']}, scores_topic: {names['scores']}}}
-delivery: {{guarantee: {guarantee}, commit_interval_ms: 300, transactional_id: "{group}-tx",
+delivery: {{guarantee: {guarantee}, commit_interval_ms: 300, transactional_id: "{group}-tx{member}",
            transaction_timeout_ms: 10000, restore_timeout_s: 60}}
 model: {{path: "{model}", device: cpu}}
 alerts: {{k: 2, n: 3}}
@@ -132,3 +132,46 @@ def test_sigkill_five_times_loses_nothing(kafka_bootstrap: str, topic_factory, g
     record_property("restores", restores)
     record_property("duplicates", dups)
     print(f"\n{guarantee}: kills at {sent_at_kill} of {len(items)} sent; restores {restores}; {dups}")
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_scale_one_to_three_to_one_loses_nothing(kafka_bootstrap: str, topic_factory, group_id: str,
+                                                 model_dir: Path, tmp_path: Path, guarantee: str) -> None:  # noqa: F811
+    names = topics(topic_factory)
+    configs = [write_config(tmp_path / f"c{i}.yaml", kafka_bootstrap, names, group_id, model_dir, guarantee,
+                            member=str(i)) for i in range(3)]
+    items = fleet(STREAMS, READINGS, seed=1)
+    ref = reference(configs[0], items)
+    feeder = Feeder(kafka_bootstrap, names["input"], items, rate=2500)
+    feeder.start()
+    daemons = [DaemonProc(c, tmp_path / f"daemon{i}.log") for i, c in enumerate(configs)]
+
+    def progress() -> int:
+        return total_committed(kafka_bootstrap, group_id, names["input"])
+
+    def alive() -> None:
+        for d in daemons:
+            assert d.proc is None or d.proc.returncode is not None or d.alive(), d.text()
+
+    daemons[0].start()
+    wait_until(lambda: progress() > 0, 90, "the first member to commit", alive)
+    daemons[1].start()
+    daemons[2].start()
+    owned = re.compile(r"rebalance: ([1-9]) partitions assigned")
+    wait_until(lambda: all(owned.search(d.text()) for d in daemons[1:]), 90, "the new members to get partitions",
+               alive)
+    mark = progress()
+    wait_until(lambda: progress() > mark + 3000, 90, "the three members to commit", alive)
+    sent_at_scale_in = feeder.sent
+    assert [d.stop() for d in daemons[1:]] == [0, 0], daemons[1].text() + daemons[2].text()
+    feeder.join(120)
+    assert feeder.error is None, feeder.error
+    assert sent_at_scale_in < len(items), "scaled in while readings were still arriving"
+    wait_until(lambda: progress() == len(items), 120, "the last member to commit everything", alive)
+    assert daemons[0].stop() == 0, daemons[0].text()
+    for d in daemons:
+        assert "Traceback" not in d.text(), d.text()
+    text = daemons[0].text()
+    assert len(re.findall(r"rebalance: \d+ partitions assigned", text)) >= 3, "member 0 saw the group grow and shrink"
+    dups = compare(outcome(kafka_bootstrap, names), ref, guarantee == "exactly_once", restarts=2)
+    print(f"\n{guarantee}: 1 -> 3 -> 1 members; restores of member 0 {restore_lines(text)}; {dups}")

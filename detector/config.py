@@ -105,6 +105,7 @@ class InputConfig(_Section):
     fields: FieldMap = FieldMap()
     max_message_bytes: int = Field(1_048_576, ge=64)
     max_future_s: float = Field(86400.0, ge=0)
+    require_stream_key: bool = True
 
 
 class OutputConfig(_Section):
@@ -391,7 +392,7 @@ def _substitute(node: Any, path: str, problems: list[str]) -> Any:
             name = m.group(1)
             if name not in os.environ:
                 problems.append(f"{path}: environment variable {name} is not set (referenced as ${{{name}}})")
-                return ""
+                return m.group(0)  # kept as written, so that no second, misleading problem follows from it
             return os.environ[name]
 
         return _ENV.sub(repl, node)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, SaslAuthenticationFailedError
 
 from consumers.base import Offsets, RebalanceError, Record, Sink, SinkError, SinkTimeout, Source
 from consumers.kafka import KafkaSink, KafkaSource, StateTopic, StateTopicError
@@ -341,29 +341,61 @@ class Daemon:
             log.warning("final commit refused, the group has moved on (%s); the new owner reads it again", exc)
 
 
+class _AuthFailureWatch(logging.Handler):
+    """Keeps the last SASL rejection kafka-python logs: its clients then raise only "Unable to bootstrap"."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.failure: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Remember a SaslAuthenticationFailedError among the record's arguments."""
+        for arg in record.args if isinstance(record.args, tuple) else ():
+            if isinstance(arg, SaslAuthenticationFailedError):
+                self.failure = str(arg).rsplit("SaslAuthenticationFailedError: ", 1)[-1]
+
+
 def _connect(cfg: Config, stop: threading.Event) -> tuple[KafkaSource, KafkaSink] | None:
     """Connect the consumer and producer, retrying with backoff until connected or stopped."""
     client = kafka_client_settings(cfg)
+    k = cfg.kafka
     delay = 1.0
-    while not stop.is_set():
-        try:
-            source = KafkaSource(cfg.kafka.bootstrap_servers, cfg.input.topics, cfg.input.group_id, client=client,
-                                 auto_offset_reset=cfg.input.auto_offset_reset,
-                                 max_poll_records=cfg.input.max_poll_records,
-                                 session_timeout_ms=cfg.input.session_timeout_ms)
+    watch = _AuthFailureWatch()
+    logging.getLogger("kafka").addHandler(watch)
+    try:
+        while not stop.is_set():
+            watch.failure = None
             try:
-                sink = KafkaSink(cfg.kafka.bootstrap_servers, client=client, **transactions(cfg))
-            except Exception:
-                source.close()
-                raise
-            log.info("connected to Kafka at %s; consuming %s as group %s (%s)", cfg.kafka.bootstrap_servers,
-                     ",".join(cfg.input.topics), cfg.input.group_id, cfg.delivery.guarantee)
-            return source, sink
-        except KafkaError as exc:
-            log.warning("cannot reach Kafka at %s (%s); retrying in %.0f s (kafka.bootstrap_servers)",
-                        cfg.kafka.bootstrap_servers, type(exc).__name__, delay)
-            stop.wait(delay)
-            delay = min(delay * 2, cfg.kafka.connect_retry_max_s)
+                source = KafkaSource(k.bootstrap_servers, cfg.input.topics, cfg.input.group_id, client=client,
+                                     auto_offset_reset=cfg.input.auto_offset_reset,
+                                     max_poll_records=cfg.input.max_poll_records,
+                                     session_timeout_ms=cfg.input.session_timeout_ms)
+                try:
+                    sink = KafkaSink(k.bootstrap_servers, client=client, **transactions(cfg))
+                except Exception:
+                    source.close()
+                    raise
+                log.info("connected to Kafka at %s; consuming %s as group %s (%s)", k.bootstrap_servers,
+                         ",".join(cfg.input.topics), cfg.input.group_id, cfg.delivery.guarantee)
+                return source, sink
+            except KafkaError as exc:
+                rejected = watch.failure or (str(exc) if isinstance(exc, SaslAuthenticationFailedError) else None)
+                if rejected:
+                    log.error("Kafka at %s rejected user %r: authentication failed (%s); check kafka.sasl_mechanism, "
+                              "kafka.sasl_username and kafka.sasl_password; retrying in %.0f s",
+                              k.bootstrap_servers, k.sasl_username, rejected, delay)
+                elif k.security_protocol.startswith("SASL"):
+                    log.warning("cannot connect to Kafka at %s (%s); retrying in %.0f s (check kafka.bootstrap_servers,"
+                                " kafka.ssl_cafile, and kafka.sasl_username and kafka.sasl_password: kafka-python does"
+                                " not always tell a rejected login from a dropped connection)",
+                                k.bootstrap_servers, type(exc).__name__, delay)
+                else:
+                    log.warning("cannot reach Kafka at %s (%s); retrying in %.0f s (kafka.bootstrap_servers)",
+                                k.bootstrap_servers, type(exc).__name__, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, k.connect_retry_max_s)
+    finally:
+        logging.getLogger("kafka").removeHandler(watch)
     return None
 
 

@@ -5,6 +5,10 @@
 
 The broker is `kafka.sh run DIR` (it formats the storage, then execs java), a child of this process in a
 process group of its own, on two free ports of 127.0.0.1, with its state, log and data in a temporary folder.
+
+Extra client listeners (e.g. SASL_SSL, each on one more free port), server properties and StorageTool format
+arguments pass through to kafka.sh (KAFKA_EXTRA_LISTENERS, KAFKA_EXTRA_PROPERTIES, KAFKA_FORMAT_ARGS); see
+tests/kafka_security.py. Without them the broker is exactly the plain one.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kafka import KafkaAdminClient
@@ -60,20 +64,34 @@ def _accepts(port: int) -> bool:
 
 
 class KafkaBroker:
-    """A broker for the duration of start() .. stop(); `bootstrap` is "127.0.0.1:PORT" while it runs."""
+    """A broker for the duration of start() .. stop(); `bootstrap` is "127.0.0.1:PORT" while it runs.
+
+    `extra_listeners` names more client listeners ("SASL_SSL", "SSL", ...; see kafka.sh KAFKA_EXTRA_LISTENERS), each
+    on a free port of 127.0.0.1: `listeners[name]` is its "127.0.0.1:PORT" while the broker runs. `extra_properties`
+    is appended to server.properties (a key there overrides the generated one); `format_args` go to StorageTool
+    format (e.g. `--add-scram SCRAM-SHA-512=[name=alice,password=...]`; no whitespace inside an argument).
+    """
 
     def __init__(self, start_timeout: float = 60.0, heap_opts: str = "-Xms256m -Xmx512m",
-                 keep_dir: bool = False) -> None:
+                 keep_dir: bool = False, *, extra_listeners: Sequence[str] = (), extra_properties: str = "",
+                 format_args: Sequence[str] = ()) -> None:
         self.start_timeout = start_timeout
         self.heap_opts = heap_opts
         self.keep_dir = keep_dir or bool(os.environ.get("KAFKA_KEEP_DIR"))
+        if any(not a or any(c.isspace() for c in a) for a in format_args):
+            raise ValueError("format_args: an argument is empty or holds whitespace (kafka.sh splits on whitespace)")
+        self.extra_listeners = list(extra_listeners)
+        self.extra_properties = extra_properties
+        self.format_args = list(format_args)
         self.bootstrap: str | None = None
+        self.listeners: dict[str, str] = {}
         self.dir: Path | None = None
         self.startup_seconds: float | None = None
         self._proc: subprocess.Popen | None = None
 
     @property
     def log_path(self) -> Path | None:
+        """The broker's server.log (None before start)."""
         return self.dir / "server.log" if self.dir else None
 
     def __enter__(self) -> KafkaBroker:
@@ -109,10 +127,22 @@ class KafkaBroker:
 
     def _start_once(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="kafka-broker-"))
-        port, controller_port = free_ports(2)
+        port, controller_port, *extra_ports = free_ports(2 + len(self.extra_listeners))
         env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_CONTROLLER_PORT": str(controller_port),
                "KAFKA_DATA_DIR": str(self.dir / "data"), "KAFKA_HEAP_OPTS": self.heap_opts,
                "KAFKA_PDEATHSIG": "TERM"}  # a killed test run takes its broker with it
+        for name in ("KAFKA_EXTRA_LISTENERS", "KAFKA_EXTRA_PROPERTIES", "KAFKA_FORMAT_ARGS"):
+            env.pop(name, None)  # only what this broker was given
+        listeners = {name: f"127.0.0.1:{p}" for name, p in zip(self.extra_listeners, extra_ports, strict=True)}
+        if listeners:
+            env["KAFKA_EXTRA_LISTENERS"] = ",".join(f"{name}://{addr}" for name, addr in listeners.items())
+        if self.extra_properties:
+            extra = self.dir / "extra.properties"
+            extra.write_text(self.extra_properties)
+            extra.chmod(0o600)
+            env["KAFKA_EXTRA_PROPERTIES"] = str(extra)
+        if self.format_args:
+            env["KAFKA_FORMAT_ARGS"] = " ".join(self.format_args)
         t0 = time.monotonic()
         with (self.dir / "kafka.out").open("wb") as out:
             self._proc = subprocess.Popen(["bash", str(KAFKA_SH), "run", str(self.dir)], env=env,
@@ -126,6 +156,7 @@ class KafkaBroker:
                 break
             if log.exists() and READY_LINE in log.read_text(errors="replace") and _accepts(port):
                 self.bootstrap = f"127.0.0.1:{port}"
+                self.listeners = listeners
                 self.startup_seconds = time.monotonic() - t0
                 return
             if time.monotonic() > deadline:
@@ -143,6 +174,7 @@ class KafkaBroker:
         """End the broker's process group (SIGTERM, then SIGKILL after `timeout` s) and delete its folder."""
         proc, self._proc = self._proc, None
         self.bootstrap = None
+        self.listeners = {}
         if proc is not None:
             atexit.unregister(self.stop)
             if proc.poll() is None:

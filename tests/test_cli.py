@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,19 @@ def test_run_names_a_missing_model_folder(tmp_path: Path) -> None:
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert "model folder not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_names_an_unset_password_variable(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("kafka: {security_protocol: SASL_SSL, sasl_mechanism: SCRAM-SHA-512, sasl_username: alice,\n"
+                   '        sasl_password: "${KAFKA_PASSWORD}"}\nmetrics: {enabled: false}\n')
+    env = {k: v for k, v in os.environ.items() if k != "KAFKA_PASSWORD"}
+    proc = subprocess.run([sys.executable, "-m", "detector", "run", "--config", str(cfg)], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[0] == (f"error: {cfg}: kafka.sasl_password: environment variable KAFKA_PASSWORD "
+                                           "is not set (referenced as ${KAFKA_PASSWORD})")
+    assert "Traceback" not in proc.stderr
 
 
 def test_check_config_with_model_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -10,6 +10,7 @@ is a missing reading value (a gap, imputed downstream with a mask), not bad inpu
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +37,8 @@ REASONS = (
     "no_values",
     "late",
     "duplicate_timestamp",
+    "duplicate_key",
+    "key_mismatch",
 )
 """Every reason a record can be rejected for; the dead-letter topic's `reason` header is one of these."""
 
@@ -112,12 +115,15 @@ class Decoder:
         readings_field: str = "readings",
         max_message_bytes: int = 1_048_576,
         max_future_s: float = 86400.0,
+        require_stream_key: bool = True,
     ) -> None:
         self.features = list(features)
         self._col = {f: i for i, f in enumerate(self.features)}
         self._stream, self._ts, self._values, self._readings = stream_field, ts_field, values_field, readings_field
         self.max_message_bytes = max_message_bytes
         self.max_future_s = max_future_s
+        self.require_stream_key = require_stream_key
+        self._field_bytes = {name: f'"{name}"'.encode() for name in (stream_field, ts_field, values_field)}
 
     def decode(self, records: list[Record], now: float) -> tuple[Readings, list[Reject]]:
         """Decode every record; `now` (epoch s) bounds how far in the future an event time may be."""
@@ -138,6 +144,7 @@ class Decoder:
                 if isinstance(batch, list) and not batch:
                     raise _Bad("no_values", f"field {self._readings!r} is an empty list")
                 parsed = [self._reading(item, horizon) for item in items]
+                self._unambiguous(rec, stream, single=not isinstance(batch, list))
             except _Bad as bad:
                 rejects.append(Reject(i, bad.reason, bad.detail))
                 continue
@@ -153,6 +160,17 @@ class Decoder:
             Readings(np.array(streams, dtype=object), np.array(ts), values, np.array(source, dtype=np.int64)),
             rejects,
         )
+
+    def _unambiguous(self, rec: Record, stream: str, single: bool) -> None:
+        """Reject a field given twice (JSON parsers keep one silently) and a key that is not the stream id."""
+        value = rec.value or b""
+        for name, quoted in self._field_bytes.items():
+            if (single or name == self._stream) and value.count(quoted) > 1 and len(
+                    re.findall(rb'(?<!\\)"' + re.escape(name.encode()) + rb'"\s*:', value)) > 1:
+                raise _Bad("duplicate_key", f"field {name!r} appears more than once in the message")
+        if self.require_stream_key and rec.key is not None and rec.key != stream.encode():
+            raise _Bad("key_mismatch", f"record key {rec.key[:40]!r} is not the stream id {stream[:40]!r}: a "
+                                       "stream's readings must carry its id as key (input.require_stream_key)")
 
     def _load(self, value: bytes | None) -> dict[str, Any]:
         if not value:

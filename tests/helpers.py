@@ -51,4 +51,6 @@ def readings(stream: str | list[str], ts: np.ndarray, values: np.ndarray) -> Rea
 def record(value: object, offset: int = 0, topic: str = "in", partition: int = 0) -> Record:
     """A record whose value is JSON of `value` (or raw bytes)."""
     body = value if isinstance(value, bytes | type(None)) else orjson.dumps(value)
-    return Record(topic, partition, offset, b"k", body, 0)
+    stream = value.get("stream") if isinstance(value, dict) else None
+    key = stream.encode() if isinstance(stream, str) else b"k"  # keyed by stream id, as producers should
+    return Record(topic, partition, offset, key, body, 0)

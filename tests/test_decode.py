@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from consumers.base import Record
 from detector.decode import REASONS, Decoder
 from tests.helpers import FEATURES, record
 
@@ -80,5 +81,38 @@ def test_batched_form_carries_many_readings_of_one_stream(decoder: Decoder) -> N
 
 def test_field_names_are_mapped(decoder: Decoder) -> None:
     d = Decoder(FEATURES, stream_field="machine", ts_field="time", values_field="sensors")
-    rd, rejects = d.decode([record({"machine": "m", "time": NOW, "sensors": {"temp": 1}})], NOW)
+    body = record({"machine": "m", "time": NOW, "sensors": {"temp": 1}}).value
+    rd, rejects = d.decode([Record("in", 0, 0, b"m", body, 0)], NOW)
     assert not rejects and rd.streams.tolist() == ["m"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"stream": "p1", "stream": "p2", "ts": 1699999990, "values": {"temp": 1}}',
+        b'{"stream": "p1", "ts": 1699999990, "ts": 1699999999, "values": {"temp": 1}}',
+        b'{"stream": "p1", "ts": 1699999990, "values": {"temp": 1}, "values" : {"temp": 2}}',
+        b'{"stream": "p1", "readings": [{"ts": 1699999990, "values": {"temp": 1}}], "stream": "p2"}',
+    ],
+)
+def test_a_field_given_twice_is_ambiguous_and_rejected(decoder: Decoder, value: bytes) -> None:
+    rd, rejects = decoder.decode([Record("t", 0, 0, b"p1", value, 0)], NOW)
+    assert [r.reason for r in rejects] == ["duplicate_key"] and len(rd) == 0
+
+
+def test_repeated_names_that_are_not_keys_are_fine(decoder: Decoder) -> None:
+    values = [b'{"stream": "stream", "ts": 1699999990, "values": {"temp": 1}}',  # the id is the field's name
+              b'{"stream": "p1", "readings": [{"ts": 1699999990, "values": {"temp": 1}},'
+              b' {"ts": 1699999991, "values": {"temp": 2}}]}']  # the batched form repeats ts and values
+    rd, rejects = decoder.decode([Record("t", 0, i, None, v, 0) for i, v in enumerate(values)], NOW)
+    assert rejects == [] and len(rd) == 3
+
+
+def test_a_key_that_is_not_the_stream_id_is_rejected_unless_allowed(decoder: Decoder) -> None:
+    body = b'{"stream": "p1", "ts": 1699999990, "values": {"temp": 1}}'
+    recs = [Record("t", 0, 0, b"p2", body, 0), Record("t", 0, 1, b"p1", body, 0), Record("t", 0, 2, None, body, 0)]
+    rd, rejects = decoder.decode(recs, NOW)
+    assert [(r.index, r.reason) for r in rejects] == [(0, "key_mismatch")] and list(rd.source) == [1, 2]
+    lenient = Decoder(FEATURES, require_stream_key=False)
+    rd, rejects = lenient.decode(recs, NOW)
+    assert rejects == [] and len(rd) == 3

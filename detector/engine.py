@@ -191,18 +191,8 @@ class Engine:
             return EngineResult(WindowScores.concat([], self.n_features), np.empty(0, np.int64),
                                 np.empty(0, object), 0)
         rows = self.rows_for(readings.streams) if rows is None else rows
-        order = np.lexsort((readings.ts, rows))
+        order, dropped, reason = self._in_order(rows, readings.ts)
         r, t = rows[order], readings.ts[order]
-        first = _group_starts(r)
-        prev = np.empty(n)
-        prev[0] = -np.inf
-        prev[1:] = t[:-1]
-        prev[first] = -np.inf
-        prev = np.maximum(prev, self.last_ts[r])
-        keep = t > prev
-        dropped = order[~keep]
-        reason = np.where(t[~keep] == prev[~keep], "duplicate_timestamp", "late").astype(object)
-        order, r, t = order[keep], r[keep], t[keep]
         if len(r) == 0:
             return EngineResult(WindowScores.concat([], self.n_features), dropped, reason, 0)
 
@@ -225,6 +215,32 @@ class Engine:
                 self.reset(r[sel & mid])
             parts.append(self._advance(order[sel], r[sel], t[sel], readings.values))
         return EngineResult(WindowScores.concat(parts, self.n_features), dropped, reason, len(resets))
+
+    def admit(self, rows: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which readings come after their stream's last one: a keep mask, and the dropped ones with why.
+
+        A reading at or before the newest event time of its stream (in the table or earlier in the batch) is
+        `late`, or `duplicate_timestamp` when the time is equal; it is never scored.
+        """
+        _, dropped, reason = self._in_order(rows, ts)
+        keep = np.ones(len(ts), bool)
+        keep[dropped] = False
+        return keep, dropped, reason
+
+    def _in_order(self, rows: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Readings kept, sorted by row then time; and those dropped as late or duplicate, with the reason."""
+        order = np.lexsort((ts, rows))
+        r, t = rows[order], ts[order]
+        first = _group_starts(r)
+        prev = np.empty(len(t))
+        if len(t):
+            prev[0] = -np.inf
+        prev[1:] = t[:-1]
+        prev[first] = -np.inf
+        prev = np.maximum(prev, self.last_ts[r])
+        keep = t > prev
+        reason = np.where(t[~keep] == prev[~keep], "duplicate_timestamp", "late").astype(object)
+        return order[keep], order[~keep], reason
 
     def _advance(self, idx: np.ndarray, r: np.ndarray, t: np.ndarray, values: np.ndarray) -> WindowScores:
         """Advance rows r (sorted, grouped) over their readings idx, return the windows they complete."""

@@ -220,16 +220,20 @@ class Pipeline(RowState):
         rows = self.engine.rows_for(readings.streams)  # looked up once, for every stage
         if len(readings):
             keep, replayed = self._skip_replayed(records, readings, rows)
-            if replayed:
+            # late and repeated readings are dropped before any stage sees them (the gate included)
+            admitted, dropped, why = self.engine.admit(rows, readings.ts)
+            for i, reason in zip(dropped.tolist(), why.tolist(), strict=True):
+                if keep[i]:
+                    rejects.append(Reject(int(readings.source[i]), str(reason), f"reading at ts {readings.ts[i]:.3f} "
+                                          f"is not after the stream's last reading"))
+            keep &= admitted
+            if not keep.all():
                 readings = Readings(readings.streams[keep], readings.ts[keep], readings.values[keep],
                                     readings.source[keep])
                 rows = rows[keep]
         if self.gate.enabled and len(readings):
             readings.values, sensor_events = self.gate.check(rows, readings.ts, readings.values)
         res = self.engine.score_batch(readings, rows)
-        for i, why in zip(res.dropped, res.dropped_reason, strict=True):
-            rejects.append(Reject(int(readings.source[i]), str(why), f"reading at ts {readings.ts[i]:.3f} "
-                                  f"is not after the stream's last reading"))
         ws = res.windows
         self.alerts.ensure(self.engine.capacity)
         warning, critical = self.threshold.levels(ws.rows)

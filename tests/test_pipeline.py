@@ -188,3 +188,33 @@ def test_streams_in_maintenance_raise_no_alerts(trained: Artifact) -> None:
     raised = {orjson.loads(r.value)["stream"] for r in sink.on(cfg.output.alerts_topic)
               if orjson.loads(r.value)["state"] == "raised"}
     assert "m2" in raised and "m1" not in raised, raised
+
+
+def test_a_repeated_reading_reaches_no_stage(trained: Artifact) -> None:
+    """A reading whose timestamp the stream already has is rejected before the sensor gate sees its value."""
+    cfg = parse_config({"sensors": {"flatline_readings": 5}, "delivery": {"commit_interval_ms": 0}})
+    clean = feed(2, 120, {})
+    stuck = []
+    for r in clean:
+        body = orjson.loads(r.value)
+        if 40 * 60 <= body["ts"] - T0 < 60 * 60:
+            body["values"]["temp"] = 51.125  # stuck for 20 readings: one sensor_fault episode
+        stuck.append(Record(r.topic, r.partition, r.offset, r.key, orjson.dumps(body), 0))
+    noisy = []
+    for r in stuck:
+        noisy.append(r)
+        body = orjson.loads(r.value)
+        body["values"]["temp"] += 7.0  # the same instant again, with another value: would break the stuck run
+        noisy.append(Record(r.topic, r.partition, r.offset, r.key, orjson.dumps(body), 0))
+    noisy = [Record(r.topic, r.partition, i, r.key, r.value, 0) for i, r in enumerate(noisy)]  # offsets in order
+    want, _ = run(cfg, trained, stuck)
+    got, _ = run(cfg, trained, noisy)
+    alerts = cfg.output.alerts_topic
+    assert [orjson.loads(r.value)["kind"] for r in want.on(alerts)].count("sensor_fault") == 4
+    def ids(sink: ListSink) -> list[tuple]:
+        return [(a["alert_id"], a["kind"], a["state"], a["window_end"]) for a in map(orjson.loads,
+                                                                                   (r.value for r in sink.on(alerts)))]
+
+    assert sorted(ids(got)) == sorted(ids(want))
+    reasons = {dict(r.headers)["reason"] for r in got.on(cfg.output.dead_letter_topic)}
+    assert reasons == {b"duplicate_timestamp"} and len(got.on(cfg.output.dead_letter_topic)) == len(stuck)

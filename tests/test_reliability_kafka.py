@@ -175,3 +175,86 @@ def test_scale_one_to_three_to_one_loses_nothing(kafka_bootstrap: str, topic_fac
     assert len(re.findall(r"rebalance: \d+ partitions assigned", text)) >= 3, "member 0 saw the group grow and shrink"
     dups = compare(outcome(kafka_bootstrap, names), ref, guarantee == "exactly_once", restarts=2)
     print(f"\n{guarantee}: 1 -> 3 -> 1 members; restores of member 0 {restore_lines(text)}; {dups}")
+
+
+def malformed(items: list[tuple[bytes, bytes]], every: int = 10, seed: int = 3) -> tuple[list, collections.Counter]:
+    """`items` with a malformed record after every `every` good ones (13 kinds), and the reasons expected."""
+    rng = random.Random(seed)
+    now = time.time()
+    kinds = [
+        ("bad_json", lambda k, v: (k, v[: len(v) // 2])),
+        ("bad_values", lambda k, v: (k, b'{"stream":"' + k + b'","ts":1700000000,"values":[1,2,3]}')),
+        ("bad_timestamp", lambda k, v: (k, b'{"stream":"' + k + b'","ts":true,"values":{"temp":1.0}}')),
+        ("missing_stream", lambda k, v: (k, b'{"ts":1700000000,"values":{"temp":1.0}}')),
+        ("missing_timestamp", lambda k, v: (k, b'{"stream":"' + k + b'","values":{"temp":1.0}}')),
+        ("non_numeric_value", lambda k, v: (k, b'{"stream":"' + k + b'","ts":1700000000,"values":{"temp":"NaN"}}')),
+        ("unknown_feature", lambda k, v: (k, b'{"stream":"' + k + b'","ts":1700000000,"values":{"rpm":1}}')),
+        ("bad_json", lambda k, v: (k, bytes(rng.getrandbits(8) for _ in range(64)) + b"\xff")),  # binary garbage
+        ("future_timestamp", lambda k, v: (k, v.replace(b'"ts":', b'"ts":%d,"_":' % (now + 30 * 86400), 1))),
+        ("empty_value", lambda k, v: (k, b"")),
+        ("duplicate_key", lambda k, v: (k, v.replace(b'{"stream":', b'{"stream":"other","stream":', 1))),
+        ("key_mismatch", lambda k, v: (b"m" + k, v)),
+        ("duplicate_timestamp", lambda k, v: (k, v.replace(b'"temp":', b'"temp":1', 1))),  # same ts, other value
+    ]
+    out, expected = [], collections.Counter()
+    for i, (key, value) in enumerate(items):
+        out.append((key, value))
+        if i % every == every - 1:
+            n = len(out) // every
+            reason, make = kinds[n % len(kinds)] if n % 50 else ("oversize", lambda k, v: (k, v + b" " * 70_000))
+            out.append(make(key, value))
+            expected[reason] += 1
+    return out, expected
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_ten_thousand_malformed_records_go_to_the_dead_letter_topic(kafka_bootstrap: str, topic_factory,
+                                                                    group_id: str, model_dir: Path,  # noqa: F811
+                                                                    tmp_path: Path) -> None:
+    names = topics(topic_factory)
+    cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, names, group_id, model_dir, "at_least_once",
+                       extra="")
+    cfg.write_text(cfg.read_text().replace("session_timeout_ms: 6000}",
+                                           "session_timeout_ms: 6000, max_message_bytes: 65536}"))
+    good = fleet(STREAMS, READINGS, seed=2)
+    items, expected = malformed(good)
+    assert sum(expected.values()) >= 10_000 and len(expected) >= 13, expected
+    ref = reference(cfg, good)
+    t0 = time.monotonic()
+    feeder = Feeder(kafka_bootstrap, names["input"], items, rate=50_000, extra={"max_request_size": 4 << 20})
+    feeder.run()
+    assert feeder.error is None, feeder.error
+    t1 = time.monotonic()
+    daemon = DaemonProc(cfg, tmp_path / "daemon.log").start()
+    samples = []
+
+    def alive() -> None:
+        assert daemon.alive(), daemon.text()
+
+    for share in (0.25, 0.5, 0.75, 1.0):
+        wait_until(lambda: total_committed(kafka_bootstrap, group_id, names["input"]) >= share * len(items), 180,  # noqa: B023
+                   f"{share:.0%} committed", alive)
+        samples.append(rss_mib(daemon.proc.pid))  # type: ignore[union-attr]
+    t2 = time.monotonic()
+    assert daemon.stop() == 0, daemon.text()
+    text = daemon.text()
+    assert "Traceback" not in text, text
+    print(f"\nproduced {len(items)} in {t1 - t0:.1f} s, scored and committed in {t2 - t1:.1f} s")
+    dead = read_all(kafka_bootstrap, names["dlq"])
+    reasons = collections.Counter(dict(m.headers)["reason"].decode() for m in dead)
+    assert reasons == expected
+    assert all(dict(m.headers)["source"].startswith(names["input"].encode()) for m in dead)
+    sent_bad = collections.Counter(v for _, v in items) - collections.Counter(v for _, v in good)
+    assert collections.Counter(m.value or b"" for m in dead) == sent_bad, "each dead letter is the original bytes"
+    for reason in expected:
+        assert text.count(f": {reason} (") == 1, f"'{reason}' is logged once, then only counted"
+    compare(outcome(kafka_bootstrap, names), ref, exactly_once=True, restarts=0)
+    assert samples[-1] <= samples[0] * 1.15 + 16, f"resident memory grew: {samples} MiB"
+    print(f"\nbad input: {dict(expected)}; RSS at 25/50/75/100% committed: {[round(s) for s in samples]} MiB")

@@ -5,6 +5,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 venv="$(bash .ci/setup.sh)"
 bash deploy/kafka/kafka.sh fetch >&2
+bash deploy/tools/build.sh compose >/dev/null   # validators of deploy/ (built once from pinned Go modules)
+bash deploy/tools/build.sh promtool >/dev/null
 "$venv/bin/ruff" check detector consumers tests bench
 set +e
 "$venv/bin/python" -m pytest -p no:cacheprovider "$@"

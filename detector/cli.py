@@ -1,4 +1,4 @@
-"""The `detector` command: demo, train, evaluate, run and check-config."""
+"""The `detector` command: demo, train, evaluate, run, check-config and simulate."""
 
 from __future__ import annotations
 
@@ -156,6 +156,49 @@ def _run(args: argparse.Namespace) -> int:
     return run_daemon(cfg, config_path=args.config)
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    import contextlib
+    import signal
+
+    from detector.loadgen import SimulateParams, publish
+
+    start = None
+    if args.start != "now":
+        from datetime import datetime
+
+        try:
+            start = float(args.start)
+        except ValueError:
+            try:
+                start = datetime.fromisoformat(args.start.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                print(f"error: --start: {args.start!r} is not now, epoch seconds or RFC 3339", file=sys.stderr)
+                return 2
+    params = SimulateParams(streams=args.streams, features=args.features, rate=args.rate, readings=args.readings,
+                            duration=args.duration, faults=args.faults, normal=args.normal, chunk=args.chunk,
+                            step=args.step, start=start, seed=args.seed)
+    params.check()
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.append(signum)  # stop after the slice in hand, flush, write the truth of faults under way
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl+C interrupts at once
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with contextlib.ExitStack() as stack:
+            truth = stack.enter_context(open(args.truth, "w", encoding="utf-8")) if args.truth else None
+            log.info("simulate: %d streams x %d sensors to %s on %s at %s readings/s%s", params.streams,
+                     params.features, args.topic, args.bootstrap, f"{params.rate:g}" if params.rate else "max",
+                     f"; ground truth in {args.truth}" if args.truth else "")
+            result = publish(params, args.bootstrap, args.topic, truth, stop=lambda: bool(stopping))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(result.summary_line())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `detector` command."""
     p = argparse.ArgumentParser(prog="detector", description="Streaming sensor anomaly detector.")
@@ -227,6 +270,30 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the daemon: Kafka in, alerts out")
     r.add_argument("--config", default="config.yaml")
     r.set_defaults(func=_run)
+
+    m = sub.add_parser("simulate", help="publish the demo's simulated fleet (faults included) to Kafka at a target "
+                       "rate, with a ground-truth file of the injected faults")
+    m.add_argument("--bootstrap", required=True, help="HOST:PORT[,HOST:PORT...] of the Kafka brokers")
+    m.add_argument("--topic", default="sensor-readings", help="input topic of the daemon (must exist)")
+    m.add_argument("--streams", type=int, default=50, help="machines (streams), pump-000, pump-001, ...")
+    m.add_argument("--features", type=int, default=8, help="sensors per machine (1 to 8, the demo's order)")
+    m.add_argument("--rate", type=float, default=1000.0,
+                   help="readings per second, all streams together (0: as fast as Kafka takes them)")
+    stop_after = m.add_mutually_exclusive_group()
+    stop_after.add_argument("--duration", type=float, help="stop after this many seconds (default: run until "
+                            "SIGTERM or Ctrl+C)")
+    stop_after.add_argument("--readings", type=int, help="stop after this many readings in all")
+    m.add_argument("--faults", type=float, default=0.5,
+                   help="share of the streams given one fault in each chunk of --chunk steps")
+    m.add_argument("--normal", type=int, default=240, help="fault-free steps at the start of the run")
+    m.add_argument("--chunk", type=int, default=1440,
+                   help="steps simulated at a time; later chunks replay the machines with new faults")
+    m.add_argument("--start", default="now", help="event time of the first step: now (each step stamped with "
+                   "the wall clock as it goes out), or epoch seconds / RFC 3339 (steps --step seconds apart)")
+    m.add_argument("--step", type=float, default=60.0, help="seconds between a stream's readings, with --start")
+    m.add_argument("--truth", help="write the injected faults here, one JSON object a line")
+    m.add_argument("--seed", type=int, default=7, help="the fleet's seed (the demo's default is 7)")
+    m.set_defaults(func=_simulate)
 
     c = sub.add_parser("check-config", help="validate a config file and print every error")
     c.add_argument("config", nargs="?", default="config.yaml")

@@ -84,8 +84,11 @@ class Fleet:
 
 def simulate_fleet(n_streams: int = 50, n_features: int = 8, n_readings: int = 5000, *,
                    normal_readings: int = 2000, step_seconds: float = 60.0, start: float = 1_700_000_000.0,
-                   fault_fraction: float = 0.5, seed: int = 0) -> Fleet:
+                   fault_fraction: float = 0.5, seed: int = 0, fault_seed: int | None = None) -> Fleet:
     """Simulate `n_streams` pumps for `n_readings` steps, with faults after `normal_readings`.
+
+    `fault_seed` (default: derived from `seed`) seeds only where the faults fall and what they are: another
+    value keeps every stream's clean signal and draws new faults.
 
     >>> fleet = simulate_fleet(n_streams=10, n_features=4, n_readings=600, normal_readings=300, seed=1)
     >>> fleet.values.shape, fleet.values.dtype.name, fleet.features
@@ -108,6 +111,8 @@ def simulate_fleet(n_streams: int = 50, n_features: int = 8, n_readings: int = 5
     S, T, F = n_streams, n_readings, n_features
     normal_readings = min(normal_readings, T)  # a run shorter than the normal period is all normal, no faults
     signal_seq, fault_seq, gap_seq = np.random.SeedSequence(seed).spawn(3)
+    if fault_seed is not None:
+        fault_seq = np.random.SeedSequence(fault_seed)
     timestamps = start + step_seconds * np.arange(T, dtype=np.float64)
 
     clean, noise, switches = _clean_signals(np.random.default_rng(signal_seq), S, timestamps, step_seconds)

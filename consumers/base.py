@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-__all__ = ["Record", "Source", "Sink", "SinkError", "SinkTimeout", "RebalanceError", "Offsets"]
+__all__ = ["Record", "Source", "Sink", "SinkError", "SinkTimeout", "SinkFenced", "RebalanceError", "Offsets"]
 
 Offsets = dict[tuple[str, int], int]
 """Next offset to read, per (topic, partition): what a commit stores."""
@@ -29,6 +29,10 @@ class SinkError(Exception):
 
 class SinkTimeout(SinkError):
     """Records are still waiting for acknowledgement (the brokers are slow or away); they may yet succeed."""
+
+
+class SinkFenced(SinkError):
+    """The transactional producer was fenced (its transaction timed out, or another one took its id): it is dead."""
 
 
 class RebalanceError(Exception):
@@ -61,6 +65,10 @@ class Source(ABC):
 
     def rewind(self, partitions: set[tuple[str, int]]) -> None:  # noqa: B027 (a fixed source has nothing to do)
         """Go back to the committed offsets of these partitions (after a rebalance or an aborted commit)."""
+
+    def connected(self) -> bool:
+        """Whether the source is in contact with what it reads from (a fixed source: always)."""
+        return True
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Messages behind the end of each partition read (unknown: empty)."""

@@ -24,18 +24,21 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
+    InvalidProducerEpochError,
     KafkaError,
     KafkaTimeoutError,
+    ProducerFencedError,
     RebalanceInProgressError,
     UnknownMemberIdError,
 )
 from kafka.structs import OffsetAndMetadata
 
-from consumers.base import Offsets, RebalanceError, Record, Sink, SinkError, SinkTimeout, Source
+from consumers.base import Offsets, RebalanceError, Record, Sink, SinkError, SinkFenced, SinkTimeout, Source
 
 __all__ = ["KafkaSource", "KafkaSink", "RebalanceEvents", "StateTopic", "StateTopicError"]
 
 _GROUP_MOVED = (CommitFailedError, IllegalGenerationError, RebalanceInProgressError, UnknownMemberIdError)
+_FENCED = (ProducerFencedError, InvalidProducerEpochError)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class KafkaSource(Source):
                  session_timeout_ms: int = 10000) -> None:
         self.events = RebalanceEvents()
         self._reset = auto_offset_reset
+        self._session_timeout_s = session_timeout_ms / 1000
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=group_id,
@@ -131,6 +135,12 @@ class KafkaSource(Source):
     def group_metadata(self) -> object:
         """The member's group metadata, for a transactional offset commit (fencing per KIP-447)."""
         return self._consumer.group_metadata()
+
+    def connected(self) -> bool:
+        """Whether the group coordinator answered a heartbeat within the session timeout."""
+        coord = self._consumer.metrics().get("consumer-coordinator-metrics", {})
+        ago = coord.get("last-heartbeat-seconds-ago")
+        return ago is None or ago < self._session_timeout_s
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Messages between the consumer's position and the end of each assigned partition (as last fetched)."""
@@ -219,26 +229,51 @@ class KafkaSink(Sink):
 
     def begin(self) -> None:
         """Start a transaction."""
-        self._producer.begin_transaction()
+        try:
+            self._producer.begin_transaction()
+        except _FENCED as exc:
+            raise SinkFenced(f"producer fenced: {type(exc).__name__}") from exc
+        except KafkaError as exc:
+            raise SinkError(f"transaction not begun: {type(exc).__name__}: {exc}") from exc
         self.in_transaction = True
 
     def commit_transaction(self, offsets: Offsets, group: object) -> None:
-        """Add the consumer's offsets to the transaction and commit it; RebalanceError when fenced by the group."""
+        """Add the consumer's offsets to the transaction and commit it.
+
+        RebalanceError when the group fenced the offsets or the transaction must be aborted; SinkFenced when the
+        producer is dead (its transaction timed out on the broker, or another producer took its id). While the
+        brokers are away it keeps waiting: the transaction commits when they are back.
+        """
+        tm = self._producer._transaction_manager  # kafka-python's public calls wait without a bound
         try:
             if offsets:
-                self._producer.send_offsets_to_transaction(to_kafka_offsets(offsets), group)
-            self._producer.commit_transaction()
+                self._await(tm.send_offsets_to_transaction(to_kafka_offsets(offsets), group))
+            self._await(tm.begin_commit())
         except _GROUP_MOVED as exc:
             raise RebalanceError(f"transactional offset commit refused: {type(exc).__name__}") from exc
-        except KafkaError as exc:
+        except (KafkaError, SinkError) as exc:
+            if isinstance(exc, _FENCED) or tm.has_fatal_error():
+                raise SinkFenced(f"producer fenced: {exc}") from exc
+            if tm.has_abortable_error():
+                raise RebalanceError(f"transaction must be aborted: {exc}") from exc
             raise SinkError(f"transaction not committed: {type(exc).__name__}: {exc}") from exc
         self.in_transaction = False
         self._futures = []
+
+    def _await(self, result: Any) -> None:
+        """Wait for a transactional request, giving up at once when the producer turns fatal."""
+        self._producer._sender.wakeup()
+        tm = self._producer._transaction_manager
+        while not result.wait(timeout_ms=500):
+            if tm.has_fatal_error():
+                raise SinkFenced(f"producer fenced while waiting: {tm._last_error}")
 
     def abort(self) -> None:
         """Abort the open transaction (its records are never seen by read_committed readers)."""
         try:
             self._producer.abort_transaction()
+        except _FENCED as exc:
+            raise SinkFenced(f"producer fenced: {type(exc).__name__}") from exc
         except KafkaError as exc:
             raise SinkError(f"transaction not aborted: {type(exc).__name__}: {exc}") from exc
         finally:
@@ -251,7 +286,14 @@ class KafkaSink(Sink):
 
 
 class StateTopicError(Exception):
-    """The checkpoint topic exists but cannot serve (partitions or cleanup policy wrong); the message says why."""
+    """The checkpoint topic cannot serve (partitions or cleanup policy wrong); the message says why.
+
+    `retriable` when the input topics do not exist yet: they may be created after the daemon starts.
+    """
+
+    def __init__(self, message: str, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.retriable = retriable
 
 
 class StateTopic:
@@ -266,10 +308,13 @@ class StateTopic:
         try:
             described = {t["name"]: t for t in admin.describe_topics(list(input_topics))}
             counts = {t: (0 if d.get("error_code") else len(d["partitions"])) for t, d in described.items()}
-            if len(set(counts.values())) != 1 or 0 in counts.values():
+            if 0 in counts.values():
+                raise StateTopicError("input topics not found (input.topics): " + ", ".join(
+                    t for t, n in counts.items() if not n), retriable=True)
+            if len(set(counts.values())) != 1:
                 raise StateTopicError(
-                    "the input topics must exist and all have the same number of partitions to share a state "
-                    "topic (input.topics); found " + ", ".join(f"{t}: {n or 'missing'}" for t, n in counts.items()))
+                    "the input topics must all have the same number of partitions to share a state topic "
+                    "(input.topics); found " + ", ".join(f"{t}: {n}" for t, n in counts.items()))
             want = next(iter(counts.values()))
             found = {t["name"]: t for t in admin.describe_topics([self.topic])}.get(self.topic)
             if found is None or found.get("error_code"):

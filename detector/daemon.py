@@ -38,7 +38,7 @@ import numpy as np
 import orjson
 from kafka.errors import KafkaError, SaslAuthenticationFailedError
 
-from consumers.base import Offsets, RebalanceError, Record, Sink, SinkError, SinkTimeout, Source
+from consumers.base import Offsets, RebalanceError, Record, Sink, SinkError, SinkFenced, SinkTimeout, Source
 from consumers.kafka import KafkaSink, KafkaSource, StateTopic, StateTopicError
 from detector.artifact import check_features, load_artifact
 from detector.checkpoint import restore, snapshot
@@ -103,6 +103,12 @@ class Daemon:
         self._generation: int | None = None
         self._group: object = None
         self._in_txn = False
+        self.beat = time.monotonic()  # the loop's last turn
+        self.stall_s = max(cfg.input.session_timeout_ms / 1000, 5.0)
+
+    def is_ready(self) -> bool:
+        """Restored and consuming, and the loop is turning (not stuck waiting on Kafka)."""
+        return self.ready.is_set() and time.monotonic() - self.beat < self.stall_s
 
     @property
     def exactly_once(self) -> bool:
@@ -161,8 +167,9 @@ class Daemon:
 
     def commit(self, source: Source, sink: Sink) -> None:
         """Checkpoint the streams that changed, make everything durable, and commit the offsets it covers."""
-        if not self.pending and not self._in_txn:
+        if not self.pending and not self._in_txn:  # nothing new: what is committed is current
             self._last_commit = time.monotonic()
+            self.metrics.last_commit = time.time()
             return
         n_bytes = 0
         checkpoints = snapshot(self.pipeline, self.pipeline.take_dirty()) if self.state is not None else []
@@ -208,6 +215,23 @@ class Daemon:
             self.ready.set()
             self.metrics.ready.set(1)
 
+    def _check_contact(self, source: Source) -> None:
+        """While idle, at most once a second: not ready while the group coordinator does not answer."""
+        now = time.monotonic()
+        if now - getattr(self, "_contact_checked", 0.0) < 1.0 or now - self._last_commit < self.stall_s:
+            return  # the last commit (or restore) is recent: the heartbeat age says nothing new
+        self._contact_checked = now
+        ok = source.connected()
+        if not ok and self.ready.is_set():
+            log.warning("lost contact with Kafka at %s (no group heartbeat answered for %.0f s); not ready, "
+                        "retrying", self.cfg.kafka.bootstrap_servers, self.cfg.input.session_timeout_ms / 1000)
+            self.ready.clear()
+            self.metrics.ready.set(0)
+        elif ok and not self.ready.is_set() and self._generation is not None:
+            log.info("in contact with Kafka again; ready")
+            self.ready.set()
+            self.metrics.ready.set(1)
+
     def sync(self, source: Source, sink: Sink) -> bool:
         """After a change of partition assignment: drop uncommitted work, restore the partitions now assigned.
 
@@ -219,6 +243,10 @@ class Daemon:
         self._generation = generation
         self.rewind(source, sink, "rebalance")
         return True
+
+    def forget_transaction(self) -> None:
+        """The producer of the open transaction is gone (fenced): nothing of it will commit."""
+        self._in_txn = False
 
     def rewind(self, source: Source, sink: Sink, reason: str) -> None:
         """Go back to the last commit: abort the open transaction, restore the assigned streams, seek back."""
@@ -318,6 +346,7 @@ class Daemon:
         """Poll and process batches until the stop flag is set."""
         timeout = self.cfg.input.poll_timeout_ms / 1000
         while not self.stop_event.is_set():
+            self.beat = time.monotonic()
             self._maybe_reload()
             records = source.poll_batch(timeout)
             try:
@@ -325,8 +354,10 @@ class Daemon:
                     continue  # records fetched before the rewind; they are read again
                 if records:
                     self.process(records, source, sink)
-                elif time.monotonic() - self._last_commit >= self.cfg.delivery.commit_interval_ms / 1000:
-                    self.commit(source, sink)
+                else:
+                    if time.monotonic() - self._last_commit >= self.cfg.delivery.commit_interval_ms / 1000:
+                        self.commit(source, sink)
+                    self._check_contact(source)
             except RebalanceError as exc:
                 log.warning("commit refused, the group has moved on (%s): going back to the last commit", exc)
                 self._generation = source.generation
@@ -407,6 +438,27 @@ def transactions(cfg: Config) -> dict[str, Any]:
     return {"transactional_id": tid, "transaction_timeout_ms": cfg.delivery.transaction_timeout_ms}
 
 
+def _ensure_state_topic(cfg: Config, state: StateTopic, stop: threading.Event) -> bool:
+    """Create or check the state topic; wait (with backoff) while the input topics do not exist yet."""
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            n = state.ensure(cfg.input.topics, cfg.delivery.state_replication)
+            log.info("state topic %s: %d partitions, compacted", state.topic, n)
+            return True
+        except StateTopicError as exc:
+            if not exc.retriable:
+                log.error("cannot use the state topic %s: %s", state.topic, exc)
+                return False
+            log.warning("%s; waiting for them, retrying in %.0f s", exc, delay)
+        except KafkaError as exc:
+            log.warning("cannot check the state topic %s (%s); retrying in %.0f s", state.topic,
+                        type(exc).__name__, delay)
+        stop.wait(delay)
+        delay = min(delay * 2, cfg.kafka.connect_retry_max_s)
+    return False
+
+
 def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: str | Path | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT (or `stop` is set); return the process exit code.
 
@@ -421,6 +473,7 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
     log.info("effective config: %s", cfg.masked())
     state = StateTopic(cfg.kafka.bootstrap_servers, cfg.state_topic(), client=kafka_client_settings(cfg))
     daemon = Daemon(cfg, Pipeline(cfg, artifact, str(device)), state=state)
+    daemon.metrics.ready.set_function(lambda: float(daemon.is_ready()))
     if config_path is not None:
         daemon.watch(config_path)
     if stop is not None:
@@ -430,7 +483,7 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
     with ExitStack() as stack:
         if cfg.metrics.enabled:
             health = HealthServer(daemon.metrics, cfg.metrics.host, cfg.metrics.port)
-            health.ready = daemon.ready  # /readyz: connected, restored, and Kafka acknowledging
+            health.ready_check = daemon.is_ready  # /readyz: connected, restored, and the loop not stuck on Kafka
             health.start()
             stack.callback(health.close)
             log.info("metrics and health on http://%s:%d/metrics", cfg.metrics.host, health.port)
@@ -444,14 +497,27 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
         stack.callback(source.close)
         stack.callback(sink.close)
         stack.callback(daemon.ready.clear)
+        if not _ensure_state_topic(cfg, state, daemon.stop_event):
+            return 2 if not daemon.stop_event.is_set() else 0
         try:
-            n = state.ensure(cfg.input.topics, cfg.delivery.state_replication)
-            log.info("state topic %s: %d partitions, compacted", state.topic, n)
-        except (StateTopicError, KafkaError) as exc:
-            log.error("cannot use the state topic %s: %s", state.topic, exc)
-            return 2
-        try:
-            daemon.loop(source, sink)
+            fenced_at = -math.inf
+            while True:
+                try:
+                    daemon.loop(source, sink)
+                    break
+                except SinkFenced as exc:
+                    if time.monotonic() - fenced_at < 60:
+                        raise SinkError(f"{exc} twice within a minute: is another daemon running with "
+                                        f"transactional_id {transactions(cfg)['transactional_id']!r}?") from exc
+                    fenced_at = time.monotonic()
+                    log.warning("%s (its transaction timed out: delivery.transaction_timeout_ms); starting a new "
+                                "producer and going back to the last commit", exc)
+                    sink.close()
+                    sink = KafkaSink(cfg.kafka.bootstrap_servers, client=kafka_client_settings(cfg),
+                                     **transactions(cfg))
+                    stack.callback(sink.close)
+                    daemon.forget_transaction()
+                    daemon.rewind(source, sink, "fenced")
         except SinkError as exc:
             log.error("alerts, dead letters or checkpoints were not acknowledged (%s); exiting without committing "
                       "them: what they cover is read again at the next start", exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -65,6 +66,7 @@ class HealthServer:
 
     def __init__(self, metrics: Metrics, host: str = "127.0.0.1", port: int = 9108) -> None:
         self.ready = threading.Event()
+        self.ready_check: Callable[[], bool] = self.ready.is_set  # what /readyz answers
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -74,7 +76,7 @@ class HealthServer:
                 elif self.path == "/healthz":
                     self._send(200, b"ok\n")
                 elif self.path == "/readyz":
-                    ok = owner.ready.is_set()
+                    ok = owner.ready_check()
                     self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
                 else:
                     self._send(404, b"not found\n")

@@ -8,9 +8,11 @@ order in which Kafka interleaves partitions does not change any stream's windows
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from detector.config import load_config
 from detector.daemon import Daemon
 from detector.pipeline import Pipeline
 from tests.helpers import FEATURES, sine_values
+from tests.kafka_broker import KAFKA_SH, READY_LINE, free_ports
 from tests.test_daemon_kafka import committed
 
 T0 = 1_700_000_000.0
@@ -197,3 +200,51 @@ def identity(alert: dict) -> tuple:
     """What must be the same for an alert in two runs over the same input (offsets and float noise aside)."""
     return (alert["alert_id"], alert["kind"], alert["state"], alert["stream"], alert.get("window_end"),
             alert.get("severity"))
+
+
+class RestartableBroker:
+    """A single-node KRaft broker that can be killed and started again on the same ports and data.
+
+    tests/kafka_broker.py's broker picks new ports and a new folder on every start; a broker that comes back
+    must keep both, as a real one does after a crash or a network outage.
+    """
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="kafka-restartable-"))
+        self.port, self.controller_port = free_ports(2)
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        """Start (or start again) and wait until it accepts connections."""
+        env = {**os.environ, "KAFKA_PORT": str(self.port), "KAFKA_CONTROLLER_PORT": str(self.controller_port),
+               "KAFKA_DATA_DIR": str(self.dir / "data"), "KAFKA_PDEATHSIG": "TERM"}
+        for name in ("KAFKA_EXTRA_LISTENERS", "KAFKA_EXTRA_PROPERTIES", "KAFKA_FORMAT_ARGS"):
+            env.pop(name, None)
+        log = self.dir / "server.log"
+        log.unlink(missing_ok=True)
+        with (self.dir / "kafka.out").open("ab") as out:
+            self._proc = subprocess.Popen(["bash", str(KAFKA_SH), "run", str(self.dir)], env=env,
+                                          stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while not (log.exists() and READY_LINE in log.read_text(errors="replace")):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"broker did not start (exit {self._proc.poll()}); see {self.dir}")
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        """SIGKILL the broker: connections are refused until it starts again."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait(timeout=30)
+
+    def close(self) -> None:
+        """Stop it for good and delete its data."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -10,16 +10,20 @@ import collections
 import random
 import re
 import time
+import urllib.error
+import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.kafka_broker import free_ports
+from tests.kafka_broker import create_topic, free_ports
 from tests.reliability import (
     DaemonProc,
     Feeder,
     Outcome,
+    RestartableBroker,
     fleet,
     identity,
     read_all,
@@ -258,3 +262,62 @@ def test_ten_thousand_malformed_records_go_to_the_dead_letter_topic(kafka_bootst
     compare(outcome(kafka_bootstrap, names), ref, exactly_once=True, restarts=0)
     assert samples[-1] <= samples[0] * 1.15 + 16, f"resident memory grew: {samples} MiB"
     print(f"\nbad input: {dict(expected)}; RSS at 25/50/75/100% committed: {[round(s) for s in samples]} MiB")
+
+
+def ready(port: int) -> int:
+    """The status code of /readyz (0 when it does not answer)."""
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def test_broker_away_at_start_and_for_30_s_mid_run(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    broker = RestartableBroker()
+    try:
+        names = {k: f"{k}-{uuid.uuid4().hex[:8]}" for k in ("input", "alerts", "dlq", "scores")}
+        group = f"g-{uuid.uuid4().hex}"
+        cfg = write_config(tmp_path / "c.yaml", broker.bootstrap, names, group, model_dir, "exactly_once")
+        port = int(re.search(r"metrics: \{port: (\d+)\}", cfg.read_text()).group(1))  # type: ignore[union-attr]
+        items = fleet(STREAMS, 1200, seed=4)
+        ref = reference(cfg, items)
+        daemon = DaemonProc(cfg, tmp_path / "daemon.log").start()
+
+        def alive() -> None:
+            assert daemon.alive(), daemon.text()
+
+        # 1. no broker at all: the daemon retries with backoff and is not ready
+        wait_until(lambda: daemon.text().count("cannot reach Kafka at") >= 2, 60, "two retries", alive)
+        assert ready(port) == 503
+        broker.start()
+        for name, parts in (("input", 4), ("alerts", 2), ("dlq", 1), ("scores", 4)):
+            create_topic(broker.bootstrap, names[name], parts)
+        feeder = Feeder(broker.bootstrap, names["input"], items, rate=2500)
+        feeder.start()
+        wait_until(lambda: total_committed(broker.bootstrap, group, names["input"]) > len(items) // 4, 120,
+                   "a quarter committed", alive)
+        assert ready(port) == 200
+
+        # 2. the broker goes away for 30 s mid-run, then comes back on the same address with its data
+        broker.kill()
+        lost_at, statuses = time.monotonic(), set()
+        while time.monotonic() - lost_at < 30:
+            alive()
+            statuses.add(ready(port))
+            time.sleep(0.5)
+        assert 503 in statuses, f"not ready while Kafka was away ({statuses})"
+        broker.start()
+        feeder.join(180)
+        assert feeder.error is None, feeder.error
+        wait_until(lambda: total_committed(broker.bootstrap, group, names["input"]) == len(items), 180,
+                   "everything committed after the outage", alive)
+        wait_until(lambda: ready(port) == 200, 30, "ready again", alive)
+        assert daemon.stop() == 0, daemon.text()
+        text = daemon.text()
+        assert "Traceback" not in text, text
+        dups = compare(outcome(broker.bootstrap, names), ref, exactly_once=True, restarts=0)
+        print(f"\noutage: /readyz statuses while away {sorted(statuses)}; {dups}")
+    finally:
+        broker.close()

@@ -222,9 +222,12 @@ EOF
              -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true
              -Dlog4j2.configurationFile="$dir/log4j2.properties" -Dkafka.logs.dir="$dir"
              -cp "$lib/*")
-  "$java" "${jvm[@]}" kafka.tools.StorageTool format --ignore-formatted \
-      --cluster-id "$(cluster_id)" --config "$dir/server.properties" ${format_args[@]+"${format_args[@]}"} \
-    || { [ -n "${KAFKA_DATA_DIR:-}" ] || rm -rf "$data"; die "formatting the KRaft storage in $data failed"; }
+  # storage formatted before (a broker started again on its KAFKA_DATA_DIR) keeps its cluster id and data
+  if [ ! -f "$data/logs/meta.properties" ]; then
+    "$java" "${jvm[@]}" kafka.tools.StorageTool format --ignore-formatted \
+        --cluster-id "$(cluster_id)" --config "$dir/server.properties" ${format_args[@]+"${format_args[@]}"} \
+      || { [ -n "${KAFKA_DATA_DIR:-}" ] || rm -rf "$data"; die "formatting the KRaft storage in $data failed"; }
+  fi
 
   cat > "$dir/kafka.env" <<EOF
 KAFKA_BOOTSTRAP=127.0.0.1:$port

@@ -104,6 +104,7 @@ class Daemon:
         self._group: object = None
         self._in_txn = False
         self.beat = time.monotonic()  # the loop's last turn
+        self._rewound_at = -math.inf
         self.stall_s = max(cfg.input.session_timeout_ms / 1000, 5.0)
 
     def is_ready(self) -> bool:
@@ -218,8 +219,8 @@ class Daemon:
     def _check_contact(self, source: Source) -> None:
         """While idle, at most once a second: not ready while the group coordinator does not answer."""
         now = time.monotonic()
-        if now - getattr(self, "_contact_checked", 0.0) < 1.0 or now - self._last_commit < self.stall_s:
-            return  # the last commit (or restore) is recent: the heartbeat age says nothing new
+        if now - getattr(self, "_contact_checked", 0.0) < 1.0 or now - self._rewound_at < self.stall_s:
+            return  # just after a restore, the heartbeat age still counts the time before it
         self._contact_checked = now
         ok = source.connected()
         if not ok and self.ready.is_set():
@@ -277,7 +278,7 @@ class Daemon:
         if report and report.misfit:
             log.warning("checkpoint fields that do not fit this model or config were started fresh: %s",
                         ", ".join(report.misfit))
-        self._last_commit = time.monotonic()
+        self._last_commit = self._rewound_at = time.monotonic()
         self.ready.set()
         self.metrics.ready.set(1)
 

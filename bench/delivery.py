@@ -112,7 +112,9 @@ def main() -> int:
                   f"{r['ratio_to_at_least_once_1s']} |" for r in rows]
         text = Path(args.out).read_text()
         begin, end = "<!-- bench:delivery:begin -->", "<!-- bench:delivery:end -->"
-        head, rest = text.split(begin) if begin in text else (text + f"\n{begin}", f"\n{end}\n")
+        if begin not in text:
+            text = text.rstrip("\n") + f"\n\n## Delivery guarantees\n\n{begin}\n{end}\n"
+        head, rest = text.split(begin, 1)
         tail = rest.split(end, 1)[1]
         note = (f"\n`python bench/delivery.py --out docs/benchmarks.md`, {result['date']}, {result['machine']}: "
                 f"{len(items):,} readings of {args.streams} streams, one daemon, 4 partitions.\n\n")

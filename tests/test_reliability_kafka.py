@@ -39,14 +39,17 @@ STREAMS, READINGS = 50, 2000  # 100,000 readings
 
 
 def write_config(path: Path, bootstrap: str, names: dict[str, str], group: str, model: Path, guarantee: str,
-                 extra: str = "", member: str = "") -> Path:
-    """A daemon config for these topics, with short intervals so that the tests stay quick."""
+                 extra: str = "", member: str = "", delivery: str = "") -> Path:
+    """A daemon config for these topics, with short intervals so that the tests stay quick.
+
+    `extra` is appended as top-level YAML; `delivery` adds keys to the delivery section ("state_replication: 3").
+    """
     path.write_text(f"""
 kafka: {{bootstrap_servers: "{bootstrap}", connect_retry_max_s: 2, connect_timeout_ms: 2000}}
 input: {{topics: [{names['input']}], group_id: {group}, max_poll_records: 500, session_timeout_ms: 6000}}
 output: {{alerts_topic: {names['alerts']}, dead_letter_topic: {names['dlq']}, scores_topic: {names['scores']}}}
 delivery: {{guarantee: {guarantee}, commit_interval_ms: 300, transactional_id: "{group}-tx{member}",
-           transaction_timeout_ms: 10000, restore_timeout_s: 60}}
+           transaction_timeout_ms: 10000, restore_timeout_s: 60{", " + delivery if delivery else ""}}}
 model: {{path: "{model}", device: cpu}}
 alerts: {{k: 2, n: 3}}
 sensors: {{flatline_readings: 10}}
@@ -321,3 +324,21 @@ def test_broker_away_at_start_and_for_30_s_mid_run(model_dir: Path, tmp_path: Pa
         print(f"\noutage: /readyz statuses while away {sorted(statuses)}; {dups}")
     finally:
         broker.close()
+
+
+@pytest.mark.parametrize(("partitions", "policy", "expected"), [
+    (2, "compact", "has 2 partitions but the input has 4"),
+    (4, "delete", "has cleanup.policy=delete; it must be compact"),
+])
+def test_a_state_topic_that_cannot_serve_is_refused(kafka_bootstrap: str, topic_factory, group_id: str,
+                                                    model_dir: Path, tmp_path: Path, partitions: int,  # noqa: F811
+                                                    policy: str, expected: str) -> None:
+    names = topics(topic_factory)
+    state = topic_factory(partitions=partitions, config={"cleanup.policy": policy}, prefix="state")
+    cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, names, group_id, model_dir, "at_least_once")
+    cfg.write_text(cfg.read_text().replace("restore_timeout_s: 60}", f"restore_timeout_s: 60, state_topic: {state}}}"))
+    daemon = DaemonProc(cfg, tmp_path / "daemon.log").start()
+    assert daemon.proc is not None and daemon.proc.wait(timeout=120) == 2, daemon.text()
+    line = next(x for x in daemon.text().splitlines() if "cannot use the state topic" in x)
+    assert expected in line and state in line, line
+    assert "Traceback" not in daemon.text()

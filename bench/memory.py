@@ -1,0 +1,124 @@
+"""Resident memory per stream, against the bytes its state needs.
+
+    python bench/memory.py [--streams 10000 100000] [--out docs/benchmarks.md]
+
+For each fleet size S, a fresh process builds the daemon's pipeline around a model of the issue's shape
+(8 features, window 64, hop 16, hidden 48; untrained: memory does not depend on the weights). It then feeds
+every stream a full window of readings through `Pipeline.process`, in batches as the daemon would get them.
+The resident set size (VmRSS) is read after the model is loaded and again after the fleet is in, so the
+difference per stream is what the streams cost beyond the model. The need per stream is the bytes of that
+stream's whole state: `Pipeline.export_rows` for one stream, which is exactly what a checkpoint holds (window
+buffer and mask, h and c per layer, counters, threshold and alert state). The ratio of the two is the figure.
+Results go to bench/results/memory.json and, with --out, to the memory section of the markdown file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+F, WINDOW, HOP, HIDDEN = 8, 64, 16, 48
+
+
+def rss_bytes() -> int:
+    """This process's resident set size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def measure(streams: int) -> dict:
+    """One fleet size, in this process (call it in a fresh one)."""
+    import numpy as np
+    import orjson
+    import torch
+
+    from consumers.base import Record
+    from detector.artifact import Artifact, Manifest
+    from detector.config import Config
+    from detector.model import LSTMAutoencoder
+    from detector.pipeline import Pipeline
+    from detector.train import CALIBRATION_LEVELS
+
+    torch.set_num_threads(2)
+    feats = [f"f{i}" for i in range(F)]
+    n = len(CALIBRATION_LEVELS)
+    manifest = Manifest(features=feats, scaler_mean=[0.0] * F, scaler_std=[1.0] * F, window=WINDOW, hop=HOP,
+                        hidden_size=HIDDEN, num_layers=1, error_mean=[0.0] * F, error_std=[1.0] * F,
+                        calibration_levels=list(CALIBRATION_LEVELS),
+                        calibration_scores=list(np.linspace(0.5, 50.0, n)), name="bench", model_version="bench-1")
+    pipe = Pipeline(Config(), Artifact(LSTMAutoencoder(F, HIDDEN, 1, WINDOW).eval(), manifest, Path(".")), "cpu")
+    rng = np.random.default_rng(0)
+    warm = [Record("in", 0, i, b"w", orjson.dumps({"stream": "w", "ts": 1.7e9 + i, "values": dict(
+        zip(feats, rng.normal(size=F).tolist(), strict=True))}), 0) for i in range(WINDOW)]
+    pipe.process(warm, now=2e9)  # the model's working memory, once
+    gc.collect()
+    before = rss_bytes()
+    offset = 0
+    for t in range(WINDOW):
+        for s0 in range(0, streams, 20000):
+            recs = []
+            for s in range(s0, min(s0 + 20000, streams)):
+                body = {"stream": f"pump-{s:06d}", "ts": 1.7e9 + 60 * t,
+                        "values": dict(zip(feats, rng.normal(size=F).round(3).tolist(), strict=True))}
+                recs.append(Record("in", s % 4, offset, f"pump-{s:06d}".encode(), orjson.dumps(body), 0))
+                offset += 1
+            pipe.process(recs, now=2e9)
+    gc.collect()
+    after = rss_bytes()
+    need = sum(v.nbytes for v in pipe.export_rows(np.array([0])).values())
+    per_stream = (after - before) / streams
+    return {"streams": streams, "rss_before_mib": round(before / 2**20, 1), "rss_after_mib": round(after / 2**20, 1),
+            "bytes_per_stream": round(per_stream), "state_bytes_per_stream": need,
+            "ratio_to_state_bytes": round(per_stream / need, 2), "capacity_rows": pipe.engine.capacity}
+
+
+def main() -> int:
+    """Measure each fleet size in its own process and write the results."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--streams", type=int, nargs="+", default=[10000, 100000])
+    ap.add_argument("--out", help="markdown file whose memory section is replaced by the results")
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one)))
+        return 0
+    rows = []
+    for s in args.streams:
+        out = subprocess.run([sys.executable, __file__, "--one", str(s)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    result = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
+              "date": datetime.now(UTC).strftime("%Y-%m-%d"), "model": f"{F} features, window {WINDOW}, hop {HOP}, "
+              f"hidden {HIDDEN}, 1 layer", "results": rows}
+    (ROOT / "bench" / "results" / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.out:
+        begin, end = "<!-- bench:memory:begin -->", "<!-- bench:memory:end -->"
+        text = Path(args.out).read_text()
+        if begin not in text:
+            text = text.rstrip("\n") + f"\n\n## Memory per stream\n\n{begin}\n{end}\n"
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        table = ["| streams | RSS before / after (MiB) | bytes per stream | state bytes per stream | ratio |",
+                 "|---|---|---|---|---|"]
+        table += [f"| {r['streams']:,} | {r['rss_before_mib']} / {r['rss_after_mib']} | {r['bytes_per_stream']:,} | "
+                  f"{r['state_bytes_per_stream']:,} | {r['ratio_to_state_bytes']} |" for r in rows]
+        note = (f"\n`python bench/memory.py --out docs/benchmarks.md`, {result['date']}, {result['machine']}; "
+                f"model: {result['model']}; default config (calibrated thresholds).\n\n")
+        Path(args.out).write_text(head + begin + note + "\n".join(table) + "\n" + end + tail)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,7 +20,7 @@ from safetensors.numpy import save as st_save
 
 from detector.pipeline import Pipeline
 
-__all__ = ["FORMAT", "Checkpoint", "encode", "decode", "snapshot", "restore", "RestoreReport"]
+__all__ = ["FORMAT", "Checkpoint", "encode", "encode_many", "decode", "snapshot", "restore", "RestoreReport"]
 
 FORMAT = "detector-state/1"
 
@@ -58,22 +58,53 @@ def decode(value: bytes) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     return meta, arrays
 
 
+_DTYPES = {"float32": "F32", "float64": "F64", "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+           "uint8": "U8", "bool": "BOOL"}
+
+
+def encode_many(arrays: dict[str, np.ndarray], metas: list[dict[str, str]]) -> list[bytes]:
+    """One safetensors record per row of `arrays` (all rows share a layout), with each row's metadata.
+
+    The same bytes as `encode` would give row by row, built with one copy of the data: the header's tensor
+    part is the same for every row, and each row's data is one contiguous slice of a (rows, bytes) matrix.
+    """
+    n = len(metas)
+    names = sorted(arrays)
+    info, offset, parts = {}, 0, []
+    for name in names:
+        a = np.ascontiguousarray(arrays[name])
+        per_row = a[0].nbytes if n else 0
+        info[name] = {"dtype": _DTYPES[a.dtype.name], "shape": [1, *a.shape[1:]],
+                      "data_offsets": [offset, offset + per_row]}
+        offset += per_row
+        parts.append(a.reshape(n, -1).view(np.uint8).reshape(n, per_row))
+    data = np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), np.uint8)
+    tensors = orjson.dumps(info)[1:-1]  # '"name":{...},...' without the braces
+    out = []
+    for i, meta in enumerate(metas):
+        header = b'{"__metadata__":' + orjson.dumps({"format": FORMAT, **meta}) + b"," + tensors + b"}"
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        out.append(struct.pack("<Q", len(header)) + header + data[i].tobytes())
+    return out
+
+
 def snapshot(pipeline: Pipeline, rows: np.ndarray) -> list[Checkpoint]:
     """Checkpoints of these stream rows (those never seen on an input partition are left out)."""
     if len(rows) == 0:
         return []
     state = pipeline.export_rows(rows)
     topic_idx, parts = state["pipeline.in_topic"], state["pipeline.in_partition"]
+    seen = np.flatnonzero(topic_idx >= 0)
+    if len(seen) < len(rows):
+        state = {k: v[seen] for k, v in state.items()}
+        rows, topic_idx, parts = rows[seen], topic_idx[seen], parts[seen]
     version = pipeline.manifest.model_version or pipeline.manifest.name
-    out = []
-    for i, stream in enumerate(pipeline.streams_at(rows)):
-        if topic_idx[i] < 0:
-            continue
-        topic = pipeline.topics[int(topic_idx[i])]
-        value = encode(stream, {k: v[i : i + 1] for k, v in state.items()},
-                       {"model_version": version, "topic": topic, "partition": str(int(parts[i]))})
-        out.append(Checkpoint(stream, topic, int(parts[i]), value))
-    return out
+    streams = pipeline.streams_at(rows)
+    topics = [pipeline.topics[int(t)] for t in topic_idx.tolist()]
+    metas = [{"stream": s, "model_version": version, "topic": t, "partition": str(p)}
+             for s, t, p in zip(streams, topics, parts.tolist(), strict=True)]
+    values = encode_many(state, metas)
+    return [Checkpoint(s, t, int(p), v) for s, t, p, v in zip(streams, topics, parts.tolist(), values, strict=True)]
 
 
 @dataclass(slots=True)

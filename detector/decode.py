@@ -102,6 +102,9 @@ def parse_ts(raw: Any) -> float:
     return t / 1000.0 if t > 1e11 else t
 
 
+_NUMERIC = {float, int, type(None)}  # bool is its own type, so True and False are not numbers here
+
+
 class Decoder:
     """Turns a batch of raw records into Readings plus Rejects; never raises on bad input."""
 
@@ -119,6 +122,7 @@ class Decoder:
     ) -> None:
         self.features = list(features)
         self._col = {f: i for i, f in enumerate(self.features)}
+        self._colset = self._col.keys()
         self._stream, self._ts, self._values, self._readings = stream_field, ts_field, values_field, readings_field
         self.max_message_bytes = max_message_bytes
         self.max_future_s = max_future_s
@@ -155,9 +159,28 @@ class Decoder:
                 source.append(i)
         if not ts:
             return Readings.empty(len(self.features)), rejects
-        values = np.array(rows, dtype=np.float32)
+        # values were only type-checked per reading; their range is checked here for the whole batch at once
+        values = np.array(rows, dtype=np.float64)  # None (a missing value) becomes NaN
+        src = np.array(source, dtype=np.int64)
+        huge = (np.abs(values) > 3.0e38).any(axis=1)  # inf included: not a finite float32
+        empty = np.isnan(values).all(axis=1)
+        if huge.any() or empty.any():
+            bad_records: dict[int, Reject] = {}
+            for j in np.flatnonzero(huge | empty).tolist():
+                col = int(np.argmax(np.abs(np.nan_to_num(values[j], nan=0.0)) > 3.0e38))
+                bad_records.setdefault(int(src[j]), Reject(int(src[j]), *(
+                    ("non_numeric_value", f"feature {self.features[col]!r} is not a finite float32") if huge[j]
+                    else ("no_values", "reading carries no feature value"))))
+            rejects.extend(sorted(bad_records.values(), key=lambda r: r.index))
+            keep = ~np.isin(src, list(bad_records))
+            if not keep.any():
+                return Readings.empty(len(self.features)), sorted(rejects, key=lambda r: r.index)
+            values, src = values[keep], src[keep]
+            streams = [x for x, k in zip(streams, keep.tolist(), strict=True) if k]
+            ts = [x for x, k in zip(ts, keep.tolist(), strict=True) if k]
+            rejects.sort(key=lambda r: r.index)
         return (
-            Readings(np.array(streams, dtype=object), np.array(ts), values, np.array(source, dtype=np.int64)),
+            Readings(np.array(streams, dtype=object), np.array(ts), values.astype(np.float32), src),
             rejects,
         )
 
@@ -196,6 +219,8 @@ class Decoder:
         vals = item.get(self._values)
         if not isinstance(vals, dict):
             raise _Bad("bad_values", f"field {self._values!r} must be an object of feature: number")
+        if vals.keys() <= self._colset and set(map(type, vals.values())) <= _NUMERIC:
+            return t, [vals.get(f) for f in self.features]  # the common case: range checked per batch in decode
         row = [math.nan] * len(self.features)
         seen = 0
         for name, v in vals.items():

@@ -9,7 +9,7 @@ from safetensors.numpy import save as st_save
 
 from consumers.base import Record
 from detector.artifact import Artifact
-from detector.checkpoint import decode, encode, restore, snapshot
+from detector.checkpoint import decode, encode, encode_many, restore, snapshot
 from detector.config import Config, parse_config
 from detector.pipeline import Pipeline
 from tests.test_pipeline import feed, trained  # noqa: F401 (fixture)
@@ -124,3 +124,15 @@ def test_a_checkpoint_of_another_model_or_layout_leaves_the_stream_fresh(trained
     assert report.restored == 1 and "engine.h" in report.misfit
     row = fresh.engine.rows_for(np.array([meta["stream"]], dtype=object))
     assert fresh.engine.count[row].tolist() == [0] and fresh.engine.last_ts[row].tolist() == [-np.inf]
+
+
+def test_encode_many_is_safetensors_row_by_row() -> None:
+    arrays = {"engine.h": np.arange(12, dtype=np.float32).reshape(2, 2, 3), "alerts.state": np.array([2, 0], np.int8),
+              "gate.open": np.array([[True, False], [False, True]]), "pipeline.in_offset": np.array([7, 9])}
+    metas = [{"stream": "a", "model_version": "v", "topic": "in", "partition": "0"},
+             {"stream": "b", "model_version": "v", "topic": "in", "partition": "3"}]
+    for i, value in enumerate(encode_many(arrays, metas)):
+        meta, back = decode(value)
+        assert meta == {"format": "detector-state/1", **metas[i]}
+        for k, v in arrays.items():
+            assert back[k].dtype == v.dtype and np.array_equal(back[k], v[i : i + 1]), k

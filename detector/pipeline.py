@@ -180,8 +180,9 @@ class Pipeline(RowState):
         """Apply the live sections of a new configuration, keeping every stream's state; say what changed.
 
         The engine (windows, LSTM state), the alert machine's open episodes and the sensor gate's state are
-        kept. A new thresholds section rebuilds the policies (what rolling and evt policies had learned
-        restarts), and a new regime section restarts the regime tests.
+        kept. A new thresholds section rebuilds the policies and hands them what the old ones had learned per
+        stream (a rolling history, evt peaks) wherever its layout still fits: a changed `k` keeps the history, a
+        changed history length or policy kind starts that part afresh. The regime tests carry over likewise.
         """
         old = self.cfg
         changes = []
@@ -192,11 +193,15 @@ class Pipeline(RowState):
         m = self.manifest
         # build everything first, so that a reload that fails (e.g. limits for an unknown feature) changes nothing
         threshold, regime, gate, silence = self.threshold, self.regime, self.gate, self.silence
+        every = np.arange(len(self.engine.streams))
         if cfg.thresholds != old.thresholds or (cfg.alerts.k, cfg.alerts.n) != (old.alerts.k, old.alerts.n):
             threshold = build_threshold(cfg.thresholds, m, self.engine.streams, (cfg.alerts.k, cfg.alerts.n))
+            threshold.import_rows(every, self.threshold.export_rows(every))  # what was learned, where it fits
         if cfg.alerts.regime != old.alerts.regime:
             rc = cfg.alerts.regime
             regime = RegimeDetector(rc.delta, rc.threshold, rc.min_windows) if rc.enabled else None
+            if regime is not None and self.regime is not None:
+                regime.import_rows(every, self.regime.export_rows(every))
         if cfg.sensors != old.sensors:
             sc = cfg.sensors
             gate = SensorGate(m.features, sc.flatline_readings, dict(sc.limits), dict(sc.missing))

@@ -50,19 +50,21 @@ class RowState:
         return {name: take(getattr(self, name), rows, fill) for name, fill in self.row_fields().items()}
 
     def import_rows(self, rows: np.ndarray, state: dict[str, np.ndarray] | None) -> list[str]:
-        """Set these streams' state (None: fresh); return the fields that did not fit and were left fresh."""
-        misfit = []
-        for name, fill in self.row_fields().items():
+        """Set these streams' state (None: fresh); return the fields that did not fit.
+
+        All or nothing: when one field is missing or has another shape (a policy with another history length,
+        say), every field of these rows starts fresh, so that no row is left half restored.
+        """
+        fields = self.row_fields()
+        for name, fill in fields.items():
             a = getattr(self, name)
             cap = needed(rows, len(a))
             if cap:
-                a = grown(a, cap, fill)
-                setattr(self, name, a)
-            value = None if state is None else state.get(name)
-            if value is not None and value.shape == (len(rows), *a.shape[1:]):
-                a[rows] = value
-            else:
-                a[rows] = fill
-                if state is not None:
-                    misfit.append(name)
+                setattr(self, name, grown(a, cap, fill))
+        misfit = [] if state is None else [
+            name for name in fields
+            if state.get(name) is None or state[name].shape != (len(rows), *getattr(self, name).shape[1:])]
+        for name, fill in fields.items():
+            a = getattr(self, name)
+            a[rows] = fill if state is None or misfit else state[name]
         return misfit

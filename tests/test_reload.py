@@ -56,3 +56,20 @@ def test_daemon_reloads_on_file_change_or_request_and_rejects_bad_edits(
     assert "alerts: k (9) must be <= n (3)" in caplog.text, "every problem is logged"
     assert not daemon.reload_requested.is_set()
     daemon.process(src.poll_batch(0), src, sink)  # and it goes on
+
+
+def test_a_threshold_reload_keeps_what_the_rolling_policy_learned() -> None:
+    art = random_artifact()
+    rolling = {"policy": "rolling", "rolling": {"history": 50, "min_history": 5, "warning_k": 8.0}}
+    pipe = Pipeline(parse_config({"thresholds": rolling}), art)
+    pipe.process(feed(3, 120, {}), now=2e9)
+    rows = np.arange(3)
+    learned = pipe.threshold.export_rows(rows)
+    assert (learned["n"] > 5).all(), "each stream has a history"
+    before = pipe.threshold.levels(rows)[0]
+    pipe.reconfigure(parse_config({"thresholds": {**rolling, "rolling": {**rolling["rolling"], "warning_k": 4.0}}}))
+    assert np.array_equal(pipe.threshold.export_rows(rows)["buf"], learned["buf"], equal_nan=True), "history kept"
+    after = pipe.threshold.levels(rows)[0]
+    assert (after < before).all() or (after == pipe.threshold.base.levels(rows)[0]).all(), "the new k applies"
+    pipe.reconfigure(parse_config({"thresholds": {**rolling, "rolling": {**rolling["rolling"], "history": 80}}}))
+    assert (pipe.threshold.export_rows(rows)["n"] == 0).all(), "another history length starts afresh"

@@ -17,6 +17,7 @@ import torch
 from detector.artifact import Artifact
 from detector.decode import Readings
 from detector.rows import grown
+from detector.rows import step as next_capacity
 from detector.score import score_windows
 
 __all__ = ["Engine", "WindowScores", "EngineResult", "pick_device"]
@@ -129,7 +130,7 @@ class Engine:
             self.streams.extend(names)
             self._index = pd.Index(self.streams, dtype=object)
             if len(self.streams) > self.capacity:
-                self._grow(max(2 * self.capacity, len(self.streams)))
+                self._grow(max(next_capacity(self.capacity), len(self.streams)))
         return rows_u[codes].astype(np.int64)
 
     def reset(self, rows: np.ndarray) -> None:

@@ -1,5 +1,5 @@
 # make help: the project's everyday commands. Each one sets up what it needs first (venv, Kafka jars).
-.PHONY: help demo test lint kafka-start kafka-stop
+.PHONY: help demo test test-cluster lint kafka-start kafka-stop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -9,6 +9,9 @@ demo:  ## set up, then run `detector demo` on the embedded simulated fleet
 
 test:  ## set up, then run the whole test suite (unit + real-Kafka integration)
 	@bash .ci/test.sh
+
+test-cluster:  ## set up, then run the broker-failure test on a 3-node Kafka cluster (pytest -m cluster; minutes)
+	@bash .ci/test.sh -m cluster
 
 lint:  ## ruff on the code
 	@venv="$$(bash .ci/setup.sh)" && "$$venv/bin/ruff" check detector consumers tests bench

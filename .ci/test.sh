@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything (venv, Kafka jars) and run the whole test suite; pytest's "no tests ran" is a failure.
+# Arguments go to pytest: `bash .ci/test.sh -m cluster` (make test-cluster) runs only the 3-node cluster test, which
+# the default run leaves out (pyproject.toml addopts).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

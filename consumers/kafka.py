@@ -179,6 +179,8 @@ class KafkaSink(Sink):
         tx = {"transactional_id": transactional_id, "transaction_timeout_ms": transaction_timeout_ms} \
             if transactional_id else {}
         self.transactional = bool(transactional_id)
+        # a transactional request unanswered this long is lost: a request timeout, and a little more
+        self.stuck_s = client.get("request_timeout_ms", 30000) / 1000 + 5
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap,
             acks="all",
@@ -251,6 +253,8 @@ class KafkaSink(Sink):
             self._await(tm.begin_commit())
         except _GROUP_MOVED as exc:
             raise RebalanceError(f"transactional offset commit refused: {type(exc).__name__}") from exc
+        except SinkFenced:
+            raise
         except (KafkaError, SinkError) as exc:
             if isinstance(exc, _FENCED) or tm.has_fatal_error():
                 raise SinkFenced(f"producer fenced: {exc}") from exc
@@ -261,12 +265,21 @@ class KafkaSink(Sink):
         self._futures = []
 
     def _await(self, result: Any) -> None:
-        """Wait for a transactional request, giving up at once when the producer turns fatal."""
+        """Wait for a transactional request, giving up when the producer turns fatal or the request is lost.
+
+        kafka-python 3.0.12 can drop a transactional request when its coordinator dies (the wait then never
+        ends, even once a new coordinator serves): after `stuck_s` without an answer the producer is declared
+        dead, like a fenced one, and the daemon replaces it (its init_transactions aborts the stuck transaction).
+        """
         self._producer._sender.wakeup()
         tm = self._producer._transaction_manager
+        deadline = time.monotonic() + self.stuck_s
         while not result.wait(timeout_ms=500):
             if tm.has_fatal_error():
                 raise SinkFenced(f"producer fenced while waiting: {tm._last_error}")
+            if time.monotonic() > deadline:
+                raise SinkFenced(f"transactional request unanswered for {self.stuck_s:g} s "
+                                 "(its coordinator moved; kafka-python does not resend it)")
 
     def abort(self) -> None:
         """Abort the open transaction (its records are never seen by read_committed readers)."""
@@ -281,8 +294,11 @@ class KafkaSink(Sink):
             self._futures = []
 
     def close(self) -> None:
-        """Flush and close the producer."""
-        self._producer.close(timeout=5)
+        """Flush and close the producer (what is still unacknowledged after 5 s is given up: never committed)."""
+        try:
+            self._producer.close(timeout=5)
+        except KafkaError as exc:
+            log.warning("producer closed with records unacknowledged (%s); nothing they cover was committed", exc)
 
 
 class StateTopicError(Exception):

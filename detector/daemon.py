@@ -511,8 +511,8 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
                         raise SinkError(f"{exc} twice within a minute: is another daemon running with "
                                         f"transactional_id {transactions(cfg)['transactional_id']!r}?") from exc
                     fenced_at = time.monotonic()
-                    log.warning("%s (its transaction timed out: delivery.transaction_timeout_ms); starting a new "
-                                "producer and going back to the last commit", exc)
+                    log.warning("%s (the broker aborted its transaction after delivery.transaction_timeout_ms, or its "
+                                "coordinator moved); starting a new producer and going back to the last commit", exc)
                     sink.close()
                     sink = KafkaSink(cfg.kafka.bootstrap_servers, client=kafka_client_settings(cfg),
                                      **transactions(cfg))

@@ -191,14 +191,21 @@ class KafkaBroker:
 
 
 def create_topic(bootstrap: str, name: str, partitions: int, config: Mapping[str, object] | None = None,
-                 timeout_s: float = 30.0) -> str:
-    """Create `name` (replication factor 1) and wait until every partition has a leader; return the name."""
+                 timeout_s: float = 30.0, *, replicas: Sequence[Sequence[int]] | None = None) -> str:
+    """Create `name` and wait until every partition has a leader; return the name.
+
+    Replication factor 1, or `replicas`: each partition's replica node ids, its preferred leader first (a cluster).
+    """
+    spec: dict[str, object] = {"num_partitions": partitions, "replication_factor": 1,
+                               "configs": {k: str(v) for k, v in (config or {}).items()}}
+    if replicas is not None:
+        if len(replicas) != partitions:
+            raise ValueError(f"replicas names {len(replicas)} partitions, not {partitions}")
+        spec.update(num_partitions=-1, replication_factor=-1,
+                    assignments={p: list(nodes) for p, nodes in enumerate(replicas)})
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tests-admin")
     try:
-        admin.create_topics(
-            {name: {"num_partitions": partitions, "replication_factor": 1,
-                    "configs": {k: str(v) for k, v in (config or {}).items()}}},
-            timeout_ms=int(timeout_s * 1000))
+        admin.create_topics({name: spec}, timeout_ms=int(timeout_s * 1000))
         admin.wait_for_topics([name], timeout_ms=int(timeout_s * 1000))
     finally:
         admin.close()

@@ -7,6 +7,7 @@ order in which Kafka interleaves partitions does not change any stream's windows
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -15,12 +16,16 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import orjson
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 
 from consumers.base import Record
 from consumers.memory import IterSource, ListSink
@@ -33,6 +38,7 @@ from tests.kafka_broker import KAFKA_SH, READY_LINE, free_ports
 from tests.test_daemon_kafka import committed
 
 T0 = 1_700_000_000.0
+T = TypeVar("T")
 
 
 def fleet(streams: int, readings: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
@@ -163,6 +169,24 @@ def wait_until(cond, timeout_s: float, what: str, check=None) -> None:
         time.sleep(0.2)
 
 
+def daemon_tracebacks(text: str) -> list[str]:
+    """The tracebacks in a daemon log, less kafka-python's own report of a connection its broker reset.
+
+    When a broker dies mid-read, kafka-python logs "Error receiving network data closing socket" at ERROR with
+    the ConnectionResetError's traceback, then reconnects; that is no failure of the daemon. Anything else is.
+    """
+    lines, found = text.splitlines(), []
+    for i, line in enumerate(lines):
+        if not line.startswith("Traceback (most recent call last):"):
+            continue
+        end = next((j for j in range(i + 1, len(lines)) if not lines[j].startswith(" ")), len(lines) - 1)
+        socket_reset = (i > 0 and " ERROR kafka.net." in lines[i - 1]
+                        and lines[end].startswith(("ConnectionResetError", "BrokenPipeError")))
+        if not socket_reset:
+            found.append("\n".join(lines[max(i - 1, 0): end + 1]))
+    return found
+
+
 @dataclass
 class Outcome:
     """Alerts and window scores of a run."""
@@ -206,32 +230,48 @@ class RestartableBroker:
     """A single-node KRaft broker that can be killed and started again on the same ports and data.
 
     tests/kafka_broker.py's broker picks new ports and a new folder on every start; a broker that comes back
-    must keep both, as a real one does after a crash or a network outage.
+    must keep both, as a real one does after a crash or a network outage. `ports` (client, controller) and
+    `env` (more kafka.sh variables: KAFKA_NODE_ID, KAFKA_QUORUM_VOTERS, ...) make it one node of a cluster.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ports: tuple[int, int] | None = None, env: dict[str, str] | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="kafka-restartable-"))
-        self.port, self.controller_port = free_ports(2)
+        self.port, self.controller_port = ports or free_ports(2)
         self.bootstrap = f"127.0.0.1:{self.port}"
+        self.env = env or {}
         self._proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 90.0) -> None:
-        """Start (or start again) and wait until it accepts connections."""
+    def launch(self) -> None:
+        """Start (or start again) the broker process, without waiting for it."""
         env = {**os.environ, "KAFKA_PORT": str(self.port), "KAFKA_CONTROLLER_PORT": str(self.controller_port),
                "KAFKA_DATA_DIR": str(self.dir / "data"), "KAFKA_PDEATHSIG": "TERM"}
-        for name in ("KAFKA_EXTRA_LISTENERS", "KAFKA_EXTRA_PROPERTIES", "KAFKA_FORMAT_ARGS"):
+        for name in ("KAFKA_EXTRA_LISTENERS", "KAFKA_EXTRA_PROPERTIES", "KAFKA_FORMAT_ARGS", *CLUSTER_VARS):
             env.pop(name, None)
-        log = self.dir / "server.log"
-        log.unlink(missing_ok=True)
+        env.update(self.env)
+        (self.dir / "server.log").unlink(missing_ok=True)
         with (self.dir / "kafka.out").open("ab") as out:
             self._proc = subprocess.Popen(["bash", str(KAFKA_SH), "run", str(self.dir)], env=env,
                                           stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                           start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 90.0) -> None:
+        """Wait for the broker's "Kafka Server started" line (AssertionError if it exits or takes too long)."""
+        assert self._proc is not None, "launch() first"
+        log = self.dir / "server.log"
         deadline = time.monotonic() + timeout_s
         while not (log.exists() and READY_LINE in log.read_text(errors="replace")):
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"broker did not start (exit {self._proc.poll()}); see {self.dir}")
             time.sleep(0.2)
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        """Start (or start again) and wait until it accepts connections."""
+        self.launch()
+        self.wait_ready(timeout_s)
+
+    def alive(self) -> bool:
+        """The broker process runs."""
+        return self._proc is not None and self._proc.poll() is None
 
     def kill(self) -> None:
         """SIGKILL the broker: connections are refused until it starts again."""
@@ -239,12 +279,114 @@ class RestartableBroker:
             os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait(timeout=30)
 
+    def terminate(self) -> None:
+        """SIGTERM the broker's process group, without waiting."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+
     def close(self) -> None:
         """Stop it for good and delete its data."""
         if self._proc is not None and self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGTERM)
+            self.terminate()
             try:
                 self._proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+CLUSTER_VARS = ("KAFKA_NODE_ID", "KAFKA_QUORUM_VOTERS", "KAFKA_CLUSTER_ID", "KAFKA_REPLICATION", "KAFKA_MIN_ISR")
+
+
+class KafkaCluster:
+    """A KRaft cluster of `size` nodes on 127.0.0.1, each broker and controller, each killable and restartable.
+
+    Node ids are 1..size; every node has its own client and controller port and its own data folder, and keeps
+    them across kill() and start_node(). Topics default to replication `size` with min.insync.replicas size-1.
+
+        cluster = KafkaCluster(3)
+        cluster.start()
+        leader = partition_leader(cluster.bootstrap, "readings", 0)
+        cluster.kill(leader)
+        cluster.start_node(leader)
+        cluster.close()
+    """
+
+    def __init__(self, size: int = 3, heap_opts: str = "-Xms128m -Xmx384m") -> None:
+        ports = free_ports(2 * size)
+        clients, controllers = ports[:size], ports[size:]
+        voters = ",".join(f"{i + 1}@127.0.0.1:{p}" for i, p in enumerate(controllers))
+        cluster_id = ""
+        while not cluster_id or cluster_id.startswith("-"):  # as kafka.sh's cluster_id: no leading dash
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        self.nodes = {
+            i + 1: RestartableBroker((clients[i], controllers[i]),
+                                     {"KAFKA_NODE_ID": str(i + 1), "KAFKA_QUORUM_VOTERS": voters,
+                                      "KAFKA_CLUSTER_ID": cluster_id, "KAFKA_REPLICATION": str(size),
+                                      "KAFKA_HEAP_OPTS": heap_opts})
+            for i in range(size)}
+        self.bootstrap = ",".join(n.bootstrap for n in self.nodes.values())
+
+    @property
+    def live_bootstrap(self) -> str:
+        """The addresses of the nodes whose process runs (for the tests' own clients while a node is down)."""
+        return ",".join(n.bootstrap for n in self.nodes.values() if n.alive())
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        """Start every node together (a node is ready only once a quorum of controllers is up), wait for all."""
+        for node in self.nodes.values():
+            node.launch()
+        deadline = time.monotonic() + timeout_s
+        for node in self.nodes.values():
+            node.wait_ready(max(deadline - time.monotonic(), 1.0))
+
+    def kill(self, node: int) -> None:
+        """SIGKILL one node's process group."""
+        self.nodes[node].kill()
+
+    def start_node(self, node: int, timeout_s: float = 90.0) -> None:
+        """Start a killed node again on its ports and data, and wait until it is ready."""
+        self.nodes[node].start(timeout_s)
+
+    def close(self) -> None:
+        """Stop every node and delete their data (SIGTERM to all at once: a last node alone has no quorum)."""
+        for node in self.nodes.values():
+            node.terminate()
+        for node in self.nodes.values():
+            node.close()
+
+
+def retrying(call: Callable[[], T], timeout_s: float = 30.0) -> T:
+    """`call()`, tried again on Kafka errors for up to timeout_s.
+
+    While a node is down, kafka-python's admin client sends a request to a node picked at random from the
+    metadata, the dead one included until the controller fences it (broker.session.timeout.ms, 9 s), and
+    raises KafkaConnectionError instead of trying another.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except KafkaError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def partitions(bootstrap: str, topic: str) -> dict[int, dict]:
+    """A topic's partitions as the cluster's metadata has them: index -> {"leader_id", "replica_nodes", "isr_nodes"}."""
+
+    def describe() -> dict:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tests-admin")
+        try:
+            (described,) = admin.describe_topics([topic])
+        finally:
+            admin.close()
+        return described
+
+    return {p["partition_index"]: p for p in retrying(describe)["partitions"]}
+
+
+def partition_leader(bootstrap: str, topic: str, partition: int) -> int:
+    """The node id of a partition's leader (-1 while it has none)."""
+    return int(partitions(bootstrap, topic)[partition]["leader_id"])

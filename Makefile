@@ -7,10 +7,11 @@ help:  ## list the targets
 demo:  ## set up, then run `detector demo` on the embedded simulated fleet
 	@venv="$$(bash .ci/setup.sh)" && "$$venv/bin/detector" demo
 
-test:  ## set up, then run the whole test suite (unit + real-Kafka integration)
+test:  ## set up, then run the whole test suite: unit + real-Kafka integration, then the 3-node cluster test
 	@bash .ci/test.sh
+	@bash .ci/test.sh -m cluster
 
-test-cluster:  ## set up, then run the broker-failure test on a 3-node Kafka cluster (pytest -m cluster; minutes)
+test-cluster:  ## set up, then run only the broker-failure test on a 3-node Kafka cluster (pytest -m cluster)
 	@bash .ci/test.sh -m cluster
 
 lint:  ## ruff on the code

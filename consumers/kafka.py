@@ -299,6 +299,12 @@ class KafkaSink(Sink):
             self._producer.close(timeout=5)
         except KafkaError as exc:
             log.warning("producer closed with records unacknowledged (%s); nothing they cover was committed", exc)
+            # kafka-python's close() raised in its flush, before stopping the sender: stop it here, and mark the
+            # producer closed so that a second close() and its __del__ do nothing (kafka-python internals, 3.0.x)
+            sender = getattr(self._producer, "_sender", None)
+            if sender is not None and sender.is_alive():
+                sender.force_close()
+            self._producer._closed = True
 
 
 class StateTopicError(Exception):

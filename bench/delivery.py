@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from kafka import KafkaProducer  # noqa: E402
 
+from bench.report import replace_section  # noqa: E402
 from detector.artifact import save_artifact  # noqa: E402
 from detector.train import Series, TrainParams, train_model  # noqa: E402
 from tests.helpers import FEATURES, sine_values  # noqa: E402
@@ -101,7 +103,7 @@ def main() -> int:
     base = rows[0]["readings_per_s"]
     for r in rows:
         r["ratio_to_at_least_once_1s"] = round(r["readings_per_s"] / base, 2)
-    result = {"machine": f"{platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} cores)",
+    result = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
               "date": datetime.now(UTC).strftime("%Y-%m-%d"), "readings": len(items), "streams": args.streams,
               "results": rows}
     out = ROOT / "bench" / "results" / "delivery.json"
@@ -110,15 +112,9 @@ def main() -> int:
         table = ["| guarantee | commit interval | readings/s | ratio to at_least_once, 1 s |", "|---|---|---|---|"]
         table += [f"| {r['guarantee']} | {r['commit_interval_ms']} ms | {r['readings_per_s']:,} | "
                   f"{r['ratio_to_at_least_once_1s']} |" for r in rows]
-        text = Path(args.out).read_text()
-        begin, end = "<!-- bench:delivery:begin -->", "<!-- bench:delivery:end -->"
-        if begin not in text:
-            text = text.rstrip("\n") + f"\n\n## Delivery guarantees\n\n{begin}\n{end}\n"
-        head, rest = text.split(begin, 1)
-        tail = rest.split(end, 1)[1]
         note = (f"\n`python bench/delivery.py --out docs/benchmarks.md`, {result['date']}, {result['machine']}: "
                 f"{len(items):,} readings of {args.streams} streams, one daemon, 4 partitions.\n\n")
-        Path(args.out).write_text(head + begin + note + "\n".join(table) + "\n" + end + tail)
+        replace_section(args.out, "delivery", "Delivery guarantees", note + "\n".join(table) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 

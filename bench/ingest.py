@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
+from bench.report import replace_section  # noqa: E402
 from detector.artifact import Manifest, save_artifact  # noqa: E402
 from detector.model import LSTMAutoencoder  # noqa: E402
 from detector.train import CALIBRATION_LEVELS  # noqa: E402
@@ -224,12 +225,6 @@ def main() -> int:
               "batched_payload_readings_per_s": round(rate_batched), "latency": lat}
     (ROOT / "bench" / "results" / "ingest.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.out:
-        begin, end = "<!-- bench:ingest:begin -->", "<!-- bench:ingest:end -->"
-        text = Path(args.out).read_text()
-        if begin not in text:
-            text = text.rstrip("\n") + f"\n\n## Ingest and latency through Kafka\n\n{begin}\n{end}\n"
-        head, rest = text.split(begin, 1)
-        tail = rest.split(end, 1)[1]
         body = (f"\n`python bench/ingest.py --out docs/benchmarks.md`, {result['date']}, {result['machine']}; "
                 f"{total:,} messages of {args.streams:,} streams, 4 partitions, one daemon, default settings.\n\n"
                 "| measurement | figure | target (issue 6) |\n|---|---|---|\n"
@@ -239,7 +234,7 @@ def main() -> int:
                 f"| `detector run`, 100 readings per message | {rate_batched:,.0f} readings/s | 300,000 |\n"
                 f"| latency, produce to score acknowledged, at {lat['rate']:,} readings/s | p50 {lat['p50_ms']} ms, "
                 f"p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms ({lat['windows']:,} windows) | p99 250 ms |\n")
-        Path(args.out).write_text(head + begin + body + end + tail)
+        replace_section(args.out, "ingest", "Ingest and latency through Kafka", body)
     print(json.dumps(result, indent=2))
     return 0
 

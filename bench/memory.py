@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import replace_section  # noqa: E402
+
 F, WINDOW, HOP, HIDDEN = 8, 64, 16, 48
 
 
@@ -104,19 +106,13 @@ def main() -> int:
               f"hidden {HIDDEN}, 1 layer", "results": rows}
     (ROOT / "bench" / "results" / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.out:
-        begin, end = "<!-- bench:memory:begin -->", "<!-- bench:memory:end -->"
-        text = Path(args.out).read_text()
-        if begin not in text:
-            text = text.rstrip("\n") + f"\n\n## Memory per stream\n\n{begin}\n{end}\n"
-        head, rest = text.split(begin, 1)
-        tail = rest.split(end, 1)[1]
         table = ["| streams | RSS before / after (MiB) | bytes per stream | state bytes per stream | ratio |",
                  "|---|---|---|---|---|"]
         table += [f"| {r['streams']:,} | {r['rss_before_mib']} / {r['rss_after_mib']} | {r['bytes_per_stream']:,} | "
                   f"{r['state_bytes_per_stream']:,} | {r['ratio_to_state_bytes']} |" for r in rows]
         note = (f"\n`python bench/memory.py --out docs/benchmarks.md`, {result['date']}, {result['machine']}; "
                 f"model: {result['model']}; default config (calibrated thresholds).\n\n")
-        Path(args.out).write_text(head + begin + note + "\n".join(table) + "\n" + end + tail)
+        replace_section(args.out, "memory", "Memory per stream", note + "\n".join(table) + "\n")
     return 0
 
 

@@ -514,11 +514,14 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
                     log.warning("%s (the broker aborted its transaction after delivery.transaction_timeout_ms, or its "
                                 "coordinator moved); starting a new producer and going back to the last commit", exc)
                     sink.close()
-                    sink = KafkaSink(cfg.kafka.bootstrap_servers, client=kafka_client_settings(cfg),
-                                     **transactions(cfg))
-                    stack.callback(sink.close)
-                    daemon.forget_transaction()
-                    daemon.rewind(source, sink, "fenced")
+                    try:
+                        sink = KafkaSink(cfg.kafka.bootstrap_servers, client=kafka_client_settings(cfg),
+                                         **transactions(cfg))
+                        stack.callback(sink.close)
+                        daemon.forget_transaction()
+                        daemon.rewind(source, sink, "fenced")
+                    except KafkaError as err:  # Kafka still away: a restart (by the supervisor) tries again
+                        raise SinkError(f"no new producer after {exc}: {type(err).__name__}: {err}") from err
         except SinkError as exc:
             log.error("alerts, dead letters or checkpoints were not acknowledged (%s); exiting without committing "
                       "them: what they cover is read again at the next start", exc)

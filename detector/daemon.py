@@ -431,6 +431,20 @@ def _connect(cfg: Config, stop: threading.Event) -> tuple[KafkaSource, KafkaSink
     return None
 
 
+def _new_producer(cfg: Config, stop: threading.Event) -> KafkaSink:
+    """A new transactional producer, retrying with backoff while Kafka is away; SinkError when stopped first."""
+    delay = 1.0
+    while True:
+        try:
+            return KafkaSink(cfg.kafka.bootstrap_servers, client=kafka_client_settings(cfg), **transactions(cfg))
+        except KafkaError as err:
+            if stop.is_set():
+                raise SinkError(f"stopped before a new producer could start ({type(err).__name__})") from err
+            log.warning("cannot start a new producer yet (%s); retrying in %.0f s", type(err).__name__, delay)
+            stop.wait(delay)
+            delay = min(delay * 2, cfg.kafka.connect_retry_max_s)
+
+
 def transactions(cfg: Config) -> dict[str, Any]:
     """The producer's transaction settings: none for at_least_once."""
     if cfg.delivery.guarantee != "exactly_once":
@@ -514,14 +528,10 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
                     log.warning("%s (the broker aborted its transaction after delivery.transaction_timeout_ms, or its "
                                 "coordinator moved); starting a new producer and going back to the last commit", exc)
                     sink.close()
-                    try:
-                        sink = KafkaSink(cfg.kafka.bootstrap_servers, client=kafka_client_settings(cfg),
-                                         **transactions(cfg))
-                        stack.callback(sink.close)
-                        daemon.forget_transaction()
-                        daemon.rewind(source, sink, "fenced")
-                    except KafkaError as err:  # Kafka still away: a restart (by the supervisor) tries again
-                        raise SinkError(f"no new producer after {exc}: {type(err).__name__}: {err}") from err
+                    sink = _new_producer(cfg, daemon.stop_event)
+                    stack.callback(sink.close)
+                    daemon.forget_transaction()
+                    daemon.rewind(source, sink, "fenced")
         except SinkError as exc:
             log.error("alerts, dead letters or checkpoints were not acknowledged (%s); exiting without committing "
                       "them: what they cover is read again at the next start", exc)

@@ -172,6 +172,7 @@ class RollingLevels(_Section):
     min_history: int = Field(50, ge=5)
     warning_k: float = Field(8.0, gt=0)
     critical_k: float = Field(16.0, gt=0)
+    learn_from_flagged: bool = True  # False: windows at or above warning stay out of the history
 
     @model_validator(mode="after")
     def _fits(self) -> RollingLevels:

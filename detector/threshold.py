@@ -99,6 +99,9 @@ class RollingThreshold(ThresholdPolicy):
     last `history` window scores adapt to that; being robust, they move only when most of the history moves,
     so a fault that lasts less than half of `history` windows stays visible. Until a stream has
     `min_history` windows, and whenever the rolling level would be lower, the base policy's levels apply.
+    With `learn_from_flagged` False, windows at or above warning are left out of the history (River's
+    `protect_anomaly_detector`): a fault never becomes the new normal, but neither does a lasting rise of
+    the normal level, whose alert then stays open until an operator acts (see docs/operators.md).
 
     >>> base = StaticThreshold(5.0, 9.0)
     >>> t = RollingThreshold(base, history=10, min_history=4, warning_k=3.0, critical_k=6.0)
@@ -113,8 +116,9 @@ class RollingThreshold(ThresholdPolicy):
     name = "rolling"
 
     def __init__(self, base: ThresholdPolicy, history: int, min_history: int, warning_k: float,
-                 critical_k: float) -> None:
+                 critical_k: float, learn_from_flagged: bool = True) -> None:
         self.base = base
+        self.learn_from_flagged = learn_from_flagged
         self.history, self.min_history = history, min_history
         self.warning_k, self.critical_k = warning_k, critical_k
         self.buf = np.full((0, history), np.nan, np.float32)
@@ -148,7 +152,12 @@ class RollingThreshold(ThresholdPolicy):
         return warning, critical
 
     def learn(self, rows: np.ndarray, scores: np.ndarray, flagged: np.ndarray) -> None:
-        """Append every window's score to its stream's history (windows ordered by row, then time)."""
+        """Append the windows' scores to their streams' histories (windows ordered by row, then time).
+
+        Every window is learned from, flagged or not, unless `learn_from_flagged` is False.
+        """
+        if not self.learn_from_flagged:
+            rows, scores = rows[~flagged], scores[~flagged]
         if not len(rows):
             return
         self._ensure(rows)
@@ -375,7 +384,8 @@ def build_threshold(cfg: PolicyConfig, manifest: Manifest, names: list[str] | No
     calibrated = CalibratedThreshold(manifest, c.warning, c.critical, c.scale)
     if cfg.policy == "rolling":
         r = cfg.rolling
-        return RollingThreshold(calibrated, r.history, r.min_history, r.warning_k, r.critical_k)
+        return RollingThreshold(calibrated, r.history, r.min_history, r.warning_k, r.critical_k,
+                                r.learn_from_flagged)
     if cfg.policy == "evt":
         e = cfg.evt
         return EvtThreshold(calibration_sample(manifest), e.warning_risk, e.critical_risk, e.level, e.drift_window,

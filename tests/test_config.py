@@ -72,6 +72,8 @@ def test_root_config_yaml_lists_every_key_with_its_default() -> None:
         ({"delivery": {"transactional_id": 5}}, "delivery.transactional_id: Input should be a valid string"),
         ({"delivery": {"transaction_timeout_ms": 10}}, "delivery.transaction_timeout_ms"),
         ({"delivery": {"restore_timeout_s": 0}}, "delivery.restore_timeout_s: Input should be greater than 0"),
+        ({"thresholds": {"rolling": {"learn_from_flagged": "sometimes"}}},
+         "thresholds.rolling.learn_from_flagged: Input should be a valid boolean"),
     ],
 )
 def test_invalid_values_name_the_key_and_what_is_right(data: dict, expected: str) -> None:

@@ -37,6 +37,25 @@ def test_rolling_levels_follow_each_stream_and_keep_short_faults_visible() -> No
     assert (loud[300:320] >= w[1][300:320]).all(), "the fault stays above the adapted level"
 
 
+def test_rolling_learns_from_flagged_windows_unless_told_not_to() -> None:
+    rng = np.random.default_rng(1)
+    scores = 1.0 + 0.1 * rng.standard_normal(400)
+    scores[150:] += 4.0  # a rise that lasts: 250 windows, more than the history
+    flagged = {}
+    for learn in (True, False):
+        t = RollingThreshold(StaticThreshold(2.0, 4.0), history=100, min_history=20, warning_k=6.0, critical_k=12.0,
+                             learn_from_flagged=learn)
+        w = feed(t, {0: scores})[0]
+        flagged[learn] = scores >= w
+        if not learn:
+            assert t.n[0] == (~flagged[learn]).sum() == 150, "only the windows below warning are in the history"
+    assert flagged[True][150:160].all() and not flagged[True][300:].any(), "by default the rise becomes normal"
+    assert flagged[False][150:].all(), "without learning from flagged windows the rise stays flagged"
+    assert not flagged[False][:150].any() and not flagged[True][:150].any()
+    cfg = parse_config({"thresholds": {"policy": "rolling", "rolling": {"learn_from_flagged": False}}})
+    assert build_threshold(cfg.thresholds, random_artifact().manifest).learn_from_flagged is False
+
+
 def test_rolling_policy_is_built_from_the_config() -> None:
     art = random_artifact()
     cfg = parse_config({"thresholds": {"policy": "rolling", "rolling": {"history": 50, "min_history": 10,

@@ -43,6 +43,8 @@ __all__ = [
     "AlertConfig",
     "RegimeConfig",
     "MaintenanceWindow",
+    "StreamLabels",
+    "StreamsConfig",
     "SensorConfig",
     "RuntimeConfig",
     "MetricsConfig",
@@ -235,14 +237,24 @@ class PolicyConfig(_Section):
         return self
 
 
-class ThresholdOverride(PolicyConfig):
-    """A policy for the streams whose id matches a glob; keys it leaves out take their defaults."""
+_SELECT_HELP = "give streams (a glob on the stream id), labels ({name: value, ...}; see streams.labels), or both"
 
-    streams: str = Field(min_length=1)
+
+class ThresholdOverride(PolicyConfig):
+    """A policy for the streams selected by a glob on the id and/or by labels; keys it leaves out take defaults."""
+
+    streams: str | None = Field(None, min_length=1)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _selects(self) -> ThresholdOverride:
+        if self.streams is None and not self.labels:
+            raise ValueError(_SELECT_HELP)
+        return self
 
 
 class ThresholdConfig(PolicyConfig):
-    """The threshold policy in force, and per-stream overrides (the first matching glob wins)."""
+    """The threshold policy in force, and per-stream overrides (the first matching override wins)."""
 
     overrides: list[ThresholdOverride] = Field(default_factory=list)
 
@@ -260,6 +272,7 @@ class MaintenanceWindow(_Section):
     """A period in which the matching streams raise no alerts: once (start, end) or every day (daily)."""
 
     streams: str = Field("*", min_length=1)
+    labels: dict[str, str] = Field(default_factory=dict)  # and, when given, only streams with these labels
     start: datetime | None = None
     end: datetime | None = None
     daily: str | None = Field(None, pattern=r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$")
@@ -322,6 +335,19 @@ class SensorConfig(_Section):
         return v
 
 
+class StreamLabels(_Section):
+    """Labels for the streams whose id matches a glob."""
+
+    streams: str = Field(min_length=1)
+    labels: dict[str, str] = Field(min_length=1)
+
+
+class StreamsConfig(_Section):
+    """Stream labels, by glob on the stream id: every matching entry adds its labels (a later one wins a name)."""
+
+    labels: list[StreamLabels] = Field(default_factory=list)
+
+
 class RuntimeConfig(_Section):
     """Logging and shutdown."""
 
@@ -347,6 +373,7 @@ class Config(_Section):
     delivery: DeliveryConfig = DeliveryConfig()
     model: ModelConfig = ModelConfig()
     scoring: ScoringConfig = ScoringConfig()
+    streams: StreamsConfig = StreamsConfig()
     thresholds: ThresholdConfig = ThresholdConfig()
     alerts: AlertConfig = AlertConfig()
     sensors: SensorConfig = SensorConfig()

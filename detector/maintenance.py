@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
-
 import numpy as np
 
 from detector.config import MaintenanceWindow
+from detector.labels import Labeler, StreamMatch
 
 __all__ = ["MaintenanceSchedule"]
 
@@ -16,6 +15,9 @@ _DAY = 86400.0
 class MaintenanceSchedule:
     """Which windows fall in a maintenance period of their stream (event time, UTC).
 
+    A window selects its streams by a glob on the id and, when it gives `labels`, by those labels too;
+    membership is resolved once per stream, when it first appears (a reload builds a new schedule).
+
     >>> from detector.config import parse_config
     >>> cfg = parse_config({"alerts": {"maintenance": [{"streams": "pump-*", "daily": "23:00-01:00"}]}})
     >>> s = MaintenanceSchedule(cfg.alerts.maintenance, ["pump-1", "fan-1"])
@@ -23,17 +25,20 @@ class MaintenanceSchedule:
     [True, False, False]
     """
 
-    def __init__(self, windows: list[MaintenanceWindow], names: list[str]) -> None:
+    def __init__(self, windows: list[MaintenanceWindow], names: list[str], labels: Labeler | None = None) -> None:
         self.windows = windows
+        self.selectors = [StreamMatch(w.streams, dict(w.labels)) for w in windows]
         self.names = names  # the engine's stream ids by row (grows as streams appear)
+        self.labels = labels or Labeler()
         self.member = np.zeros((0, len(windows)), bool)
         self.known = 0
 
     def _members(self, rows: np.ndarray) -> np.ndarray:
         need = int(rows.max()) + 1 if len(rows) else 0
         if need > self.known:
-            new = np.array([[fnmatchcase(self.names[r], w.streams) for w in self.windows]
-                            for r in range(self.known, need)], bool).reshape(-1, len(self.windows))
+            rows_new = [(self.names[r], self.labels(self.names[r])) for r in range(self.known, need)]
+            new = np.array([[m.matches(name, lab) for m in self.selectors] for name, lab in rows_new],
+                           bool).reshape(-1, len(self.windows))
             self.member = np.concatenate([self.member, new])
             self.known = need
         return self.member[rows]

@@ -19,6 +19,7 @@ from detector.artifact import Artifact
 from detector.config import Config, config_hash
 from detector.decode import Decoder, Readings, Reject
 from detector.engine import Engine, WindowScores
+from detector.labels import Labeler
 from detector.maintenance import MaintenanceSchedule
 from detector.regime import RegimeDetector
 from detector.rows import RowState, grown
@@ -76,7 +77,9 @@ class Pipeline(RowState):
         )
         self.engine = Engine(artifact, device=device, max_gap_s=cfg.scoring.max_gap_s,
                              adapt_halflife=cfg.scoring.adapt_halflife_windows)
-        self.threshold = build_threshold(cfg.thresholds, m, self.engine.streams, (cfg.alerts.k, cfg.alerts.n))
+        self.labels = Labeler(cfg.streams.labels)
+        self.threshold = build_threshold(cfg.thresholds, m, self.engine.streams, (cfg.alerts.k, cfg.alerts.n),
+                                         self.labels)
         self.alerts = AlertMachine(cfg.alerts, self.engine.capacity)
         rc = cfg.alerts.regime
         self.regime = RegimeDetector(rc.delta, rc.threshold, rc.min_windows) if rc.enabled else None
@@ -84,7 +87,7 @@ class Pipeline(RowState):
                                dict(cfg.sensors.missing))
         self.silence = SilenceWatch(cfg.sensors.silent_after_s) if cfg.sensors.silent_after_s > 0 else None
         self.silent_since = np.zeros(0)  # per row: event time of its last reading before it fell silent, else NaN
-        self.maintenance = MaintenanceSchedule(cfg.alerts.maintenance, self.engine.streams)
+        self.maintenance = MaintenanceSchedule(cfg.alerts.maintenance, self.engine.streams, self.labels)
         self.topics: list[str] = []  # input topics seen, indexed by in_topic
         self.in_topic = np.zeros(0, np.int64)
         self.in_partition = np.zeros(0, np.int64)
@@ -173,7 +176,7 @@ class Pipeline(RowState):
         self.dirty[k] = True
         return keep, int(seen.sum())
 
-    LIVE_SECTIONS = ("thresholds", "alerts", "sensors")
+    LIVE_SECTIONS = ("streams", "thresholds", "alerts", "sensors")
     """Configuration sections that a reload applies to the running pipeline; the others need a restart."""
 
     def reconfigure(self, new: Config) -> list[str]:
@@ -194,8 +197,10 @@ class Pipeline(RowState):
         # build everything first, so that a reload that fails (e.g. limits for an unknown feature) changes nothing
         threshold, regime, gate, silence = self.threshold, self.regime, self.gate, self.silence
         every = np.arange(len(self.engine.streams))
-        if cfg.thresholds != old.thresholds or (cfg.alerts.k, cfg.alerts.n) != (old.alerts.k, old.alerts.n):
-            threshold = build_threshold(cfg.thresholds, m, self.engine.streams, (cfg.alerts.k, cfg.alerts.n))
+        labels = Labeler(cfg.streams.labels) if cfg.streams != old.streams else self.labels
+        if (cfg.thresholds != old.thresholds or (cfg.alerts.k, cfg.alerts.n) != (old.alerts.k, old.alerts.n)
+                or cfg.streams != old.streams):  # new labels: every stream's override is resolved again
+            threshold = build_threshold(cfg.thresholds, m, self.engine.streams, (cfg.alerts.k, cfg.alerts.n), labels)
             threshold.import_rows(every, self.threshold.export_rows(every))  # what was learned, where it fits
         if cfg.alerts.regime != old.alerts.regime:
             rc = cfg.alerts.regime
@@ -211,7 +216,9 @@ class Pipeline(RowState):
                 silence.silent = self.silence.silent.copy()
         if cfg.alerts != old.alerts:
             self.alerts.reconfigure(cfg.alerts)
-            self.maintenance = MaintenanceSchedule(cfg.alerts.maintenance, self.engine.streams)
+        if cfg.alerts != old.alerts or cfg.streams != old.streams:
+            self.maintenance = MaintenanceSchedule(cfg.alerts.maintenance, self.engine.streams, labels)
+        self.labels = labels
         self.threshold, self.regime, self.gate, self.silence = threshold, regime, gate, silence
         self.cfg = cfg
         self.config_hash = config_hash(cfg)

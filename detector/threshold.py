@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from fnmatch import fnmatchcase
 
 import numpy as np
 
 from detector.artifact import Manifest
 from detector.config import PolicyConfig
+from detector.labels import Labeler, StreamMatch
 from detector.rows import RowState, grown, needed
 
 __all__ = ["ThresholdPolicy", "StaticThreshold", "CalibratedThreshold", "RollingThreshold", "EvtThreshold",
@@ -304,29 +304,35 @@ class EvtThreshold(ThresholdPolicy):
 
 
 class StreamOverrides(ThresholdPolicy):
-    """Per-stream policies: the first glob that matches a stream id picks its policy, else the default one.
+    """Per-stream policies: the first override that selects a stream (glob and/or labels) picks its policy.
 
-    >>> names = ["pump-1", "turbine-1"]
-    >>> t = StreamOverrides(StaticThreshold(5.0, 9.0), [("turbine-*", StaticThreshold(20.0, 60.0))], names)
-    >>> w, c = t.levels(np.array([0, 1, 0]))
+    Streams no override selects get the default policy. A plain string selects by glob on the stream id.
+
+    >>> names = ["pump-1", "turbine-1", "fan-1"]
+    >>> labels = Labeler([{"streams": "fan-*", "labels": {"kind": "fan"}}])
+    >>> t = StreamOverrides(StaticThreshold(5.0, 9.0), [("turbine-*", StaticThreshold(20.0, 60.0)),
+    ...                     (StreamMatch(labels={"kind": "fan"}), StaticThreshold(7.0, 9.0))], names, labels)
+    >>> w, c = t.levels(np.array([0, 1, 0, 2]))
     >>> w.tolist(), t.policy_of(1)
-    ([5.0, 20.0, 5.0], 'static')
+    ([5.0, 20.0, 5.0, 7.0], 'static')
     """
 
     name = "overrides"
 
-    def __init__(self, default: ThresholdPolicy, overrides: list[tuple[str, ThresholdPolicy]],
-                 names: list[str]) -> None:
+    def __init__(self, default: ThresholdPolicy, overrides: list[tuple[str | StreamMatch, ThresholdPolicy]],
+                 names: list[str], labels: Labeler | None = None) -> None:
         self.policies = [default] + [p for _, p in overrides]
-        self.globs = [g for g, _ in overrides]
+        self.selectors = [m if isinstance(m, StreamMatch) else StreamMatch(m) for m, _ in overrides]
         self.names = names  # the engine's stream ids by row (grows as streams appear)
+        self.labels = labels or Labeler()
         self.group = np.full(0, -1, np.int64)
 
     def _groups(self, rows: np.ndarray) -> np.ndarray:
         self.group = grown(self.group, needed(rows, len(self.group)), -1)
         for row in np.unique(rows[self.group[rows] < 0]).tolist():  # once per stream, when it first appears
             name = self.names[row]
-            self.group[row] = next((i + 1 for i, g in enumerate(self.globs) if fnmatchcase(name, g)), 0)
+            labels = self.labels(name)
+            self.group[row] = next((i + 1 for i, m in enumerate(self.selectors) if m.matches(name, labels)), 0)
         return self.group[rows]
 
     def policy_of(self, row: int) -> str:
@@ -364,17 +370,19 @@ class StreamOverrides(ThresholdPolicy):
 
 
 def build_threshold(cfg: PolicyConfig, manifest: Manifest, names: list[str] | None = None,
-                    rule: tuple[int, int] = (1, 1)) -> ThresholdPolicy:
+                    rule: tuple[int, int] = (1, 1), labels: Labeler | None = None) -> ThresholdPolicy:
     """The policy that `thresholds.policy` names (with its per-stream overrides), built from the config.
 
-    `rule` is the alert rule's (k, n), which the budget policy needs to turn alerts into window levels.
+    `rule` is the alert rule's (k, n), which the budget policy needs to turn alerts into window levels;
+    `labels` gives each stream's labels, for overrides that select streams by label.
     """
     overrides = getattr(cfg, "overrides", [])
     if overrides:
         if names is None:
             raise ValueError("per-stream overrides need the stream ids (names)")
         return StreamOverrides(build_threshold(cfg.model_copy(update={"overrides": []}), manifest, rule=rule),
-                               [(o.streams, build_threshold(o, manifest, rule=rule)) for o in overrides], names)
+                               [(StreamMatch(o.streams, dict(o.labels)), build_threshold(o, manifest, rule=rule))
+                                for o in overrides], names, labels)
     if cfg.policy == "static":
         return StaticThreshold(cfg.static.warning, cfg.static.critical)
     if cfg.policy == "budget":

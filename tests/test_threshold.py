@@ -147,10 +147,10 @@ def test_overrides_pick_a_policy_per_stream_by_glob() -> None:
     assert t.levels(np.array([2]))[0][0] > 999 and t.levels(np.array([0]))[0][0] == 5.0, "each learns its own"
 
 
-def test_an_override_needs_a_glob() -> None:
+def test_an_override_needs_a_glob_or_labels() -> None:
     from detector.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"thresholds.overrides.0.streams: Field required"):
+    with pytest.raises(ConfigError, match=r"thresholds.overrides.0: give streams \(a glob on the stream id\), labels"):
         parse_config({"thresholds": {"overrides": [{"policy": "static"}]}})
 
 

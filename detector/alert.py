@@ -7,6 +7,11 @@ open that long, so it reads as one alert, not a flapping pair). After a clear, `
 windows pass before it can raise again. The alert id is derived from the
 model, the stream and the event time of the window that raised, so a replay of the same input yields the
 same ids.
+
+An operator may acknowledge an open episode (the control topic, detector/control.py): it is marked `acked`,
+its escalation is then not announced (the state still moves, so its clear says critical), and the clear is.
+`raised_wall` keeps the wall-clock time at which the episode was raised, so that an acknowledgement read
+again after a restore applies only to episodes that were open when it was written.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ __all__ = ["AlertMachine", "Transitions", "NORMAL", "RAISED", "ESCALATED", "aler
 
 NORMAL, RAISED, ESCALATED = 0, 1, 2
 EVENT_RAISED, EVENT_ESCALATED, EVENT_CLEARED = "raised", "escalated", "cleared"
+_ADDED = ("acked", "raised_wall")  # fields added after the first checkpoint format
+_FIELDS = ("warn_bits", "crit_bits", "state", "below", "cooldown", "raised_at", "age", *_ADDED)
 _NAMESPACE = uuid.UUID("6f1c1c2e-5d55-4a8e-9a55-3f1f3c0de001")
 
 
@@ -59,23 +66,31 @@ class AlertMachine(RowState):
         self.cooldown = np.zeros(0, np.int32)
         self.age = np.zeros(0, np.int32)  # windows since the episode was raised
         self.raised_at = np.zeros(0, np.float64)
+        self.acked = np.zeros(0, np.int8)  # 1: the open episode was acknowledged by an operator
+        self.raised_wall = np.zeros(0, np.float64)  # wall-clock time the open episode was raised
         self.ensure(capacity)
 
     def row_fields(self) -> dict[str, object]:
-        """Window history bits, state, counters and the open episode's start of each stream."""
-        return {name: 0 for name in ("warn_bits", "crit_bits", "state", "below", "cooldown", "raised_at", "age")}
+        """Window history bits, state, counters, the open episode's start and whether it was acknowledged."""
+        return {name: 0 for name in _FIELDS}
 
     def import_rows(self, rows: np.ndarray, state: dict[str, np.ndarray] | None) -> list[str]:
-        """Set these streams' state (None: normal, no history)."""
+        """Set these streams' state (None: normal, no history).
+
+        A checkpoint written before acknowledgements existed (no `acked`, `raised_wall`) restores the rest of
+        its state, its open episode unacknowledged.
+        """
         if len(rows):
             self.ensure(int(rows.max()) + 1)
+        if state is not None and "state" in state:
+            state = {**{k: np.zeros(len(rows), getattr(self, k).dtype) for k in _ADDED}, **state}
         return super().import_rows(rows, state)
 
     def ensure(self, capacity: int) -> None:
         """Grow the state arrays to hold `capacity` streams."""
         if capacity <= self.capacity:
             return
-        for name in ("warn_bits", "crit_bits", "state", "below", "cooldown", "raised_at", "age"):
+        for name in _FIELDS:
             setattr(self, name, grown(getattr(self, name), capacity))
         self.capacity = capacity
 
@@ -88,12 +103,34 @@ class AlertMachine(RowState):
 
     def reset(self, rows: np.ndarray) -> None:
         """Return these streams to normal without an event (their history is gone)."""
-        for arr in (self.warn_bits, self.crit_bits, self.state, self.below, self.cooldown, self.age):
+        for arr in (self.warn_bits, self.crit_bits, self.state, self.below, self.cooldown, self.age, self.acked):
             arr[rows] = 0
 
+    def acknowledge(self, rows: np.ndarray, written_at: float | None = None) -> np.ndarray:
+        """Mark the open, unacknowledged episodes of these rows acknowledged; return the rows it marked.
+
+        With `written_at` (wall clock), only episodes raised at or before it: an acknowledgement read again
+        after a restore does not reach an episode raised after it was written.
+        """
+        hit = (self.state[rows] > NORMAL) & (self.acked[rows] == 0)
+        if written_at is not None:
+            hit &= self.raised_wall[rows] <= written_at
+        out = np.unique(rows[hit])
+        self.acked[out] = 1
+        return out
+
+    def close(self, rows: np.ndarray) -> np.ndarray:
+        """End the open episodes of these rows at once, without cooldown (a mute); return the rows closed."""
+        out = np.unique(rows[self.state[rows] > NORMAL])
+        self.reset(out)
+        return out
+
     def update(self, rows: np.ndarray, end_ts: np.ndarray, score: np.ndarray, warning: np.ndarray,
-               critical: np.ndarray) -> Transitions:
-        """Feed windows (ordered by row, then time) through the machine; return the transitions."""
+               critical: np.ndarray, now: float = 0.0) -> Transitions:
+        """Feed windows (ordered by row, then time) through the machine; return the transitions.
+
+        `now` is the wall-clock time, kept with each episode raised (see `acknowledge`).
+        """
         k = len(rows)
         parts: list[tuple[np.ndarray, str, np.ndarray, np.ndarray]] = []
         if k == 0:
@@ -123,13 +160,17 @@ class AlertMachine(RowState):
             if raise_.any():
                 rr = r[raise_]
                 self.raised_at[rr] = end_ts[w[raise_]]
+                self.raised_wall[rr] = now
+                self.acked[rr] = 0
                 new_state = np.where(n_crit[raise_] >= cfg.k, ESCALATED, RAISED).astype(np.int8)
                 self.state[rr] = new_state
                 parts.append((w[raise_], EVENT_RAISED, self.raised_at[rr], new_state))
             if escalate.any():
                 re_ = r[escalate]
                 self.state[re_] = ESCALATED
-                parts.append((w[escalate], EVENT_ESCALATED, self.raised_at[re_], self.state[re_]))
+                told = self.acked[re_] == 0  # an acknowledged episode escalates silently
+                if told.any():
+                    parts.append((w[escalate][told], EVENT_ESCALATED, self.raised_at[re_[told]], self.state[re_[told]]))
             if clear.any():
                 rc = r[clear]
                 parts.append((w[clear], EVENT_CLEARED, self.raised_at[rc], st[clear]))
@@ -138,6 +179,7 @@ class AlertMachine(RowState):
                 self.cooldown[rc] = cfg.cooldown_windows
                 self.warn_bits[rc] = 0
                 self.crit_bits[rc] = 0
+                self.acked[rc] = 0
         if not parts:
             return _no_transitions()
         win = np.concatenate([p[0] for p in parts])

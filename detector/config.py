@@ -32,6 +32,7 @@ __all__ = [
     "InputConfig",
     "OutputConfig",
     "DeliveryConfig",
+    "ControlConfig",
     "ModelConfig",
     "ScoringConfig",
     "ThresholdConfig",
@@ -134,6 +135,21 @@ class DeliveryConfig(_Section):
     def _replication(cls, v: int) -> int:
         if v == 0:
             raise ValueError("state_replication is -1 (the broker's default) or at least 1")
+        return v
+
+
+class ControlConfig(_Section):
+    """The run-time control topic, where operators mute, unmute and acknowledge streams (`detector control`)."""
+
+    enabled: bool = True
+    topic: str | None = None  # None: "<input.group_id>-control"
+    replication: int = Field(-1, ge=-1, le=32)
+
+    @field_validator("replication")
+    @classmethod
+    def _replication(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("replication is -1 (the broker's default) or at least 1")
         return v
 
 
@@ -371,6 +387,7 @@ class Config(_Section):
     input: InputConfig = InputConfig()
     output: OutputConfig = OutputConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    control: ControlConfig = ControlConfig()
     model: ModelConfig = ModelConfig()
     scoring: ScoringConfig = ScoringConfig()
     streams: StreamsConfig = StreamsConfig()
@@ -397,9 +414,22 @@ class Config(_Section):
                              "topics")
         return self
 
+    @model_validator(mode="after")
+    def _control_topic_is_its_own(self) -> Config:
+        others = {*self.input.topics, self.output.alerts_topic, self.output.dead_letter_topic, self.state_topic(),
+                  self.output.scores_topic}
+        if self.control.enabled and self.control_topic() in others:
+            raise ValueError(f"control.topic {self.control_topic()!r} must differ from the input, alerts, "
+                             "dead-letter, scores and state topics")
+        return self
+
     def state_topic(self) -> str:
         """The compacted topic of per-stream checkpoints."""
         return self.delivery.state_topic or f"{self.input.group_id}-state"
+
+    def control_topic(self) -> str:
+        """The compacted topic of operators' mute, unmute and ack commands."""
+        return self.control.topic or f"{self.input.group_id}-control"
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data with secrets masked, for logging."""

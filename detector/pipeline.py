@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 from typing import Any
 
 import numpy as np
@@ -14,9 +15,10 @@ import orjson
 
 from consumers.base import Record
 from detector import __version__
-from detector.alert import AlertMachine, alert_id
+from detector.alert import ESCALATED, NORMAL, AlertMachine, alert_id
 from detector.artifact import Artifact
 from detector.config import Config, config_hash
+from detector.control import Command, Mutes
 from detector.decode import Decoder, Readings, Reject
 from detector.engine import Engine, WindowScores
 from detector.labels import Labeler
@@ -88,6 +90,8 @@ class Pipeline(RowState):
         self.silence = SilenceWatch(cfg.sensors.silent_after_s) if cfg.sensors.silent_after_s > 0 else None
         self.silent_since = np.zeros(0)  # per row: event time of its last reading before it fell silent, else NaN
         self.maintenance = MaintenanceSchedule(cfg.alerts.maintenance, self.engine.streams, self.labels)
+        self.mutes = Mutes(self.engine.streams)  # operators' mutes (control topic): kept across reloads
+        self.acks: dict[str, tuple[Command, dict[str, Any]]] = {}  # newest ack per glob, with where it was read
         self.topics: list[str] = []  # input topics seen, indexed by in_topic
         self.in_topic = np.zeros(0, np.int64)
         self.in_partition = np.zeros(0, np.int64)
@@ -249,16 +253,18 @@ class Pipeline(RowState):
         ws = res.windows
         self.alerts.ensure(self.engine.capacity)
         warning, critical = self.threshold.levels(ws.rows)
-        # warming streams and streams in maintenance neither alert nor teach the thresholds
-        paused = self.maintenance.active(ws.rows, ws.end_ts)
+        # warming streams and streams in maintenance or muted neither alert nor teach the thresholds
+        muted = self.mutes.muted(ws.rows, now)
+        paused = self.maintenance.active(ws.rows, ws.end_ts) | muted
         live = np.flatnonzero((ws.nth >= self.cfg.alerts.warmup_readings) & ~paused)
-        tr = self.alerts.update(ws.rows[live], ws.end_ts[live], ws.score[live], warning[live], critical[live])
+        muted_clears = self._close_muted(records, readings, ws, np.flatnonzero(muted), warning, critical)
+        tr = self.alerts.update(ws.rows[live], ws.end_ts[live], ws.score[live], warning[live], critical[live], now)
         tr.window = live[tr.window]
         self.threshold.learn(ws.rows[live], ws.score[live], ws.score[live] >= warning[live])
         changed = np.empty(0, np.int64)
         if self.regime is not None:
             changed = live[self.regime.update(ws.rows[live], ws.score[live])]
-        alerts = [
+        alerts = muted_clears + [
             self._alert(records, readings, ws, int(w), str(ev), float(at), str(sev), warning, critical)
             for w, ev, at, sev in zip(tr.window, tr.event, tr.raised_at, tr.severity, strict=True)
         ]
@@ -271,6 +277,79 @@ class Pipeline(RowState):
             alerts.extend(self._silence_alert(records[-1], int(r), state) for rows, state in
                           ((went, "raised"), (back, "cleared")) for r in rows)
         return BatchOutput(alerts, rejects, readings, ws, warning, replayed)
+
+    # ----- operators' commands (control topic) --------------------------------------------------------------
+    def command(self, cmd: Command, source: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+        """Apply an operator's command; return the alert records it produces and how many streams held match.
+
+        mute and unmute take effect from the next batch on (a muted stream's open episode is cleared at its
+        next window); ack marks the open episode of each matching stream acknowledged and returns one
+        `acknowledged` record per episode. `source` ({topic, partition, offset}) says where it was read.
+        """
+        if cmd.action != "ack":
+            self.mutes.apply(cmd)
+            return [], len(self.mutes.matching(cmd.streams))
+        self.acks[cmd.streams] = (cmd, source)
+        rows = self._open_matching(cmd.streams)
+        return self._acknowledge(rows, cmd, source, None), len(self.mutes.matching(cmd.streams))
+
+    def reapply_acks(self) -> list[dict[str, Any]]:
+        """After a restore: acknowledge again the restored episodes that an ack seen earlier covers.
+
+        Only episodes raised (wall clock) before the ack was written, and not yet acknowledged in their
+        checkpoint: those the ack reached on a member whose checkpoint did not record it.
+        """
+        out: list[dict[str, Any]] = []
+        for cmd, source in self.acks.values():
+            out += self._acknowledge(self._open_matching(cmd.streams), cmd, source, cmd.at)
+        return out
+
+    def _open_matching(self, glob: str) -> np.ndarray:
+        """Rows with an open alert episode whose stream id matches `glob`."""
+        n = len(self.engine.streams)
+        self._ensure_rows()
+        open_rows = np.flatnonzero(self.alerts.state[:n] > NORMAL)
+        names = self.engine.streams
+        return np.array([r for r in open_rows.tolist() if fnmatchcase(names[r], glob)], np.int64)
+
+    def _acknowledge(self, rows: np.ndarray, cmd: Command, source: dict[str, Any],
+                     written_at: float | None) -> list[dict[str, Any]]:
+        acked = self.alerts.acknowledge(rows, written_at)
+        self.dirty[acked] = True
+        m = self.manifest
+        return [{
+            "alert_id": alert_id(m.model_version or m.name, self.engine.streams[r], float(self.alerts.raised_at[r])),
+            "kind": "anomaly",
+            "stream": self.engine.streams[r],
+            "model": m.name,
+            "model_version": m.model_version,
+            "state": "acknowledged",
+            "severity": "critical" if self.alerts.state[r] == ESCALATED else "warning",
+            "first_seen": iso(float(self.alerts.raised_at[r])),
+            "reason": cmd.reason,
+            "by": cmd.by,
+            "acknowledged_at": iso(cmd.at),
+            "input": source,
+            "config_hash": self.config_hash,
+            "detector_version": __version__,
+        } for r in acked.tolist()]
+
+    def _close_muted(self, records: list[Record], readings: Readings, ws: WindowScores, muted: np.ndarray,
+                     warning: np.ndarray, critical: np.ndarray) -> list[dict[str, Any]]:
+        """Clear (reason `muted`) the open episodes of muted streams, at the first window of each in the batch."""
+        if not len(muted):
+            return []
+        _, first = np.unique(ws.rows[muted], return_index=True)
+        w = muted[first]
+        w = w[self.alerts.state[ws.rows[w]] > NORMAL]
+        if not len(w):
+            return []
+        rows = ws.rows[w]
+        raised_at, severity = self.alerts.raised_at[rows].copy(), self.alerts.state[rows] == ESCALATED
+        self.alerts.close(rows)
+        return [{**self._alert(records, readings, ws, int(i), "cleared", float(at), "critical" if crit else "warning",
+                               warning, critical), "reason": "muted"}
+                for i, at, crit in zip(w.tolist(), raised_at.tolist(), severity.tolist(), strict=True)]
 
     def _silence_alert(self, rec: Record, row: int, state: str) -> dict[str, Any]:
         stream = self.engine.streams[row]

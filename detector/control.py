@@ -1,0 +1,209 @@
+"""Operators' run-time commands: mute, unmute and acknowledge streams, as read from the control topic.
+
+A command is one JSON object per record of the compacted control topic:
+``{"action": "mute" | "unmute" | "ack", "streams": "<stream id or glob>", "until": <RFC 3339 or epoch s>,
+"reason": "...", "by": "..."}`` (`until` for mute only; no `until`: muted until unmuted). Its key is
+``mute:<glob>`` for mute and unmute, ``ack:<glob>`` for ack, so that compaction keeps the newest mute or
+unmute of each glob and, apart, its newest ack (a key of the glob alone would let an ack erase a mute).
+
+Muting follows "the newest command that matches decides": a stream is muted when, of the mute and unmute
+commands whose glob matches its id, the newest is a mute whose `until` (wall clock) has not passed. So an
+``unmute "pump-*"`` lifts an earlier ``mute "pump-17"``, and a later ``mute "pump-17"`` holds again.
+Compaction keeps that answer: it only removes a command that a newer one of the same glob replaced.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from fnmatch import fnmatchcase, translate
+
+import numpy as np
+import orjson
+
+__all__ = ["ACTIONS", "Command", "BadCommand", "Mutes", "parse_command", "encode_command", "command_key",
+           "parse_until"]
+
+ACTIONS = ("mute", "unmute", "ack")
+_FIELDS = {"action", "streams", "until", "reason", "by"}
+_MAX_TEXT = 1000
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class BadCommand(ValueError):
+    """A control record that is not a valid command: `reason` is its dead-letter reason, the message says why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(slots=True, frozen=True)
+class Command:
+    """One operator command; `at` is the wall-clock time it was written (the record's timestamp)."""
+
+    action: str
+    streams: str
+    until: float | None = None  # mute: wall-clock epoch seconds it ends (None: until unmuted)
+    reason: str = ""
+    by: str = ""
+    at: float = 0.0
+
+
+def parse_until(value: object, now: float | None = None) -> float:
+    """Epoch seconds from RFC 3339 text, epoch seconds, or (given `now`) a duration such as 30m, 2h, 1d.
+
+    >>> parse_until("2026-01-01T00:00:00Z"), parse_until(1767225600), parse_until("2h", now=1000.0)
+    (1767225600.0, 1767225600.0, 8200.0)
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a time")
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a time")
+    text = value.strip()
+    m = _DURATION.match(text)
+    if m and now is not None:
+        return now + float(m.group(1)) * _UNIT_S[m.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        ts = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{value!r} is not RFC 3339 (e.g. 2026-12-01T10:00:00Z) or epoch seconds"
+                         + (", or a duration such as 30m, 2h, 1d" if now is not None else "")) from None
+    if ts.tzinfo is None:
+        raise ValueError(f"{value!r} has no time zone (add Z for UTC)")
+    return ts.timestamp()
+
+
+def parse_command(value: bytes | None, at: float) -> Command | None:
+    """The command in a control record's value (None for a tombstone); BadCommand when it is not one.
+
+    >>> parse_command(b'{"action": "mute", "streams": "pump-*", "by": "ann"}', at=5.0)
+    Command(action='mute', streams='pump-*', until=None, reason='', by='ann', at=5.0)
+    """
+    if value is None:
+        return None
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise BadCommand("control_bad_json", f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadCommand("control_bad_json", f"a command is a JSON object, not {type(doc).__name__}")
+    unknown = sorted(set(doc) - _FIELDS)
+    if unknown:
+        raise BadCommand("control_unknown_field", f"unknown field(s) {', '.join(unknown)}; a command has "
+                         f"{', '.join(sorted(_FIELDS))}")
+    action = doc.get("action")
+    if action not in ACTIONS:
+        raise BadCommand("control_bad_action", f"action {action!r} is not one of {', '.join(ACTIONS)}")
+    streams = doc.get("streams")
+    if not isinstance(streams, str) or not streams.strip() or len(streams) > _MAX_TEXT:
+        raise BadCommand("control_bad_streams", f"streams {streams!r} is not a stream id or glob (e.g. pump-*)")
+    until = None
+    if doc.get("until") is not None:
+        if action != "mute":
+            raise BadCommand("control_bad_until", f"until is for mute only, not {action}")
+        try:
+            until = parse_until(doc["until"])
+        except ValueError as exc:
+            raise BadCommand("control_bad_until", f"until: {exc}") from None
+    for name in ("reason", "by"):
+        v = doc.get(name, "")
+        if not isinstance(v, str) or len(v) > _MAX_TEXT:
+            raise BadCommand("control_bad_field", f"{name} must be text of at most {_MAX_TEXT} characters")
+    return Command(action, streams, until, doc.get("reason", ""), doc.get("by", ""), at)
+
+
+def command_key(action: str, streams: str) -> bytes:
+    """The record key of a command: mute and unmute of one glob share a key, its ack has another.
+
+    >>> command_key("unmute", "pump-*"), command_key("ack", "pump-*")
+    (b'mute:pump-*', b'ack:pump-*')
+    """
+    return f"{'ack' if action == 'ack' else 'mute'}:{streams}".encode()
+
+
+def encode_command(cmd: Command) -> tuple[bytes, bytes]:
+    """The key and JSON value of a command, as `detector control` writes it (`at` is the record's timestamp)."""
+    doc: dict[str, object] = {"action": cmd.action, "streams": cmd.streams}
+    if cmd.until is not None:
+        doc["until"] = datetime.fromtimestamp(cmd.until, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    doc.update({"reason": cmd.reason, "by": cmd.by})
+    return command_key(cmd.action, cmd.streams), orjson.dumps(doc)
+
+
+class Mutes:
+    """Which streams are muted at a wall-clock time, from the mute and unmute commands seen so far.
+
+    Each glob is one rule (a newer command of the same glob replaces it); per stream row the matches of every
+    rule are computed once (when the row or the rule appears), so a batch costs a few array operations.
+
+    >>> names = ["pump-1", "pump-2", "fan-1"]
+    >>> m = Mutes(names)
+    >>> m.apply(Command("mute", "pump-*", until=100.0))
+    >>> m.apply(Command("unmute", "pump-2"))
+    >>> m.muted(np.array([0, 1, 2]), now=50.0).tolist(), m.muted(np.array([0]), now=150.0).tolist()
+    ([True, False, False], [False])
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names  # the engine's stream ids by row (grows as streams appear)
+        self.rules: dict[str, Command] = {}  # glob -> newest mute or unmute command of it
+        self._order = np.zeros(0, np.int64)  # per rule (column): when it was last set, newest highest
+        self._mute = np.zeros(0, bool)
+        self._until = np.zeros(0)
+        self._member = np.zeros((0, 0), bool)
+        self._known = 0
+        self._tick = 0
+
+    def apply(self, cmd: Command) -> None:
+        """Take a mute or unmute command: it replaces the rule of its glob and becomes the newest."""
+        self._tick += 1
+        if cmd.streams in self.rules:
+            j = list(self.rules).index(cmd.streams)
+        else:
+            j = len(self.rules)
+            match = re.compile(translate(cmd.streams)).match
+            column = np.fromiter((match(n) is not None for n in self.names[: self._known]), bool, self._known)
+            self._member = np.concatenate([self._member, column[:, None]], axis=1)
+            self._order, self._mute, self._until = (np.concatenate([a, np.zeros(1, a.dtype)])
+                                                    for a in (self._order, self._mute, self._until))
+        self.rules[cmd.streams] = cmd
+        self._order[j] = self._tick
+        self._mute[j] = cmd.action == "mute"
+        self._until[j] = np.inf if cmd.until is None else cmd.until
+
+    def _members(self, rows: np.ndarray) -> np.ndarray:
+        need = int(rows.max()) + 1 if len(rows) else 0
+        if need > self._known:
+            globs = list(self.rules)
+            new = np.array([[fnmatchcase(self.names[r], g) for g in globs] for r in range(self._known, need)],
+                           bool).reshape(-1, len(globs))
+            self._member = np.concatenate([self._member, new])
+            self._known = need
+        return self._member[rows]
+
+    def muted(self, rows: np.ndarray, now: float) -> np.ndarray:
+        """(K,) True where the stream of the row is muted at wall-clock time `now`."""
+        if not self.rules or not len(rows):
+            return np.zeros(len(rows), bool)
+        order = np.where(self._members(rows), self._order, -1)
+        newest = order.argmax(axis=1)
+        return (order.max(axis=1) >= 0) & self._mute[newest] & (self._until[newest] > now)
+
+    def count(self, now: float) -> int:
+        """How many of the streams held are muted now."""
+        return int(self.muted(np.arange(len(self.names)), now).sum())
+
+    def matching(self, glob: str) -> np.ndarray:
+        """Rows of the streams held whose id matches `glob`."""
+        match = re.compile(translate(glob)).match
+        return np.flatnonzero(np.fromiter((match(n) is not None for n in self.names), bool, len(self.names)))

@@ -1,0 +1,170 @@
+"""Operators' commands without Kafka: parsing, mute and unmute, ack, checkpoints and reload keep them."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from consumers.base import Record
+from detector.alert import AlertMachine
+from detector.config import AlertConfig, parse_config
+from detector.control import BadCommand, Command, Mutes, encode_command, parse_command, parse_until
+from detector.pipeline import Pipeline
+from tests.helpers import FEATURES, random_artifact, sine_values
+
+T0 = 1_700_000_000.0
+NOW = 2e9  # the wall clock the tests run at
+SRC = {"topic": "ctl", "partition": 0, "offset": 0}
+RULES = {"thresholds": {"policy": "static", "static": {"warning": 5, "critical": 60}},
+         "alerts": {"k": 2, "n": 3, "clear_after": 2}}
+
+
+def readings(t0: int, t1: int, streams: int = 3) -> list[Record]:
+    """Readings t0..t1 of m0..m2; m1's pressure is shifted by 2.5 from t=100 (warning) and by 10 from 200
+    (critical), back to normal from 300."""
+    out = []
+    for t in range(t0, t1):
+        for s in range(streams):
+            v = sine_values(1000, seed=500 + s, phase=3 * s)[t].astype(float)
+            if s == 1:
+                v[2] += 2.5 if 100 <= t < 200 else 10.0 if 200 <= t < 300 else 0.0
+            body = {"stream": f"m{s}", "ts": T0 + 60 * t, "values": dict(zip(FEATURES, v.tolist(), strict=True))}
+            out.append(Record("in", s % 3, t * streams + s, f"m{s}".encode(), orjson.dumps(body), 0))
+    return out
+
+
+def anomalies(out: object) -> list[tuple[str, str]]:
+    return [(a["stream"], a["state"]) for a in out.alerts if a["kind"] == "anomaly"]  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def pipe() -> Pipeline:
+    return Pipeline(parse_config(RULES), random_artifact())
+
+
+def test_commands_parse_and_bad_ones_name_their_reason() -> None:
+    cmd = parse_command(b'{"action": "mute", "streams": "pump-*", "until": "2030-01-01T00:00:00Z", '
+                        b'"reason": "bearing swap", "by": "ann"}', at=5.0)
+    assert cmd == Command("mute", "pump-*", 1893456000.0, "bearing swap", "ann", 5.0)
+    assert parse_command(None, at=1.0) is None, "a tombstone is no command"
+    key, value = encode_command(cmd)
+    assert key == b"mute:pump-*" and parse_command(value, at=5.0) == cmd
+    assert encode_command(Command("ack", "pump-1"))[0] == b"ack:pump-1"
+    for raw, reason in [(b"{oops", "control_bad_json"), (b"[1]", "control_bad_json"),
+                        (b'{"action": "silence", "streams": "x"}', "control_bad_action"),
+                        (b'{"action": "mute"}', "control_bad_streams"),
+                        (b'{"action": "mute", "streams": ""}', "control_bad_streams"),
+                        (b'{"action": "mute", "streams": "x", "until": "tomorrow"}', "control_bad_until"),
+                        (b'{"action": "ack", "streams": "x", "until": 5}', "control_bad_until"),
+                        (b'{"action": "ack", "streams": "x", "by": 7}', "control_bad_field"),
+                        (b'{"action": "mute", "streams": "x", "util": 5}', "control_unknown_field")]:
+        with pytest.raises(BadCommand) as err:
+            parse_command(raw, at=0.0)
+        assert err.value.reason == reason, raw
+    assert parse_until("90m", now=100.0) == 5500.0
+    with pytest.raises(ValueError, match="no time zone"):
+        parse_until("2030-01-01T00:00:00")
+
+
+def test_the_newest_matching_mute_or_unmute_decides() -> None:
+    names = ["pump-1", "pump-2", "fan-1"]
+    m = Mutes(names)
+    rows = np.arange(3)
+    m.apply(Command("mute", "pump-1"))
+    m.apply(Command("unmute", "pump-*"))
+    assert m.muted(rows, NOW).tolist() == [False, False, False]
+    m.apply(Command("mute", "pump-1"))  # the same glob again: it is now the newest
+    assert m.muted(rows, NOW).tolist() == [True, False, False]
+    m.apply(Command("mute", "*", until=NOW + 10))
+    assert m.muted(rows, NOW).tolist() == [True, True, True]
+    assert m.muted(rows, NOW + 10).tolist() == [False, False, False], "an expired mute mutes nothing"
+    names.append("fan-2")  # a stream that appears later is matched too
+    assert m.muted(np.array([3]), NOW).tolist() == [True] and m.count(NOW) == 4
+
+
+def test_mute_clears_the_open_episode_and_silences_until_unmuted(pipe: Pipeline) -> None:
+    assert anomalies(pipe.process(readings(0, 150), NOW)) == [("m1", "raised")]
+    raised = [a for a in pipe.process([], NOW).alerts]
+    assert raised == []
+    assert pipe.command(Command("mute", "m1", reason="known fault", by="ann"), SRC) == ([], 1)
+    out = pipe.process(readings(150, 250), NOW)
+    clear = [a for a in out.alerts if a["kind"] == "anomaly"]
+    assert [(a["stream"], a["state"], a["reason"]) for a in clear] == [("m1", "cleared", "muted")], \
+        "one clear for the open episode, then silence: no escalation though m1 is critical now"
+    n_learned = pipe.threshold.export_rows(np.array([1]))
+    assert pipe.command(Command("unmute", "m*"), SRC) == ([], 3)
+    out = pipe.process(readings(250, 290), NOW)
+    assert anomalies(out) == [("m1", "raised")], "alerts come back after the unmute"
+    assert out.alerts[0]["severity"] == "critical"
+    assert out.alerts[0]["alert_id"] != clear[0]["alert_id"], "a new episode"
+    assert n_learned.keys() == pipe.threshold.export_rows(np.array([1])).keys()
+
+
+def test_a_mute_ends_at_its_until_by_the_wall_clock(pipe: Pipeline) -> None:
+    pipe.command(Command("mute", "m1", until=NOW + 3600), SRC)
+    assert anomalies(pipe.process(readings(0, 180), NOW)) == []
+    assert anomalies(pipe.process(readings(180, 200), NOW + 3600)) == [("m1", "raised")]
+
+
+def test_ack_is_one_record_for_the_open_episode_then_no_escalation(pipe: Pipeline) -> None:
+    out = pipe.process(readings(0, 150), NOW)
+    raised = out.alerts[0]
+    assert pipe.command(Command("ack", "m0", at=NOW), SRC) == ([], 1), "no open episode: nothing happens"
+    acks, matched = pipe.command(Command("ack", "m*", reason="on it", by="bob", at=NOW + 1), SRC)
+    assert matched == 3 and len(acks) == 1
+    ack = acks[0]
+    assert (ack["alert_id"], ack["stream"], ack["state"], ack["severity"]) == (raised["alert_id"], "m1",
+                                                                            "acknowledged", "warning")
+    assert (ack["reason"], ack["by"], ack["input"], ack["first_seen"]) == ("on it", "bob", SRC,
+                                                                          raised["first_seen"])
+    assert pipe.command(Command("ack", "m1", at=NOW + 2), SRC)[0] == [], "an episode is acknowledged once"
+    assert anomalies(pipe.process(readings(150, 300), NOW)) == [], "the escalation is not announced"
+    cleared = [a for a in pipe.process(readings(300, 400), NOW).alerts if a["kind"] == "anomaly"]
+    assert [(a["state"], a["severity"], a["alert_id"]) for a in cleared] == [
+        ("cleared", "critical", raised["alert_id"])], "the clear is, with the episode's id"
+    assert anomalies(pipe.process(readings(100, 200) and readings(400, 420), NOW)) == []
+
+
+def test_unacknowledged_episodes_escalate(pipe: Pipeline) -> None:
+    pipe.process(readings(0, 150), NOW)
+    assert anomalies(pipe.process(readings(150, 300), NOW)) == [("m1", "escalated")]
+
+
+def test_ack_state_is_checkpointed_and_an_ack_is_applied_again_after_a_restore(pipe: Pipeline) -> None:
+    pipe.process(readings(0, 150), NOW)
+    rows = np.arange(3)
+    before = pipe.export_rows(rows)
+    pipe.take_dirty()  # a commit
+    acks, _ = pipe.command(Command("ack", "m1", at=NOW + 5), SRC)
+    after = pipe.export_rows(rows)
+    assert after["alerts.acked"].tolist() == [0, 1, 0] and after["alerts.raised_wall"][1] == NOW
+    assert pipe.take_dirty().tolist() == [1], "the ack is checkpointed at the next commit"
+    pipe.import_rows(rows, after)
+    assert pipe.reapply_acks() == [], "restored acknowledged: nothing again"
+    pipe.import_rows(rows, before)  # a checkpoint written before the ack reached it
+    again = pipe.reapply_acks()
+    assert [(a["alert_id"], a["state"]) for a in again] == [(acks[0]["alert_id"], "acknowledged")]
+    old = {k: v for k, v in before.items() if k not in ("alerts.acked", "alerts.raised_wall")}
+    assert pipe.import_rows(rows, old) == [], "a checkpoint from before acks existed still fits"
+    assert pipe.alerts.state[1] > 0 and pipe.alerts.acked[1] == 0
+    assert anomalies(pipe.process(readings(150, 300), NOW)) == [("m1", "escalated")]
+
+
+def test_an_ack_does_not_reach_an_episode_raised_after_it_was_written() -> None:
+    m = AlertMachine(AlertConfig(k=1, n=1), capacity=2)
+    m.update(np.array([0, 1]), np.array([1.0, 1.0]), np.array([11.0, 11.0]), np.full(2, 10.0), np.full(2, 99.0),
+             now=100.0)
+    assert m.acknowledge(np.array([0, 1]), written_at=99.0).tolist() == []
+    assert m.acknowledge(np.array([0, 1]), written_at=100.0).tolist() == [0, 1]
+
+
+def test_mutes_and_acks_survive_a_reload(pipe: Pipeline) -> None:
+    pipe.process(readings(0, 150), NOW)
+    pipe.command(Command("ack", "m1", at=NOW), SRC)
+    pipe.command(Command("mute", "m2"), SRC)
+    changes = pipe.reconfigure(parse_config({**RULES, "alerts": {**RULES["alerts"], "clear_after": 3},
+                                             "control": {"topic": "other"}}))
+    assert changes == ["control (takes effect after a restart)", "alerts"]
+    assert pipe.alerts.acked[1] == 1 and pipe.mutes.muted(np.arange(3), NOW).tolist() == [False, False, True]
+    assert anomalies(pipe.process(readings(150, 300), NOW)) == []

@@ -35,7 +35,8 @@ from kafka.structs import OffsetAndMetadata
 
 from consumers.base import Offsets, RebalanceError, Record, Sink, SinkError, SinkFenced, SinkTimeout, Source
 
-__all__ = ["KafkaSource", "KafkaSink", "RebalanceEvents", "StateTopic", "StateTopicError"]
+__all__ = ["KafkaSource", "KafkaSink", "RebalanceEvents", "StateTopic", "StateTopicError", "ControlTopic",
+           "ControlTopicError"]
 
 _GROUP_MOVED = (CommitFailedError, IllegalGenerationError, RebalanceInProgressError, UnknownMemberIdError)
 _FENCED = (ProducerFencedError, InvalidProducerEpochError)
@@ -388,3 +389,96 @@ class StateTopic:
             return list(latest.values())
         finally:
             consumer.close(autocommit=False)
+
+
+class ControlTopicError(Exception):
+    """The control topic cannot serve (it is not compacted); the message says why and what to do."""
+
+
+class ControlTopic(Source):
+    """The compacted topic of operators' commands, read whole by every daemon: no group, every partition.
+
+    The stream a command names may be owned by any member of the group, now or after a rebalance, so each
+    member reads every partition from the beginning at start-up (`open`) and then follows it (`poll_batch`).
+    Nothing is committed: the next start reads it whole again, and compaction keeps it small.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, *, client: dict[str, Any]) -> None:
+        self.bootstrap, self.topic, self.client = bootstrap, topic, client
+        self._consumer: KafkaConsumer | None = None
+
+    def ensure(self, replication: int = -1) -> int:
+        """Create the topic (one partition, compacted) or check its cleanup policy; return its partitions."""
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, **self.client)
+        try:
+            found = {t["name"]: t for t in admin.describe_topics([self.topic])}.get(self.topic)
+            if found is None or found.get("error_code"):
+                log.info("creating control topic %s: 1 partition, cleanup.policy=compact", self.topic)
+                admin.create_topics({self.topic: {"num_partitions": 1, "replication_factor": replication,
+                                                  "configs": {"cleanup.policy": "compact"}}},
+                                    raise_errors=False, wait_for_metadata=True)
+                found = {t["name"]: t for t in admin.describe_topics([self.topic])}.get(self.topic)
+            if found is None or found.get("error_code"):
+                raise ControlTopicError(f"control topic {self.topic} does not exist and could not be created "
+                                        "(create it: 1 partition, cleanup.policy=compact; or set control.topic)")
+            configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, self.topic, None)],
+                                             config_filter="all")
+            policy = configs.get("topic", {}).get(self.topic, {}).get("cleanup.policy", {}).get("value", "")
+        finally:
+            admin.close()
+        if "compact" not in policy.split(","):
+            raise ControlTopicError(f"control topic {self.topic} has cleanup.policy={policy or '?'}; it must be "
+                                    f"compact, or operators' mutes are deleted with old segments "
+                                    f"(kafka-configs --alter --add-config cleanup.policy=compact, or set "
+                                    f"control.topic to a new name)")
+        return len(found["partitions"])
+
+    def open(self, partitions: int, timeout_s: float) -> tuple[list[Record], bool]:
+        """Start reading every partition (as `ensure` counted them) from the beginning; return what is there now.
+
+        The flag is False when the end was not reached within `timeout_s` (the rest comes with poll_batch).
+        """
+        if self._consumer is None:
+            self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                                           auto_offset_reset="earliest", isolation_level="read_committed",
+                                           key_deserializer=None, value_deserializer=None, **self.client)
+        consumer = self._consumer
+        tps = [TopicPartition(self.topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        if tps:
+            consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps) if tps else {}
+        out: list[Record] = []
+        deadline = time.monotonic() + timeout_s
+        todo = {tp for tp in tps if ends[tp] > 0}
+        while todo and time.monotonic() < deadline:
+            out += self.poll_batch(0.2)
+            todo = {tp for tp in todo if consumer.position(tp) < ends[tp]}
+        return out, not todo
+
+    def poll_batch(self, timeout_s: float) -> list[Record]:
+        """Commands that arrived since the last call (0: do not wait), oldest first per partition."""
+        if self._consumer is None:
+            return []
+        got = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
+        return [Record(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp)
+                for tp in sorted(got, key=lambda tp: tp.partition) for m in got[tp]]
+
+    def send(self, key: bytes, value: bytes, timeout_s: float = 30.0) -> tuple[int, int]:
+        """Write one command (acks=all) and wait for it; return its partition and offset."""
+        producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
+                                 **self.client)
+        try:
+            meta = producer.send(self.topic, key=key, value=value).get(timeout=timeout_s)
+        finally:
+            producer.close(timeout=5)
+        return meta.partition, meta.offset
+
+    def commit(self, offsets: Offsets) -> None:
+        """Nothing to commit: every start reads the whole topic again."""
+
+    def close(self) -> None:
+        """Stop reading."""
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)
+            self._consumer = None

@@ -1,4 +1,4 @@
-"""The `detector` command: demo, train, evaluate, run, check-config and simulate."""
+"""The `detector` command: demo, train, evaluate, run, control, check-config and simulate."""
 
 from __future__ import annotations
 
@@ -143,6 +143,57 @@ def _check_config(args: argparse.Namespace) -> int:
             print(f"{args.config}: topic(s) not found on {cfg.kafka.bootstrap_servers}: {', '.join(missing)}")
             return 1
         print(f"{cfg.kafka.bootstrap_servers}: reachable; topics present")
+    return 0
+
+
+def _control(args: argparse.Namespace) -> int:
+    import getpass
+    import socket
+    import time
+
+    from kafka.errors import KafkaError
+
+    from consumers.kafka import ControlTopic, ControlTopicError
+    from detector.config import load_config
+    from detector.control import Command, encode_command, parse_until
+    from detector.daemon import kafka_client_settings
+
+    cfg = load_config(args.config)
+    if not cfg.control.enabled:
+        print(f"error: {args.config}: control.enabled is false: the daemons read no control topic", file=sys.stderr)
+        return 2
+    now = time.time()
+    until = None
+    if args.until is not None:
+        if args.action != "mute":
+            print(f"error: --until is for mute only, not {args.action}", file=sys.stderr)
+            return 2
+        try:
+            until = parse_until(args.until, now)
+        except ValueError as exc:
+            print(f"error: --until: {exc}", file=sys.stderr)
+            return 2
+        if until <= now:
+            print(f"error: --until {args.until!r} is in the past", file=sys.stderr)
+            return 2
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no user name in this environment
+        user = "unknown"
+    by = args.by or f"{user}@{socket.gethostname()}"
+    key, value = encode_command(Command(args.action, args.streams, until, args.reason, by))
+    topic = ControlTopic(cfg.kafka.bootstrap_servers, cfg.control_topic(), client=kafka_client_settings(cfg))
+    try:
+        topic.ensure(cfg.control.replication)
+        partition, offset = topic.send(key, value)
+    except ControlTopicError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KafkaError as exc:
+        print(f"error: {args.config}: kafka.bootstrap_servers: cannot write to {cfg.control_topic()} at "
+              f"{cfg.kafka.bootstrap_servers} ({type(exc).__name__})", file=sys.stderr)
+        return 1
+    print(f"sent to {cfg.control_topic()}[{partition}]@{offset}: key={key.decode()} {value.decode()}")
     return 0
 
 
@@ -294,6 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--truth", help="write the injected faults here, one JSON object a line")
     m.add_argument("--seed", type=int, default=7, help="the fleet's seed (the demo's default is 7)")
     m.set_defaults(func=_simulate)
+
+    k = sub.add_parser("control", help="mute, unmute or acknowledge streams on the running daemons (control topic)")
+    k.add_argument("action", choices=["mute", "unmute", "ack"],
+                   help="mute: no anomaly alerts (open ones are cleared); unmute: alerts again; ack: acknowledge "
+                   "the open alert of each matching stream (no escalation is announced after it)")
+    k.add_argument("streams", help="a stream id or a glob on it, e.g. pump-17 or 'pump-0*'")
+    k.add_argument("--until", help="mute: until this time (RFC 3339, epoch seconds, or a duration from now such "
+                   "as 30m, 2h, 1d); default: until unmuted")
+    k.add_argument("--reason", default="", help="why, carried in the command and the alert it produces")
+    k.add_argument("--by", help="who (default: user@host)")
+    k.add_argument("--config", default="config.yaml")
+    k.set_defaults(func=_control)
 
     c = sub.add_parser("check-config", help="validate a config file and print every error")
     c.add_argument("config", nargs="?", default="config.yaml")

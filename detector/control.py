@@ -23,7 +23,7 @@ import numpy as np
 import orjson
 
 __all__ = ["ACTIONS", "Command", "BadCommand", "Mutes", "parse_command", "encode_command", "command_key",
-           "parse_until"]
+           "deleted", "parse_until"]
 
 ACTIONS = ("mute", "unmute", "ack")
 _FIELDS = {"action", "streams", "until", "reason", "by"}
@@ -84,7 +84,7 @@ def parse_until(value: object, now: float | None = None) -> float:
 
 
 def parse_command(value: bytes | None, at: float) -> Command | None:
-    """The command in a control record's value (None for a tombstone); BadCommand when it is not one.
+    """The command in a control record's value (None for a tombstone: see `deleted`); BadCommand if not one.
 
     >>> parse_command(b'{"action": "mute", "streams": "pump-*", "by": "ann"}', at=5.0)
     Command(action='mute', streams='pump-*', until=None, reason='', by='ann', at=5.0)
@@ -120,6 +120,16 @@ def parse_command(value: bytes | None, at: float) -> Command | None:
         if not isinstance(v, str) or len(v) > _MAX_TEXT:
             raise BadCommand("control_bad_field", f"{name} must be text of at most {_MAX_TEXT} characters")
     return Command(action, streams, until, doc.get("reason", ""), doc.get("by", ""), at)
+
+
+def deleted(key: bytes | None) -> tuple[str, str] | None:
+    """What a tombstone with this key deletes: ("mute", glob) or ("ack", glob); None for another key.
+
+    >>> deleted(b"mute:pump-*"), deleted(b"ack:pump-1"), deleted(b"pump-1")
+    (('mute', 'pump-*'), ('ack', 'pump-1'), None)
+    """
+    kind, sep, glob = (key or b"").decode(errors="replace").partition(":")
+    return (kind, glob) if sep and kind in ("mute", "ack") and glob else None
 
 
 def command_key(action: str, streams: str) -> bytes:
@@ -180,6 +190,15 @@ class Mutes:
         self._order[j] = self._tick
         self._mute[j] = cmd.action == "mute"
         self._until[j] = np.inf if cmd.until is None else cmd.until
+
+    def forget(self, glob: str) -> None:
+        """Drop the rule of this glob (its key was deleted from the topic), as if it had never been set."""
+        if glob not in self.rules:
+            return
+        j = list(self.rules).index(glob)
+        del self.rules[glob]
+        self._member = np.delete(self._member, j, axis=1)
+        self._order, self._mute, self._until = (np.delete(a, j) for a in (self._order, self._mute, self._until))
 
     def _members(self, rows: np.ndarray) -> np.ndarray:
         need = int(rows.max()) + 1 if len(rows) else 0

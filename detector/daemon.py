@@ -39,15 +39,16 @@ import orjson
 from kafka.errors import KafkaError, SaslAuthenticationFailedError
 
 from consumers.base import Offsets, RebalanceError, Record, Sink, SinkError, SinkFenced, SinkTimeout, Source
-from consumers.kafka import KafkaSink, KafkaSource, StateTopic, StateTopicError
+from consumers.kafka import ControlTopic, ControlTopicError, KafkaSink, KafkaSource, StateTopic, StateTopicError
 from detector.artifact import check_features, load_artifact
 from detector.checkpoint import restore, snapshot
 from detector.config import Config, config_hash, load_config
+from detector.control import BadCommand, deleted, parse_command
 from detector.engine import pick_device
 from detector.errors import ConfigError, DetectorError
 from detector.logs import OncePerKind
 from detector.metrics import HealthServer, Metrics
-from detector.pipeline import BatchOutput, Pipeline, encode_alert
+from detector.pipeline import BatchOutput, Pipeline, encode_alert, iso
 
 __all__ = ["Daemon", "kafka_client_settings", "run_daemon"]
 
@@ -88,11 +89,13 @@ class Daemon:
     """Runs batches from a source through the pipeline into sinks until stopped."""
 
     def __init__(self, cfg: Config, pipeline: Pipeline, metrics: Metrics | None = None,
-                 state: StateTopic | None = None) -> None:
+                 state: StateTopic | None = None, control: Source | None = None) -> None:
         self.cfg = cfg
         self.pipeline = pipeline
         self.metrics = metrics or Metrics()
         self.state = state
+        self.control = control  # operators' commands (ControlTopic), applied between batches
+        self._control_restore = -math.inf  # the restore whose episodes the acks seen so far have reached
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
         self.ready = threading.Event()
@@ -310,6 +313,84 @@ class Daemon:
                 m.latency.observe(max(now_ms - r.timestamp_ms, 0) / 1000)
         m.step_seconds.observe(time.monotonic() - t0)
 
+    def apply_control(self, records: list[Record], sink: Sink, history: bool = False) -> None:
+        """Apply operators' commands from the control topic and publish the `acknowledged` records they produce.
+
+        A malformed command is counted, logged once per reason and (unless `history`: read at start-up, so
+        already reported when it arrived) sent to the dead-letter topic like bad input.
+        """
+        for rec in records:
+            at = rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else time.time()
+            try:
+                cmd = parse_command(rec.value, at)
+            except BadCommand as exc:
+                self.metrics.control_commands.labels("invalid").inc()
+                if self._once.first(exc.reason):
+                    log.warning("rejected control command %s[%d]@%d: %s (%s); further '%s' commands are only counted",
+                                rec.topic, rec.partition, rec.offset, exc.reason, exc.detail, exc.reason,
+                                extra={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
+                                       "reason": exc.reason})
+                if not history:
+                    self._publish_control(sink, [], (rec, exc))
+                continue
+            if cmd is None:  # a tombstone: an operator deleted the key, and a restart would not see it
+                gone = deleted(rec.key)
+                if gone is not None:
+                    self.pipeline.forget(*gone)
+                continue
+            self.metrics.control_commands.labels(cmd.action).inc()
+            out, matched = self.pipeline.command(cmd, {"topic": rec.topic, "partition": rec.partition,
+                                                       "offset": rec.offset})
+            if history:
+                continue
+            if cmd.action == "ack":
+                log.info("control: ack %s by %s (%s): %s", cmd.streams, cmd.by or "?", cmd.reason or "no reason",
+                         f"{len(out)} open episodes acknowledged" if out else
+                         "no open episode among the streams held here; ignored")
+            else:
+                log.info("control: %s %s by %s (%s)%s: %d streams held here match", cmd.action, cmd.streams,
+                         cmd.by or "?", cmd.reason or "no reason",
+                         f" until {iso(cmd.until)}" if cmd.until is not None else "", matched)
+            self._publish_control(sink, out, None)
+
+    def _publish_control(self, sink: Sink, alerts: list[dict[str, Any]], bad: tuple[Record, BadCommand] | None) -> None:
+        """Send acknowledgements, or a bad command to the dead-letter topic (exactly_once: in the open transaction)."""
+        if not alerts and bad is None:
+            return
+        if self.exactly_once and not self._in_txn:
+            sink.begin()
+            self._in_txn = True
+        for alert in alerts:
+            sink.send(self.cfg.output.alerts_topic, *encode_alert(alert))
+            self.metrics.alerts.labels(alert["kind"], alert["state"]).inc()
+            log.info("alert acknowledged %s stream=%s by=%s", alert["alert_id"], alert["stream"], alert["by"],
+                     extra={"stream": alert["stream"]})
+        if bad is not None:
+            rec, exc = bad
+            sink.send(self.cfg.output.dead_letter_topic, rec.key, rec.value or b"", [
+                ("reason", exc.reason.encode()), ("detail", exc.detail.encode()[:1000]),
+                ("source", f"{rec.topic}[{rec.partition}]@{rec.offset}".encode())])
+            self.metrics.rejects.labels(exc.reason).inc()
+        if not self.exactly_once:
+            self._flush(sink)  # rare, and tied to no input offset: made durable now, not at the next commit
+
+    def _follow_control(self, sink: Sink) -> None:
+        """Between batches: acks seen before reach restored episodes; apply new commands; count muted streams."""
+        if self.control is None:
+            return
+        if self._control_restore != self._rewound_at:  # a restore since the last turn
+            self._control_restore = self._rewound_at
+            self._publish_control(sink, self.pipeline.reapply_acks(), None)
+        try:
+            records = self.control.poll_batch(0)
+        except KafkaError as exc:
+            if self._once.first("control_unreadable"):
+                log.warning("cannot read the control topic (%s); retrying between batches", exc)
+            return
+        if records:
+            self.apply_control(records, sink)
+        self.metrics.muted_streams.set(self.pipeline.mutes.count(time.time()))
+
     def reload(self, path: str | Path) -> bool:
         """Load the config file again and apply its live sections; an invalid file changes nothing."""
         try:
@@ -349,6 +430,7 @@ class Daemon:
         while not self.stop_event.is_set():
             self.beat = time.monotonic()
             self._maybe_reload()
+            self._follow_control(sink)
             records = source.poll_batch(timeout)
             try:
                 if self.sync(source, sink):
@@ -474,6 +556,32 @@ def _ensure_state_topic(cfg: Config, state: StateTopic, stop: threading.Event) -
     return False
 
 
+def _start_control(cfg: Config, daemon: Daemon, control: ControlTopic, sink: Sink) -> bool:
+    """Create or check the control topic and apply what it holds; wait (with backoff) while Kafka is away."""
+    delay = 1.0
+    while not daemon.stop_event.is_set():
+        try:
+            n = control.ensure(cfg.control.replication)
+            history, complete = control.open(n, cfg.delivery.restore_timeout_s)
+            break
+        except ControlTopicError as exc:
+            log.error("cannot use the control topic %s: %s", control.topic, exc)
+            return False
+        except KafkaError as exc:
+            log.warning("cannot read the control topic %s (%s); retrying in %.0f s", control.topic,
+                        type(exc).__name__, delay)
+        daemon.stop_event.wait(delay)
+        delay = min(delay * 2, cfg.kafka.connect_retry_max_s)
+    else:
+        return False
+    daemon.apply_control(history, sink, history=True)
+    mutes = daemon.pipeline.mutes
+    log.info("control topic %s: %d commands read%s, %d muted globs; following it", control.topic, len(history),
+             "" if complete else f" (not to its end within {cfg.delivery.restore_timeout_s:g} s: the rest follows)",
+             sum(c.action == "mute" for c in mutes.rules.values()))
+    return True
+
+
 def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: str | Path | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT (or `stop` is set); return the process exit code.
 
@@ -487,7 +595,9 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
              artifact.manifest.window, artifact.manifest.hop, config_hash(cfg))
     log.info("effective config: %s", cfg.masked())
     state = StateTopic(cfg.kafka.bootstrap_servers, cfg.state_topic(), client=kafka_client_settings(cfg))
-    daemon = Daemon(cfg, Pipeline(cfg, artifact, str(device)), state=state)
+    control = ControlTopic(cfg.kafka.bootstrap_servers, cfg.control_topic(), client=kafka_client_settings(cfg)) \
+        if cfg.control.enabled else None
+    daemon = Daemon(cfg, Pipeline(cfg, artifact, str(device)), state=state, control=control)
     daemon.metrics.ready.set_function(lambda: float(daemon.is_ready()))
     if config_path is not None:
         daemon.watch(config_path)
@@ -514,6 +624,10 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
         stack.callback(daemon.ready.clear)
         if not _ensure_state_topic(cfg, state, daemon.stop_event):
             return 2 if not daemon.stop_event.is_set() else 0
+        if control is not None:
+            stack.callback(control.close)
+            if not _start_control(cfg, daemon, control, sink):
+                return 2 if not daemon.stop_event.is_set() else 0
         try:
             fenced_at = -math.inf
             while True:

@@ -53,6 +53,11 @@ class Metrics:
                                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120), registry=r)
         self.restored_streams = Counter("detector_restored_streams_total", "Streams restored from checkpoints",
                                         registry=r)
+        self.control_commands = Counter("detector_control_commands_total",
+                                        "Operators' commands read from the control topic (mute, unmute, ack, invalid)",
+                                        ["action"], registry=r)
+        self.muted_streams = Gauge("detector_muted_streams", "Streams held here that an operator has muted now",
+                                   registry=r)
         self.rewinds = Counter("detector_rewinds_total", "Returns to the last commit (rebalance or failed commit)",
                                ["reason"], registry=r)
 

@@ -293,6 +293,13 @@ class Pipeline(RowState):
         rows = self._open_matching(cmd.streams)
         return self._acknowledge(rows, cmd, source, None), len(self.mutes.matching(cmd.streams))
 
+    def forget(self, kind: str, glob: str) -> None:
+        """Drop the mute or unmute ("mute") or the ack ("ack") of this glob: its key was deleted from the topic."""
+        if kind == "ack":
+            self.acks.pop(glob, None)
+        else:
+            self.mutes.forget(glob)
+
     def reapply_acks(self) -> list[dict[str, Any]]:
         """After a restore: acknowledge again the restored episodes that an ack seen earlier covers.
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import orjson
 import pytest
 
 from consumers.base import Record
+from consumers.memory import IterSource, ListSink
 from detector.alert import AlertMachine
 from detector.config import AlertConfig, parse_config
 from detector.control import BadCommand, Command, Mutes, encode_command, parse_command, parse_until
+from detector.daemon import Daemon
 from detector.pipeline import Pipeline
 from tests.helpers import FEATURES, random_artifact, sine_values
 
@@ -168,3 +172,55 @@ def test_mutes_and_acks_survive_a_reload(pipe: Pipeline) -> None:
     assert changes == ["control (takes effect after a restart)", "alerts"]
     assert pipe.alerts.acked[1] == 1 and pipe.mutes.muted(np.arange(3), NOW).tolist() == [False, False, True]
     assert anomalies(pipe.process(readings(150, 300), NOW)) == []
+
+
+def control_record(offset: int, value: bytes, ts_ms: int = int(NOW * 1000)) -> Record:
+    return Record("ctl", 0, offset, b"k", value, ts_ms)
+
+
+def test_the_daemon_applies_commands_between_batches_and_sends_bad_ones_to_the_dead_letter_topic(
+        caplog: pytest.LogCaptureFixture) -> None:
+    cfg = parse_config(RULES)
+    control = IterSource([control_record(0, b'{"action": "mute", "streams": "m2", "by": "ann"}'),  # at start-up
+                          control_record(1, b'{"action": "mute", "streams": "m2"')], batch_size=2)
+    daemon = Daemon(cfg, Pipeline(cfg, random_artifact()), control=control)
+    src, sink = IterSource(readings(0, 150), batch_size=10_000), ListSink()
+    history = control.poll_batch(0)
+    daemon.apply_control(history, sink, history=True)
+    assert sink.pending == [], "a bad command read at start-up was reported when it arrived"
+    assert list(daemon.pipeline.mutes.rules) == ["m2"]
+    control = IterSource([control_record(2, b'{"action": "ack", "streams": "m1", "by": "bob"}'),
+                          control_record(3, b'{"action": "mute", "streams": "m2", "util": 1}'),
+                          control_record(4, b'{"action": "mute", "streams": "m2", "util": 2}')])
+    daemon.control = control
+    daemon.process(src.poll_batch(0), src, sink)
+    caplog.set_level(logging.INFO, logger="detector.daemon")
+    daemon._follow_control(sink)
+    daemon.commit(src, sink)
+    acks = [orjson.loads(r.value) for r in sink.on(cfg.output.alerts_topic)]
+    assert [(a["stream"], a["by"]) for a in acks if a["state"] == "acknowledged"] == [("m1", "bob")]
+    dead = sink.on(cfg.output.dead_letter_topic)
+    assert [dict(r.headers)["reason"] for r in dead] == [b"control_unknown_field"] * 2
+    assert dict(dead[0].headers)["source"] == b"ctl[0]@3"
+    assert dead[0].value == b'{"action": "mute", "streams": "m2", "util": 1}', "the original bytes"
+    assert caplog.text.count("rejected control command ctl[0]@3: control_unknown_field") == 1
+    assert "rejected control command ctl[0]@4" not in caplog.text, "logged once per kind"
+    assert "control: ack m1 by bob (no reason): 1 open episodes acknowledged" in caplog.text
+    metrics = daemon.metrics.render().decode()
+    assert 'detector_control_commands_total{action="invalid"} 3.0' in metrics
+    assert 'detector_control_commands_total{action="ack"} 1.0' in metrics
+    assert 'detector_muted_streams 1.0' in metrics
+    daemon.apply_control([Record("ctl", 0, 5, b"mute:m2", None, 0)], sink)  # a tombstone
+    assert daemon.pipeline.mutes.rules == {} and sink.pending == []
+
+
+def test_a_deleted_key_forgets_its_command() -> None:
+    m = Mutes(["pump-1", "pump-2"])
+    m.apply(Command("mute", "pump-*"))
+    m.apply(Command("unmute", "pump-1"))
+    m.apply(Command("mute", "pump-2", until=NOW + 5))
+    m.forget("pump-1")  # a tombstone under mute:pump-1
+    assert m.muted(np.arange(2), NOW).tolist() == [True, True] and list(m.rules) == ["pump-*", "pump-2"]
+    m.forget("pump-*")
+    m.forget("nothing")
+    assert m.muted(np.arange(2), NOW).tolist() == [False, True]

@@ -1,0 +1,132 @@
+"""Operators' commands through a real Kafka broker: `detector control` mute, unmute and ack reach the daemon."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+from kafka import KafkaProducer
+
+from tests.helpers import FEATURES, sine_values
+from tests.kafka_broker import delete_topics, free_ports
+from tests.test_daemon_kafka import committed, drain, end_offsets, model_dir, start_daemon, write_config
+from tests.test_pipeline import T0
+
+pytestmark = pytest.mark.kafka
+__all__ = ["model_dir"]  # the trained model fixture, shared with test_daemon_kafka
+
+STREAMS = 4
+
+
+def produce(bootstrap: str, topic: str, t0: int, t1: int) -> None:
+    """Readings t0..t1 of m0..m3; m1's pressure is shifted by 2.5 from t=100 and by 10 from t=200 on."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5)
+    for t in range(t0, t1):
+        for s in range(STREAMS):
+            v = sine_values(600, seed=500 + s, phase=3 * s)[t].astype(float)
+            if s == 1:
+                v[2] += 10.0 if t >= 200 else 2.5 if t >= 100 else 0.0
+            body = {"stream": f"m{s}", "ts": T0 + 60 * t, "values": dict(zip(FEATURES, v.tolist(), strict=True))}
+            producer.send(topic, key=f"m{s}".encode(), value=orjson.dumps(body))
+    producer.flush()
+    producer.close()
+
+
+def wait_for(what: str, check: object, proc: subprocess.Popen, log: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-5000:]}")
+
+
+def control(cfg: Path, *args: str) -> str:
+    """Run `detector control ...`; return what it printed."""
+    proc = subprocess.run([sys.executable, "-m", "detector", "control", *args, "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_operators_mute_unmute_and_ack_a_running_daemon(kafka_bootstrap: str, topic_factory, group_id: str,
+                                                        model_dir: Path, tmp_path: Path) -> None:
+    topic, alerts, dlq = topic_factory(partitions=2), topic_factory(partitions=1), topic_factory(partitions=1)
+    port = free_ports(1)[0]
+    cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topic, alerts, dlq, group_id, model_dir, port)
+    log = tmp_path / "daemon.log"
+    produce(kafka_bootstrap, topic, 0, 150)  # m1 raises a warning
+    proc = start_daemon(cfg, log)
+
+    def caught_up() -> bool:
+        return committed(kafka_bootstrap, group_id, topic) == end_offsets(kafka_bootstrap, topic, 2)
+
+    try:
+        wait_for("the first readings", caught_up, proc, log, 90)
+        assert f"creating control topic {group_id}-control: 1 partition, cleanup.policy=compact" in log.read_text()
+        sent = control(cfg, "ack", "m1", "--by", "tester", "--reason", "pump crew on site")
+        assert sent.startswith(f"sent to {group_id}-control[0]@0: key=ack:m1 ")
+        wait_for("the ack", lambda: "control: ack m1 by tester" in log.read_text(), proc, log)
+        produce(kafka_bootstrap, topic, 150, 250)  # m1 reaches critical: acknowledged, so not announced
+        wait_for("the second readings", caught_up, proc, log)
+
+        control(cfg, "mute", "m1", "--until", "1h", "--by", "tester")
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        producer.send(f"{group_id}-control", key=b"mute:m3", value=b'{"action": "mute", "streams": "m3", "x": 1}')
+        producer.flush()
+        producer.close()
+        wait_for("the mute", lambda: "control: mute m1 by tester" in log.read_text(), proc, log)
+        wait_for("the bad command", lambda: "rejected control command" in log.read_text(), proc, log)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "detector_muted_streams 1.0" in metrics, "m1 is muted"
+        produce(kafka_bootstrap, topic, 250, 350)  # m1 still critical, muted: its episode is cleared, then silence
+        wait_for("the muted readings", caught_up, proc, log)
+
+        control(cfg, "unmute", "m*")
+        wait_for("the unmute", lambda: "control: unmute m* by" in log.read_text(), proc, log)
+        produce(kafka_bootstrap, topic, 350, 420)  # alerts come back
+        wait_for("the last readings", caught_up, proc, log)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        for action, n in (("ack", 1), ("mute", 1), ("unmute", 1), ("invalid", 1)):
+            assert f'detector_control_commands_total{{action="{action}"}} {n}.0' in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+        delete_topics(kafka_bootstrap, [f"{group_id}-control"])
+    text = log.read_text()
+    assert rc == 0 and "Traceback" not in text, text
+
+    records = [orjson.loads(m.value) for m in drain(kafka_bootstrap, alerts, 4)]
+    m1 = [a for a in records if a["stream"] == "m1" and a["kind"] == "anomaly"]
+    assert [(a["state"], a.get("reason")) for a in m1] == [
+        ("raised", None), ("acknowledged", "pump crew on site"), ("cleared", "muted"), ("raised", None)], m1
+    first, ack, clear, again = m1
+    assert ack["alert_id"] == first["alert_id"] == clear["alert_id"] != again["alert_id"]
+    assert ack["by"] == "tester" and clear["severity"] == "critical", "it escalated, silently"
+    assert again["severity"] == "critical"
+    dead = drain(kafka_bootstrap, dlq, 1)
+    assert [(dict(m.headers)["reason"], m.value) for m in dead] == [
+        (b"control_unknown_field", b'{"action": "mute", "streams": "m3", "x": 1}')]
+
+
+def test_a_control_topic_that_is_not_compacted_is_refused(kafka_bootstrap: str, topic_factory, group_id: str,
+                                                          model_dir: Path, tmp_path: Path) -> None:
+    topic, alerts, dlq = topic_factory(partitions=1), topic_factory(partitions=1), topic_factory(partitions=1)
+    wrong = topic_factory(partitions=1)  # cleanup.policy=delete
+    cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topic, alerts, dlq, group_id, model_dir,
+                       free_ports(1)[0], extra=f"control: {{topic: {wrong}}}")
+    log = tmp_path / "daemon.log"
+    proc = start_daemon(cfg, log)
+    assert proc.wait(timeout=90) == 2, log.read_text()
+    lines = [x for x in log.read_text().splitlines() if "cannot use the control topic" in x]
+    assert len(lines) == 1 and "has cleanup.policy=delete; it must be compact" in lines[0], log.read_text()
+    cli = subprocess.run([sys.executable, "-m", "detector", "control", "mute", "m1", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 2 and "it must be compact" in cli.stderr and cli.stdout == ""

@@ -22,6 +22,8 @@ from fnmatch import fnmatchcase, translate
 import numpy as np
 import orjson
 
+from detector.rows import grown, step
+
 __all__ = ["ACTIONS", "Command", "BadCommand", "Mutes", "parse_command", "encode_command", "command_key",
            "deleted", "parse_until"]
 
@@ -170,8 +172,8 @@ class Mutes:
         self._order = np.zeros(0, np.int64)  # per rule (column): when it was last set, newest highest
         self._mute = np.zeros(0, bool)
         self._until = np.zeros(0)
-        self._member = np.zeros((0, 0), bool)
-        self._known = 0
+        self._member = np.zeros((0, 0), bool)  # (capacity, rules): does row r's stream match rule j
+        self._known = 0  # rows whose matches are computed
         self._tick = 0
 
     def apply(self, cmd: Command) -> None:
@@ -182,8 +184,10 @@ class Mutes:
         else:
             j = len(self.rules)
             match = re.compile(translate(cmd.streams)).match
-            column = np.fromiter((match(n) is not None for n in self.names[: self._known]), bool, self._known)
-            self._member = np.concatenate([self._member, column[:, None]], axis=1)
+            column = np.zeros((len(self._member), 1), bool)
+            column[: self._known, 0] = np.fromiter((match(n) is not None for n in self.names[: self._known]), bool,
+                                                   self._known)
+            self._member = np.concatenate([self._member, column], axis=1)
             self._order, self._mute, self._until = (np.concatenate([a, np.zeros(1, a.dtype)])
                                                     for a in (self._order, self._mute, self._until))
         self.rules[cmd.streams] = cmd
@@ -206,7 +210,9 @@ class Mutes:
             globs = list(self.rules)
             new = np.array([[fnmatchcase(self.names[r], g) for g in globs] for r in range(self._known, need)],
                            bool).reshape(-1, len(globs))
-            self._member = np.concatenate([self._member, new])
+            if need > len(self._member):  # grown by a quarter at a time, not copied for every new stream
+                self._member = grown(self._member, max(need, step(len(self._member))), False)
+            self._member[self._known : need] = new
             self._known = need
         return self._member[rows]
 

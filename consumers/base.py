@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["Record", "Source", "Sink", "SinkError", "SinkTimeout", "SinkFenced", "RebalanceError", "Offsets"]
@@ -77,6 +78,9 @@ class Source(ABC):
     def group_metadata(self) -> object:
         """What a transactional commit of this source's offsets needs to name its consumer group."""
         return None
+
+    def on_revoke(self, handover: Callable[[set[tuple[str, int]]], None] | None) -> None:  # noqa: B027
+        """Call `handover(partitions)` before partitions are taken away, while they may still be committed."""
 
 
 class Sink(ABC):

@@ -5,8 +5,10 @@ Every setting that matters is set here explicitly, since kafka-python's defaults
 off (offsets are committed only after the work they cover is durable), acks=all with idempotence,
 read_committed, and the offset reset policy from the configuration.
 
-kafka-python runs rebalance listeners on its own I/O loop, where a blocking commit would stall the group, so
-the listener here only counts generations; the daemon notices the change after a poll and rewinds (see
+kafka-python runs rebalance listeners on its own I/O loop, where a blocking call would stall the group. The
+listener here is the async kind: on revocation it runs the daemon's hand-over (checkpoint, flush, commit) on a
+worker thread and waits for it without blocking the loop, so heartbeats go on and the commit itself can use
+the loop. Then it counts the generation; the daemon notices the change after the poll and rewinds (see
 detector/daemon.py).
 """
 
@@ -20,7 +22,7 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
@@ -44,31 +46,55 @@ _FENCED = (ProducerFencedError, InvalidProducerEpochError)
 log = logging.getLogger(__name__)
 
 
-class RebalanceEvents(ConsumerRebalanceListener):
-    """Records assignment changes; kafka-python calls it on its own thread, so it only records."""
+class RebalanceEvents(AsyncConsumerRebalanceListener):
+    """Records assignment changes, and hands revoked partitions over first (see `handover`).
 
-    def __init__(self) -> None:
+    kafka-python awaits these methods on its I/O thread, while the daemon's thread waits in poll().
+    """
+
+    def __init__(self, sleep: Callable[[float], Any] | None = None, handover_timeout_s: float = 35.0) -> None:
         self._lock = threading.Lock()
         self.assigned: set[tuple[str, int]] = set()
         self.generation = 0
+        self.handover: Callable[[set[tuple[str, int]]], None] | None = None  # set by the daemon
+        self.sleep = sleep  # an awaitable sleep on kafka-python's I/O loop
+        self.handover_timeout_s = handover_timeout_s
 
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        """Forget revoked partitions."""
-        with self._lock:
-            self.assigned -= {(tp.topic, tp.partition) for tp in revoked}
-            self.generation += 1
-        log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        """Hand the revoked partitions over (checkpoint and commit), then forget them."""
+        parts = {(tp.topic, tp.partition) for tp in revoked}
+        if parts and self.handover is not None and self.sleep is not None:
+            await self._off_loop(self.handover, parts)
+        self._forget(parts, "revoked")
 
-    def on_partitions_lost(self, lost: Any) -> None:
-        """Forget partitions taken away without a revocation (this member was evicted)."""
-        self.on_partitions_revoked(lost)
+    async def on_partitions_lost(self, lost: Any) -> None:
+        """Forget partitions taken away without a revocation (this member was evicted): nothing may commit."""
+        self._forget({(tp.topic, tp.partition) for tp in lost}, "lost")
 
-    def on_partitions_assigned(self, assigned: Any) -> None:
+    async def on_partitions_assigned(self, assigned: Any) -> None:
         """Remember newly assigned partitions."""
         with self._lock:
             self.assigned |= {(tp.topic, tp.partition) for tp in assigned}
             self.generation += 1
         log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+    def _forget(self, parts: set[tuple[str, int]], how: str) -> None:
+        with self._lock:
+            self.assigned -= parts
+            self.generation += 1
+        log.info("partitions %s: %s", how, sorted(f"{t}[{p}]" for t, p in parts))
+
+    async def _off_loop(self, work: Callable[[set[tuple[str, int]]], None], parts: set[tuple[str, int]]) -> None:
+        """Run `work(parts)` on a worker thread; wait for it (at most handover_timeout_s) without blocking the loop."""
+        assert self.sleep is not None
+        worker = threading.Thread(target=work, args=(parts,), name="detector-handover", daemon=True)
+        worker.start()
+        deadline = time.monotonic() + self.handover_timeout_s
+        while worker.is_alive() and time.monotonic() < deadline:
+            await self.sleep(0.02)
+        if worker.is_alive():
+            log.warning("hand-over of %d partitions still running after %.0f s; rebalancing without waiting (the "
+                        "next owner reads from the last commit)", len(parts), self.handover_timeout_s)
 
 
 class KafkaSource(Source):
@@ -77,7 +103,8 @@ class KafkaSource(Source):
     def __init__(self, bootstrap: str, topics: list[str], group_id: str, *, client: dict[str, Any],
                  auto_offset_reset: str = "earliest", max_poll_records: int = 5000,
                  session_timeout_ms: int = 10000) -> None:
-        self.events = RebalanceEvents()
+        # the hand-over waits for a commit, which may take a request timeout plus a retry
+        self.events = RebalanceEvents(handover_timeout_s=client.get("request_timeout_ms", 30000) / 1000 + 5)
         self._reset = auto_offset_reset
         self._session_timeout_s = session_timeout_ms / 1000
         self._consumer = KafkaConsumer(
@@ -93,6 +120,7 @@ class KafkaSource(Source):
             value_deserializer=None,
             **client,
         )
+        self.events.sleep = _loop_sleep(self._consumer)
         self._consumer.subscribe(topics=topics, listener=self.events)
 
     def poll_batch(self, timeout_s: float) -> list[Record]:
@@ -137,6 +165,10 @@ class KafkaSource(Source):
         """The member's group metadata, for a transactional offset commit (fencing per KIP-447)."""
         return self._consumer.group_metadata()
 
+    def on_revoke(self, handover: Callable[[set[tuple[str, int]]], None] | None) -> None:
+        """Call `handover(partitions)` on a worker thread before a rebalance takes them (see RebalanceEvents)."""
+        self.events.handover = handover
+
     def connected(self) -> bool:
         """Whether the group coordinator answered a heartbeat within the session timeout."""
         coord = self._consumer.metrics().get("consumer-coordinator-metrics", {})
@@ -159,6 +191,16 @@ class KafkaSource(Source):
     def close(self) -> None:
         """Leave the group and close the connection (no auto-commit: we commit ourselves)."""
         self._consumer.close(autocommit=False, timeout_ms=5000)
+
+
+def _loop_sleep(consumer: KafkaConsumer) -> Callable[[float], Any] | None:
+    """kafka-python 3.0's awaitable sleep on the consumer's I/O loop (a private attribute; None if it moved)."""
+    net = getattr(getattr(consumer, "_coordinator", None), "_net", None)
+    sleep = getattr(net, "sleep", None)
+    if sleep is None:
+        log.warning("this kafka-python has no I/O-loop sleep where 3.0 has it: revoked partitions are not handed "
+                    "over (the next owner reads from the last commit)")
+    return sleep
 
 
 def to_kafka_offsets(offsets: Offsets) -> dict[TopicPartition, OffsetAndMetadata]:

@@ -137,6 +137,14 @@ class DeliveryConfig(_Section):
             raise ValueError("state_replication is -1 (the broker's default) or at least 1")
         return v
 
+    @model_validator(mode="after")
+    def _transaction_outlives_interval(self) -> DeliveryConfig:
+        if self.guarantee == "exactly_once" and self.commit_interval_ms >= self.transaction_timeout_ms:
+            raise ValueError(f"commit_interval_ms ({self.commit_interval_ms}) must be below transaction_timeout_ms "
+                             f"({self.transaction_timeout_ms}): a transaction stays open for a commit interval, and "
+                             "the broker aborts one older than its timeout")
+        return self
+
 
 class ControlConfig(_Section):
     """The run-time control topic, where operators mute, unmute and acknowledge streams (`detector control`)."""

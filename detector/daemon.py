@@ -13,8 +13,10 @@ committed offsets (at_least_once); the pipeline skips readings its restored stat
 Partition assignment (start-up, a peer joining or leaving) is noticed after a poll: the open transaction is
 aborted, every stream's state is dropped, the state of the streams of the partitions now assigned is
 restored from the state topic, and the consumer goes back to their committed offsets. Only then is
-anything scored, and only then is /readyz true. A member thus replays at most one commit interval after a
-rebalance; kafka-python runs rebalance listeners on its I/O loop, where they may not commit.
+anything scored, and only then is /readyz true. Before partitions are revoked, the consumer's listener runs
+`handover` (on a worker thread, while this thread waits in poll): it checkpoints and commits what has been
+processed, so the next owner starts exactly where this member stopped. Where that fails (the group moved on,
+Kafka is away), the next owner replays at most one commit interval from the last commit.
 
 SIGTERM or SIGINT sets the stop flag: the batch in hand is finished and committed, the consumer leaves the
 group, and the process exits 0. A second SIGINT falls back to Python's default handler. SIGHUP, or an edit
@@ -109,6 +111,9 @@ class Daemon:
         self._in_txn = False
         self.beat = time.monotonic()  # the loop's last turn
         self._rewound_at = -math.inf
+        self._work = threading.Lock()  # held while processing or committing; a hand-over waits for it
+        self._io: tuple[Source, Sink] | None = None  # the source and sink of the running loop, for a hand-over
+        self._fenced: SinkFenced | None = None  # a hand-over found the producer fenced: the loop deals with it
         self.stall_s = max(cfg.input.session_timeout_ms / 1000, 5.0)
 
     def is_ready(self) -> bool:
@@ -248,6 +253,38 @@ class Daemon:
         self._generation = generation
         self.rewind(source, sink, "rebalance")
         return True
+
+    def handover(self, partitions: set[tuple[str, int]]) -> None:
+        """Before `partitions` are revoked: checkpoint and commit everything processed, for the next owner."""
+        io = self._io
+        if io is None:
+            return
+        if not self._work.acquire(timeout=self.stall_s):  # only a batch stuck on Kafka holds it that long
+            self.metrics.handovers.labels("busy").inc()
+            log.warning("hand-over of %d partitions skipped: a batch is still stuck on Kafka; the next owner reads "
+                        "from the last commit", len(partitions))
+            return
+        try:
+            if not self.pending and not self._in_txn:
+                self.metrics.handovers.labels("nothing_pending").inc()
+                return
+            offsets = dict(self.pending)
+            self.commit(*io)
+        except SinkFenced as exc:
+            self._fenced = exc  # raised again on the loop's thread, where a new producer replaces this one
+            self.metrics.handovers.labels("failed").inc()
+            log.warning("hand-over of %d partitions not committed (%s); the next owner reads from the last commit",
+                        len(partitions), exc)
+        except (RebalanceError, SinkError, KafkaError) as exc:
+            self.metrics.handovers.labels("failed").inc()
+            log.warning("hand-over of %d partitions not committed (%s); the next owner reads from the last commit",
+                        len(partitions), exc)
+        else:
+            self.metrics.handovers.labels("committed").inc()
+            log.info("handed over %d partitions: checkpointed and committed %s", len(partitions),
+                     ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items())))
+        finally:
+            self._work.release()
 
     def forget_transaction(self) -> None:
         """The producer of the open transaction is gone (fenced): nothing of it will commit."""
@@ -430,32 +467,49 @@ class Daemon:
     def loop(self, source: Source, sink: Sink) -> None:
         """Poll and process batches until the stop flag is set."""
         timeout = self.cfg.input.poll_timeout_ms / 1000
-        while not self.stop_event.is_set():
-            self.beat = time.monotonic()
-            self._maybe_reload()
-            self._follow_control(sink)
-            records = source.poll_batch(timeout)
-            try:
-                if self.sync(source, sink):
-                    continue  # records fetched before the rewind; they are read again
-                if records:
-                    self.process(records, source, sink)
-                else:
-                    if time.monotonic() - self._last_commit >= self.cfg.delivery.commit_interval_ms / 1000:
-                        self.commit(source, sink)
-                    self._check_contact(source)
-            except RebalanceError as exc:
-                log.warning("commit refused, the group has moved on (%s): going back to the last commit", exc)
-                self._generation = source.generation
-                self.rewind(source, sink, "commit_refused")
-            else:
-                if records or not self.pending:
-                    for (topic, p), lag in source.lag().items():
-                        self.metrics.lag.labels(topic, str(p)).set(lag)
+        self._io = (source, sink)
+        source.on_revoke(self.handover)
         try:
-            self.commit(source, sink)
+            while not self.stop_event.is_set():
+                self.beat = time.monotonic()
+                self._maybe_reload()
+                with self._work:
+                    self._follow_control(sink)
+                records = source.poll_batch(timeout)  # a revocation's hand-over runs in here
+                with self._work:
+                    self._turn(records, source, sink)
+            with self._work:
+                try:
+                    self.commit(source, sink)
+                except RebalanceError as exc:
+                    log.warning("final commit refused, the group has moved on (%s); the new owner reads it again",
+                                exc)
+        finally:
+            source.on_revoke(None)  # closing the consumer revokes too: by then everything is committed
+            self._io = None
+
+    def _turn(self, records: list[Record], source: Source, sink: Sink) -> None:
+        """One turn of the loop after a poll: rewind after a rebalance, else process (or commit when idle)."""
+        if self._fenced is not None:
+            fenced, self._fenced = self._fenced, None
+            raise fenced
+        try:
+            if self.sync(source, sink):
+                return  # records fetched before the rewind; they are read again
+            if records:
+                self.process(records, source, sink)
+            else:
+                if time.monotonic() - self._last_commit >= self.cfg.delivery.commit_interval_ms / 1000:
+                    self.commit(source, sink)
+                self._check_contact(source)
         except RebalanceError as exc:
-            log.warning("final commit refused, the group has moved on (%s); the new owner reads it again", exc)
+            log.warning("commit refused, the group has moved on (%s): going back to the last commit", exc)
+            self._generation = source.generation
+            self.rewind(source, sink, "commit_refused")
+        else:
+            if records or not self.pending:
+                for (topic, p), lag in source.lag().items():
+                    self.metrics.lag.labels(topic, str(p)).set(lag)
 
 
 class _AuthFailureWatch(logging.Handler):

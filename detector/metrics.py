@@ -60,6 +60,8 @@ class Metrics:
                                    registry=r)
         self.rewinds = Counter("detector_rewinds_total", "Returns to the last commit (rebalance or failed commit)",
                                ["reason"], registry=r)
+        self.handovers = Counter("detector_handovers_total", "Revocations: what was handed over to the next owner "
+                                 "(committed, nothing_pending, failed, busy)", ["result"], registry=r)
 
     def render(self) -> bytes:
         """The exposition text."""

@@ -71,6 +71,8 @@ def test_root_config_yaml_lists_every_key_with_its_default() -> None:
         ({"delivery": {"state_replication": 0}}, "delivery.state_replication"),
         ({"delivery": {"transactional_id": 5}}, "delivery.transactional_id: Input should be a valid string"),
         ({"delivery": {"transaction_timeout_ms": 10}}, "delivery.transaction_timeout_ms"),
+        ({"delivery": {"guarantee": "exactly_once", "commit_interval_ms": 60000, "transaction_timeout_ms": 60000}},
+         "delivery: commit_interval_ms (60000) must be below transaction_timeout_ms (60000)"),
         ({"delivery": {"restore_timeout_s": 0}}, "delivery.restore_timeout_s: Input should be greater than 0"),
         ({"control": {"enabled": "sometimes"}}, "control.enabled: Input should be a valid boolean"),
         ({"control": {"topic": "sensor-alerts"}}, "control.topic 'sensor-alerts' must differ from the input"),

@@ -187,6 +187,60 @@ def test_scale_one_to_three_to_one_loses_nothing(kafka_bootstrap: str, topic_fac
     print(f"\n{guarantee}: 1 -> 3 -> 1 members; restores of member 0 {restore_lines(text)}; {dups}")
 
 
+def metric(port: int, name: str) -> float:
+    """A metric's value (summed over its labels) from a daemon's /metrics; 0 when it does not answer."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_revoked_partitions_are_handed_over_checkpointed_and_committed(kafka_bootstrap: str, topic_factory,
+                                                                      group_id: str, model_dir: Path,  # noqa: F811
+                                                                      tmp_path: Path, guarantee: str) -> None:
+    # commits every 10 minutes: within this test only a hand-over on revocation can commit anything
+    names = topics(topic_factory)
+    configs = [write_config(tmp_path / f"c{i}.yaml", kafka_bootstrap, names, group_id, model_dir, guarantee,
+                            member=str(i)) for i in range(2)]
+    for c in configs:
+        c.write_text(c.read_text().replace("commit_interval_ms: 300", "commit_interval_ms: 600000")
+                     .replace("transaction_timeout_ms: 10000", "transaction_timeout_ms: 900000"))
+    ports = [int(re.search(r"metrics: \{port: (\d+)\}", c.read_text()).group(1)) for c in configs]  # type: ignore[union-attr]
+    items = fleet(24, 600, seed=6)
+    ref = reference(configs[0], items)
+    feeder = Feeder(kafka_bootstrap, names["input"], items, rate=50_000)
+    feeder.run()
+    assert feeder.error is None, feeder.error
+    first, second = (DaemonProc(c, tmp_path / f"daemon{i}.log") for i, c in enumerate(configs))
+
+    def alive() -> None:
+        for d in (first, second):
+            assert d.proc is None or d.alive(), d.text()
+
+    first.start()
+    wait_until(lambda: metric(ports[0], "detector_readings_total") >= len(items), 120, "the first member to score "
+               "every reading", alive)
+    assert total_committed(kafka_bootstrap, group_id, names["input"]) == 0, "nothing committed before the rebalance"
+    second.start()
+    owned = re.compile(r"rebalance: ([1-9]) partitions assigned")
+    wait_until(lambda: owned.search(second.text()) and len(owned.findall(first.text())) >= 2, 90,
+               "the second member to get partitions", alive)
+    # the first member's hand-over committed everything it had scored, before the second one restored
+    assert total_committed(kafka_bootstrap, group_id, names["input"]) == len(items), first.text()
+    assert "handed over 4 partitions: checkpointed and committed" in first.text(), first.text()
+    restored = [n for n, _ in restore_lines(second.text())]
+    assert restored and restored[-1] > 0, second.text()
+    time.sleep(2)  # the second member has nothing to read: the committed offsets are the end offsets
+    assert metric(ports[1], "detector_readings_total") == 0
+    assert [d.stop() for d in (second, first)] == [0, 0]
+    for d in (first, second):
+        assert not daemon_tracebacks(d.text()), "\n\n".join(daemon_tracebacks(d.text()))
+    dups = compare(outcome(kafka_bootstrap, names), ref, exactly_once=True, restarts=0)  # nothing scored twice
+    print(f"\n{guarantee}: hand-over committed {len(items)} readings; second member restored {restored}; {dups}")
+
+
 def malformed(items: list[tuple[bytes, bytes]], every: int = 10, seed: int = 3) -> tuple[list, collections.Counter]:
     """`items` with a malformed record after every `every` good ones (13 kinds), and the reasons expected."""
     rng = random.Random(seed)

@@ -1,8 +1,9 @@
 """Scoring throughput: the batched engine against the same model run stream by stream, side by side.
 
-    python bench/throughput.py [--streams 100 1000] [--batches 20] [--out docs/benchmarks.md]
+    python bench/throughput.py [--streams 1000 10000 100000] [--window 64 --hop 16] [--device auto]
+                               [--out docs/benchmarks.md]
 
-For each fleet size S it builds a model of the demo's shape (8 features, window 32, hop 8, hidden 48,
+For each fleet size S it builds a model of issue 6's shape (8 features, window 64, hop 16, hidden 48,
 untrained: speed does not depend on the weights), warms every stream up to a full window, then times:
 
 - engine, batched: `Engine.score_batch` over poll batches of S streams x hop readings (one model call per
@@ -13,16 +14,21 @@ untrained: speed does not depend on the weights), warms every stream up to a ful
   alert state machine): what the daemon does per poll, minus Kafka.
 
 Rates are readings per second, best of three repetitions; the ratio batched / stream by stream is measured in
-the same run. With --out the table replaces the section between the markers in that file.
+the same run. Large fleets time fewer batches (about 2 million readings per repetition at most), and the
+pipeline is timed only up to --pipeline-max streams (its JSON records of a 100,000-stream batch alone take
+gigabytes). Results go to bench/results/throughput.json (bench/results/gpu.json with --device cuda); with --out
+the table replaces the section between the markers in that file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +46,8 @@ from detector.model import LSTMAutoencoder  # noqa: E402
 from detector.pipeline import Pipeline  # noqa: E402
 from detector.train import CALIBRATION_LEVELS  # noqa: E402
 
-F, WINDOW, HOP, HIDDEN = 8, 32, 8, 48
+F, HIDDEN = 8, 48
+WINDOW, HOP = 64, 16  # set from --window and --hop
 FEATURES = [f"f{i}" for i in range(F)]
 BEGIN, END = "<!-- bench:throughput:begin -->", "<!-- bench:throughput:end -->"
 
@@ -82,8 +89,8 @@ def take(r: Readings, idx: np.ndarray) -> Readings:
     return Readings(r.streams[idx], r.ts[idx], r.values[idx], r.source[idx])
 
 
-def bench(streams: int, n_batches: int, device: torch.device) -> dict[str, float]:
-    """The three rates for one fleet size."""
+def bench(streams: int, n_batches: int, device: torch.device, with_pipeline: bool = True) -> dict[str, float | None]:
+    """The three rates for one fleet size (pipeline None when left out)."""
     art = artifact()
     warm = batches(streams, WINDOW // HOP)
     data = batches(streams, n_batches, start=1.7e9 + 60.0 * WINDOW)
@@ -121,8 +128,8 @@ def bench(streams: int, n_batches: int, device: torch.device) -> dict[str, float
         one_by_one.seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
 
     cfg = Config()
-    records = [as_records(b) for b in data]
-    warm_records = [as_records(b) for b in warm]
+    records = [as_records(b) for b in data] if with_pipeline else []
+    warm_records = [as_records(b) for b in warm] if with_pipeline else []
 
     def pipeline() -> None:
         p = Pipeline(cfg, art, str(device))
@@ -139,33 +146,47 @@ def bench(streams: int, n_batches: int, device: torch.device) -> dict[str, float
         one_by_one()
         best = min(best, one_by_one.seconds)
     rate_single = sample * n_batches * HOP / best
-    return {"batched": rate_batched, "single": rate_single, "pipeline": timed(pipeline)}
+    return {"batched": rate_batched, "single": rate_single, "pipeline": timed(pipeline) if with_pipeline else None}
 
 
 def main() -> int:
     """Run the benchmark, print the table, optionally write it into a markdown file."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--streams", type=int, nargs="+", default=[100, 1000])
-    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--streams", type=int, nargs="+", default=[1000, 10000, 100000])
+    ap.add_argument("--batches", type=int, default=20, help="poll batches per repetition (fewer for large fleets)")
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--hop", type=int, default=16)
+    ap.add_argument("--pipeline-max", type=int, default=10000, help="largest fleet whose pipeline is timed")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", help="markdown file whose throughput section is replaced by the results")
+    ap.add_argument("--results", help="JSON file for the results (default bench/results/throughput.json, or "
+                                      "gpu.json on CUDA)")
     args = ap.parse_args()
+    global WINDOW, HOP
+    WINDOW, HOP = args.window, args.hop
     device = pick_device(args.device)
     torch.set_num_threads(os.cpu_count() or 1)
-    rows = []
+    rows, results = [], []
     for s in args.streams:
-        r = bench(s, args.batches, device)
-        rows.append(f"| {s} | {r['batched']:,.0f} | {r['single']:,.0f} | {r['batched'] / r['single']:.0f}x "
-                    f"| {r['pipeline']:,.0f} |")
+        n = max(2, min(args.batches, 2_000_000 // (s * HOP)))
+        r = bench(s, n, device, with_pipeline=s <= args.pipeline_max)
+        results.append({"streams": s, "batches": n, "engine_batched_readings_per_s": round(r["batched"]),
+                        "engine_single_readings_per_s": round(r["single"]),
+                        "speedup": round(r["batched"] / r["single"], 1),
+                        "pipeline_readings_per_s": None if r["pipeline"] is None else round(r["pipeline"])})
+        pipe = "not timed" if r["pipeline"] is None else f"{r['pipeline']:,.0f}"
+        rows.append(f"| {s:,} | {r['batched']:,.0f} | {r['single']:,.0f} | {r['batched'] / r['single']:.0f}x "
+                    f"| {pipe} |")
         print(rows[-1], flush=True)
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, device {device}"
                + (f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "")
                + f"; torch {torch.__version__}, Python {platform.python_version()}")
     table = "\n".join([
         BEGIN,
-        f"Machine: {machine}. Command: `python bench/throughput.py --streams {' '.join(map(str, args.streams))} "
-        f"--batches {args.batches}`. Readings per second, best of three; model of the demo's shape (8 features, "
-        f"window {WINDOW}, hop {HOP}, hidden {HIDDEN}); each poll batch holds {HOP} readings of every stream.",
+        f"Machine: {machine}; {datetime.now(UTC):%Y-%m-%d}. Command: `python bench/throughput.py --streams "
+        f"{' '.join(map(str, args.streams))} --window {WINDOW} --hop {HOP} --device {args.device}`. Readings per "
+        f"second, best of three; untrained model of 8 features, window {WINDOW}, hop {HOP}, hidden {HIDDEN}; each "
+        f"poll batch holds {HOP} readings of every stream.",
         "",
         "| streams | engine, batched | engine, stream by stream | ratio | pipeline (decode to alerts), batched |",
         "|---|---|---|---|---|",
@@ -173,6 +194,11 @@ def main() -> int:
         END,
     ])
     print(table)
+    result = {"machine": machine, "date": datetime.now(UTC).strftime("%Y-%m-%d"), "device": str(device),
+              "model": f"{F} features, window {WINDOW}, hop {HOP}, hidden {HIDDEN}, 1 layer", "results": results}
+    name = "gpu.json" if device.type == "cuda" else "throughput.json"
+    Path(args.results or Path(__file__).resolve().parent / "results" / name).write_text(
+        json.dumps(result, indent=2) + "\n")
     if args.out:
         path = Path(args.out)
         text = path.read_text() if path.exists() else "# Benchmarks\n\n" + BEGIN + "\n" + END + "\n"

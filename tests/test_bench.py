@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,34 @@ def test_throughput_bench_writes_its_section(tmp_path: Path) -> None:
     out.write_text("# Benchmarks\n\nbefore\n<!-- bench:throughput:begin -->\nSTALE-TABLE\n"
                    "<!-- bench:throughput:end -->\nafter\n")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--streams", "3", "--batches", "2",
-                           "--device", "cpu", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--device", "cpu", "--out", str(out), "--window", "8", "--hop", "4",
+                           "--results", str(tmp_path / "t.json")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["results"][0]["streams"] == 3 and result["results"][0]["speedup"] > 0
     text = out.read_text()
     assert "STALE-TABLE" not in text and text.startswith("# Benchmarks\n\nbefore\n") and text.endswith("after\n")
     row = next(line for line in text.splitlines() if line.startswith("| 3 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 5 and all(float(c.rstrip("x").replace(",", "")) > 0 for c in cells[1:])
+
+
+def test_summary_has_every_key_issue_6_names(tmp_path: Path, monkeypatch) -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench import summary
+
+    monkeypatch.setattr(summary, "RESULTS", tmp_path)
+    m = {"machine": "box", "date": "2026-11-25"}
+    (tmp_path / "throughput.json").write_text(json.dumps({**m, "results": [{"streams": 1000, "speedup": 42.0}]}))
+    rows = [{"streams": 10000, "ratio_to_state_bytes": 4.7}, {"streams": 100000, "ratio_to_state_bytes": 1.6}]
+    (tmp_path / "memory.json").write_text(json.dumps({**m, "results": rows}))
+    (tmp_path / "ingest.json").write_text(json.dumps({**m, "ingest_ratio_vs_bare_consumer": 0.5,
+                                                      "batched_payload_readings_per_s": 1000,
+                                                      "latency": {"p99_ms": 900.0}}))
+    out = summary.summary()
+    assert {k: out[k] for k in ("engine_speedup_1k_streams", "ingest_ratio_vs_bare_consumer",
+                                "batched_payload_readings_per_s", "latency_p99_ms", "memory_ratio_to_tensor_bytes",
+                                "gpu_readings_per_s_1m_streams", "machine", "date")} == {
+        "engine_speedup_1k_streams": 42.0, "ingest_ratio_vs_bare_consumer": 0.5,
+        "batched_payload_readings_per_s": 1000, "latency_p99_ms": 900.0, "memory_ratio_to_tensor_bytes": 4.7,
+        "gpu_readings_per_s_1m_streams": None, "machine": "box", "date": "2026-11-25"}

@@ -1,0 +1,59 @@
+"""The latest figure of each issue-6 benchmark in one machine-readable file: bench/results/summary.json.
+
+    python bench/summary.py
+
+Reads what the benchmarks last wrote to bench/results/ (throughput.json, ingest.json, memory.json, gpu.json)
+and writes summary.json with the keys issue 6 names; a figure whose benchmark has not run is null.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _at(result: dict[str, Any] | None, streams: int, key: str) -> float | None:
+    """`key` of the row for `streams` streams in a result's `results` list."""
+    rows = [r for r in (result or {}).get("results", []) if r.get("streams") == streams]
+    return rows[0].get(key) if rows else None
+
+
+def summary() -> dict[str, Any]:
+    """Every figure issue 6 asks for, from the newest result files, and where each came from."""
+    throughput, ingest, memory, gpu = (_load(n) for n in ("throughput.json", "ingest.json", "memory.json",
+                                                          "gpu.json"))
+    ratios = [r["ratio_to_state_bytes"] for r in (memory or {}).get("results", [])]
+    dated = [r for r in (throughput, ingest, memory, gpu) if r]
+    return {
+        "engine_speedup_1k_streams": _at(throughput, 1000, "speedup"),
+        "ingest_ratio_vs_bare_consumer": (ingest or {}).get("ingest_ratio_vs_bare_consumer"),
+        "batched_payload_readings_per_s": (ingest or {}).get("batched_payload_readings_per_s"),
+        "latency_p99_ms": ((ingest or {}).get("latency") or {}).get("p99_ms"),
+        "memory_ratio_to_tensor_bytes": max(ratios) if ratios else None,  # the worse of the fleet sizes measured
+        "gpu_readings_per_s_1m_streams": _at(gpu, 1_000_000, "engine_batched_readings_per_s"),
+        "machine": "; ".join(sorted({r["machine"] for r in dated})) or None,
+        "date": max((r["date"] for r in dated), default=None),
+        "sources": {n: (r or {}).get("date") for n, r in (("throughput.json", throughput), ("ingest.json", ingest),
+                                                          ("memory.json", memory), ("gpu.json", gpu))},
+    }
+
+
+def main() -> int:
+    """Write bench/results/summary.json and print it."""
+    out = summary()
+    (RESULTS / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

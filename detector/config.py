@@ -341,7 +341,8 @@ class SensorConfig(_Section):
     flatline_readings: int = Field(0, ge=0, le=100000)
     limits: dict[str, tuple[float, float]] = Field(default_factory=dict)
     silent_after_s: float = Field(0.0, ge=0)
-    missing: dict[str, Literal["hold", "zero", "anomalous"]] = Field(default_factory=dict)
+    missing: dict[str, Literal["hold", "zero", "anomalous", "interpolate"]] = Field(default_factory=dict)
+    interpolate_max_readings: int = Field(10, ge=1, le=1000)  # most readings a stream holds back for a gap
 
     @field_validator("flatline_readings")
     @classmethod

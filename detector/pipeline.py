@@ -21,6 +21,7 @@ from detector.config import Config, config_hash
 from detector.control import Command, Mutes
 from detector.decode import Decoder, Readings, Reject
 from detector.engine import Engine, WindowScores
+from detector.interpolate import build_interpolator
 from detector.labels import Labeler
 from detector.maintenance import MaintenanceSchedule
 from detector.regime import RegimeDetector
@@ -87,6 +88,7 @@ class Pipeline(RowState):
         self.regime = RegimeDetector(rc.delta, rc.threshold, rc.min_windows) if rc.enabled else None
         self.gate = SensorGate(m.features, cfg.sensors.flatline_readings, dict(cfg.sensors.limits),
                                dict(cfg.sensors.missing))
+        self.interp = build_interpolator(m.features, dict(cfg.sensors.missing), cfg.sensors.interpolate_max_readings)
         self.silence = SilenceWatch(cfg.sensors.silent_after_s) if cfg.sensors.silent_after_s > 0 else None
         self.silent_since = np.zeros(0)  # per row: event time of its last reading before it fell silent, else NaN
         self.maintenance = MaintenanceSchedule(cfg.alerts.maintenance, self.engine.streams, self.labels)
@@ -105,7 +107,7 @@ class Pipeline(RowState):
 
     def _stages(self) -> dict[str, RowState | None]:
         return {"engine": self.engine, "alerts": self.alerts, "threshold": self.threshold, "regime": self.regime,
-                "gate": self.gate, "silence": self.silence}
+                "gate": self.gate, "silence": self.silence, "interp": self.interp}
 
     def _ensure_rows(self) -> None:
         cap = self.engine.capacity
@@ -158,6 +160,19 @@ class Pipeline(RowState):
         self.dirty[rows] = False
         return rows
 
+    def _admit(self, rows: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The engine's admission (late and repeated readings dropped), with held readings counted as seen."""
+        admitted, dropped, why = self.engine.admit(rows, ts)
+        if self.interp is not None:
+            floor = self.interp.newest(rows)
+            late = np.flatnonzero(admitted & (ts <= floor))
+            if len(late):
+                admitted = admitted.copy()
+                admitted[late] = False
+                dropped = np.r_[dropped, late]
+                why = np.r_[why, np.where(ts[late] == floor[late], "duplicate_timestamp", "late").astype(object)]
+        return admitted, dropped, why
+
     def _skip_replayed(self, records: list[Record], readings: Readings, rows: np.ndarray) -> tuple[np.ndarray, int]:
         """Mark where each stream's readings come from; drop those its state already holds (a replay)."""
         self._ensure_rows()
@@ -200,6 +215,7 @@ class Pipeline(RowState):
         m = self.manifest
         # build everything first, so that a reload that fails (e.g. limits for an unknown feature) changes nothing
         threshold, regime, gate, silence = self.threshold, self.regime, self.gate, self.silence
+        interp = self.interp  # readings held for interpolation stay held (and are released) across a reload
         every = np.arange(len(self.engine.streams))
         labels = Labeler(cfg.streams.labels) if cfg.streams != old.streams else self.labels
         if (cfg.thresholds != old.thresholds or (cfg.alerts.k, cfg.alerts.n) != (old.alerts.k, old.alerts.n)
@@ -218,12 +234,14 @@ class Pipeline(RowState):
             silence = SilenceWatch(sc.silent_after_s) if sc.silent_after_s > 0 else None
             if silence is not None and self.silence is not None:
                 silence.silent = self.silence.silent.copy()
+            interp = build_interpolator(m.features, dict(sc.missing), sc.interpolate_max_readings, self.interp)
         if cfg.alerts != old.alerts:
             self.alerts.reconfigure(cfg.alerts)
         if cfg.alerts != old.alerts or cfg.streams != old.streams:
             self.maintenance = MaintenanceSchedule(cfg.alerts.maintenance, self.engine.streams, labels)
         self.labels = labels
         self.threshold, self.regime, self.gate, self.silence = threshold, regime, gate, silence
+        self.interp = interp
         self.cfg = cfg
         self.config_hash = config_hash(cfg)
         return changes
@@ -237,7 +255,7 @@ class Pipeline(RowState):
         if len(readings):
             keep, replayed = self._skip_replayed(records, readings, rows)
             # late and repeated readings are dropped before any stage sees them (the gate included)
-            admitted, dropped, why = self.engine.admit(rows, readings.ts)
+            admitted, dropped, why = self._admit(rows, readings.ts)
             for i, reason in zip(dropped.tolist(), why.tolist(), strict=True):
                 if keep[i]:
                     rejects.append(Reject(int(readings.source[i]), str(reason), f"reading at ts {readings.ts[i]:.3f} "
@@ -247,8 +265,11 @@ class Pipeline(RowState):
                 readings = Readings(readings.streams[keep], readings.ts[keep], readings.values[keep],
                                     readings.source[keep])
                 rows = rows[keep]
+        checked = readings  # the readings of this batch as the gate saw them (sensor alerts point into them)
         if self.gate.enabled and len(readings):
             readings.values, sensor_events = self.gate.check(rows, readings.ts, readings.values)
+        if self.interp is not None and len(readings):  # readings with a gap to interpolate wait for its end
+            readings, rows = self.interp.release(readings, rows)
         res = self.engine.score_batch(readings, rows)
         ws = res.windows
         self.alerts.ensure(self.engine.capacity)
@@ -270,7 +291,7 @@ class Pipeline(RowState):
         ]
         alerts.extend(self._regime_event(records, readings, ws, int(w), warning) for w in changed)
         if sensor_events is not None and len(sensor_events):
-            alerts.extend(self._sensor_alert(records, readings, sensor_events, e) for e in range(len(sensor_events)))
+            alerts.extend(self._sensor_alert(records, checked, sensor_events, e) for e in range(len(sensor_events)))
         if self.silence is not None and records:
             went, back = self.silence.update(self.engine.last_ts[: len(self.engine.streams)])
             self.dirty[went] = self.dirty[back] = True

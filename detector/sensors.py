@@ -3,7 +3,8 @@
 A sensor that repeats exactly the same value for `flatline_readings` readings in a row is stuck, a value
 outside its configured [low, high] limits is out of range, and a missing value of a feature whose missing
 policy is `anomalous` is missing (policy `zero` reads a missing value as 0; `hold`, the default, leaves it
-to the engine, which holds the last present value). Either way the value is not evidence about the
+to the engine, which holds the last present value; `interpolate` is done after the gate, by
+detector.interpolate). Either way the value is not evidence about the
 machine: it is removed (the engine then treats it as missing: held at the last good value and left out of
 the score, so it neither raises a machine alert nor feeds the threshold statistics), and the stream gets a
 `sensor_fault` episode per feature and reason, raised when the condition starts and cleared when it ends.

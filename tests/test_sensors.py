@@ -74,8 +74,9 @@ def test_sensor_settings_are_checked() -> None:
         parse_config({"sensors": {"flatline_readings": 1}})
     with pytest.raises(ConfigError, match="low < high"):
         parse_config({"sensors": {"limits": {"temp": [5, 1]}}})
-    with pytest.raises(ConfigError, match="sensors.missing.temp: Input should be 'hold', 'zero' or 'anomalous'"):
-        parse_config({"sensors": {"missing": {"temp": "interpolate"}}})
+    with pytest.raises(ConfigError, match="sensors.missing.temp: Input should be 'hold', 'zero', 'anomalous' or "
+                                          "'interpolate'"):
+        parse_config({"sensors": {"missing": {"temp": "spline"}}})
 
 
 def test_a_stream_that_falls_silent_is_one_sensor_fault_episode() -> None:

@@ -18,6 +18,15 @@ from tests.kafka_broker import KafkaBroker, create_topic, delete_topics
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _no_daemon_left_running() -> Iterator[None]:
+    """A test that fails half-way must not leave `detector run` processes behind (they would load the machine)."""
+    yield
+    from tests.reliability import kill_leftovers  # imported late: most tests never start a daemon
+
+    kill_leftovers()
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     external = os.environ.get("KAFKA_BOOTSTRAP", "").strip()

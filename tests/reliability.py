@@ -98,6 +98,19 @@ class Feeder(threading.Thread):
             self.done.set()
 
 
+STARTED: list[DaemonProc] = []
+"""Every DaemonProc started; a fixture (tests/conftest.py) kills those a failed test left running."""
+
+
+def kill_leftovers() -> int:
+    """SIGKILL every started daemon still running; how many there were."""
+    alive = [d for d in STARTED if d.alive()]
+    for d in alive:
+        d.kill()
+    STARTED.clear()
+    return len(alive)
+
+
 @dataclass
 class DaemonProc:
     """`detector run` as a child process, its output in a log file."""
@@ -110,6 +123,7 @@ class DaemonProc:
 
     def start(self) -> DaemonProc:
         """Start it (appending to the log)."""
+        STARTED.append(self)
         self.starts += 1
         with self.log.open("a") as f:
             f.write(f"\n===== start {self.starts} =====\n")

@@ -37,6 +37,17 @@ def _demo(args: argparse.Namespace) -> int:
               f"top={a['top_features'][0]['name']}")
     if kinds:
         print("  missed by kind: " + ", ".join(f"{k}={n}" for k, n in sorted(kinds.items())))
+    n_regimes = len(res.regimes_detected) + len(res.regimes_missed)
+    print(f"Regime changes (operating point moved for good, not a fault): {n_regimes}")
+    for shift, delay in res.regimes_detected:
+        n = sum(a["stream"] == shift.stream for a in res.regime_alerts)
+        print(f"  detected {shift.stream:<10} sensors={','.join(shift.features):<24} after {delay / 60:6.0f} min  "
+              f"(regime_change event; {n} anomaly alert{'s' if n != 1 else ''} raised on it, not counted false)")
+    for shift in res.regimes_missed:
+        print(f"  MISSED   {shift.stream:<10} sensors={','.join(shift.features)}")
+    if res.other_regime_events:
+        print(f"  regime_change events on other streams: {len(res.other_regime_events)}, "
+              f"{res.fault_regime_events} of them during an injected fault")
     print(f"Alerts published: {len(res.alerts)} (raise, escalate and clear) in {res.seconds:.0f} s")
     if args.out:
         print(f"Model and alerts written to {args.out}/")

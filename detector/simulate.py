@@ -12,19 +12,26 @@ Faults start only after the normal (training) period, in about `fault_fraction` 
 faulty stream, kinds spread evenly over `FAULT_KINDS`. A fault changes exactly the readings in its
 [start, end) span and only its named features. The clean signal does not depend on `fault_fraction`:
 the same seed with `fault_fraction=0` gives the fault-free counterfactual of every stream.
+
+Regime changes are not faults: with `n_regimes` > 0, that many streams (never faulty ones) move to a new
+operating point for good after the normal period: their discharge valve is throttled to another duty, so
+pressure rises and flow falls within a few minutes and stay there to the end of the run. The physics holds
+(other sensors are unchanged), but the model never saw that operating point, so its scores rise and stay up:
+what the detector should report once, as a regime change, rather than as a machine fault. They are part of
+the clean signal, independent of `fault_fraction`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["FAULT_KINDS", "FEATURES", "NOISE_SIGMA", "Fault", "Fleet", "simulate_fleet", "fleet_records",
-           "fleet_to_frame"]
+__all__ = ["FAULT_KINDS", "FEATURES", "NOISE_SIGMA", "Fault", "RegimeShift", "Fleet", "simulate_fleet",
+           "fleet_records", "fleet_to_frame"]
 
 FAULT_KINDS = ("drift", "spike", "level_shift", "stuck", "noise_burst")
 
@@ -57,6 +64,10 @@ _STUCK_CANDIDATES = ("temp", "pressure", "flow", "current", "rpm")
 _NOISE_GROUPS = (("vibration_x", "vibration_y"), ("current",), ("current", "voltage"), ("pressure",),
                  ("flow",))
 _MIN_FAULT_ROOM = 20  # readings after the normal period needed for any fault
+# Regime change (a throttled valve): pressure up by this many bar, flow down by this fraction.
+_REGIME_PRESSURE_BAR = (2.5, 3.5)
+_REGIME_FLOW_DROP = (0.3, 0.4)
+_REGIME_RAMP = 10  # readings over which the valve moves
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +81,15 @@ class Fault:
     features: tuple[str, ...]  # the sensors the fault moves
 
 
+@dataclass(frozen=True, slots=True)
+class RegimeShift:
+    """A lasting change of `stream`'s operating point from reading `start` on (not a fault)."""
+
+    stream: str
+    start: int  # index of the first reading at the new operating point (it ramps in over a few readings)
+    features: tuple[str, ...]  # the sensors that move
+
+
 @dataclass(frozen=True)
 class Fleet:
     """A simulated fleet: S streams x T readings x F features, shared timestamps, and the injected faults."""
@@ -80,12 +100,16 @@ class Fleet:
     values: np.ndarray  # (S, T, F) float32, NaN where a reading value is missing (gaps)
     faults: list[Fault]
     normal_until: int  # readings [0, normal_until) of every stream are fault-free (training period)
+    regimes: list[RegimeShift] = field(default_factory=list)  # operating-point changes (not faults)
 
 
 def simulate_fleet(n_streams: int = 50, n_features: int = 8, n_readings: int = 5000, *,
                    normal_readings: int = 2000, step_seconds: float = 60.0, start: float = 1_700_000_000.0,
-                   fault_fraction: float = 0.5, seed: int = 0, fault_seed: int | None = None) -> Fleet:
+                   fault_fraction: float = 0.5, seed: int = 0, fault_seed: int | None = None,
+                   n_regimes: int = 0) -> Fleet:
     """Simulate `n_streams` pumps for `n_readings` steps, with faults after `normal_readings`.
+
+    `n_regimes` streams that get no fault change their operating point for good after the normal period.
 
     `fault_seed` (default: derived from `seed`) seeds only where the faults fall and what they are: another
     value keeps every stream's clean signal and draws new faults.
@@ -109,8 +133,12 @@ def simulate_fleet(n_streams: int = 50, n_features: int = 8, n_readings: int = 5
     if not step_seconds > 0:
         raise ValueError("step_seconds must be positive")
     S, T, F = n_streams, n_readings, n_features
+    if not 0 <= n_regimes <= S - round(fault_fraction * S):
+        raise ValueError(f"n_regimes must be between 0 and the streams without a fault "
+                         f"({S - round(fault_fraction * S)})")
     normal_readings = min(normal_readings, T)  # a run shorter than the normal period is all normal, no faults
-    signal_seq, fault_seq, gap_seq = np.random.SeedSequence(seed).spawn(3)
+    # the fourth child is new: the first three are what they were before regime changes existed
+    signal_seq, fault_seq, gap_seq, regime_seq = np.random.SeedSequence(seed).spawn(4)
     if fault_seed is not None:
         fault_seq = np.random.SeedSequence(fault_seed)
     timestamps = start + step_seconds * np.arange(T, dtype=np.float64)
@@ -123,9 +151,9 @@ def simulate_fleet(n_streams: int = 50, n_features: int = 8, n_readings: int = 5
     # Every stream gets a candidate fault (so nothing below depends on fault_fraction); the first
     # round(fault_fraction * S) streams of a seeded permutation get theirs applied.
     candidates: list[_Candidate | None] = [None] * S
+    rank = np.empty(S, dtype=np.int64)
+    rank[np.random.default_rng(fault_seq).permutation(S)] = np.arange(S)
     if T - normal_readings >= _MIN_FAULT_ROOM:
-        rank = np.empty(S, dtype=np.int64)
-        rank[np.random.default_rng(fault_seq).permutation(S)] = np.arange(S)
         for s, child in enumerate(fault_seq.spawn(S)):
             kind = FAULT_KINDS[int(rank[s]) % len(FAULT_KINDS)]
             candidates[s] = _candidate(np.random.default_rng(child), kind, int(rank[s]), features,
@@ -135,6 +163,16 @@ def simulate_fleet(n_streams: int = 50, n_features: int = 8, n_readings: int = 5
     for s, c in enumerate(candidates):
         if c is not None and c.kind == "spike":  # a spike is a few readings: never hide it in a gap
             missing[s, c.start:c.end, [_IDX[f] for f in c.features]] = False
+
+    # regime changes go to the streams ranked last for faults: never faulty ones (checked above)
+    regimes = []
+    if n_regimes and T - normal_readings >= _MIN_FAULT_ROOM:
+        rng = np.random.default_rng(regime_seq)
+        for s in np.argsort(rank)[::-1][:n_regimes].tolist():
+            shift = _regime(rng, streams[s], features, normal_readings, T)
+            _apply_regime(shift, clean[s], rng)
+            regimes.append(shift)
+        regimes.sort(key=lambda r: (r.start, r.stream))
 
     n_faulty = round(fault_fraction * S)
     values = clean
@@ -146,7 +184,7 @@ def simulate_fleet(n_streams: int = 50, n_features: int = 8, n_readings: int = 5
     values = values[:, :, :F]
     values[missing[:, :, :F]] = np.nan
     faults.sort(key=lambda f: (f.start, f.stream))
-    return Fleet(streams, features, timestamps, values.astype(np.float32), faults, normal_readings)
+    return Fleet(streams, features, timestamps, values.astype(np.float32), faults, normal_readings, regimes)
 
 
 def fleet_records(fleet: Fleet, start: int = 0, end: int | None = None) -> Iterator[dict[str, Any]]:
@@ -332,6 +370,29 @@ def _candidate(rng: np.random.Generator, kind: str, rank: int, features: list[st
         feats = pick(_NOISE_GROUPS[int(rng.integers(0, len(_NOISE_GROUPS)))], 2)
         params = tuple(float(rng.uniform(*_NOISE_FACTOR)) for _ in feats)
     return _Candidate(kind, rank, start, min(start + d, T), feats, params, power)
+
+
+def _regime(rng: np.random.Generator, stream: str, features: list[str], normal: int, T: int) -> RegimeShift:
+    """Where a stream's operating point changes: early enough after the normal period to watch it settle."""
+    room = T - normal
+    start = int(rng.integers(normal + room // 10, normal + max(room // 3, room // 10 + 1)))
+    feats = tuple(f for f in ("pressure", "flow") if f in features) or (features[0],)
+    return RegimeShift(stream, start, feats)
+
+
+def _apply_regime(r: RegimeShift, values: np.ndarray, rng: np.random.Generator) -> None:
+    """Move one stream's (T, 8) clean values to the new operating point from r.start on, in place."""
+    n = len(values) - r.start
+    ramp = np.minimum(np.arange(1, n + 1) / _REGIME_RAMP, 1.0)
+    dp = float(rng.uniform(*_REGIME_PRESSURE_BAR))
+    drop = float(rng.uniform(*_REGIME_FLOW_DROP))
+    if "pressure" in r.features:
+        values[r.start:, _IDX["pressure"]] += dp * ramp
+    else:  # too few sensors for a valve: the first one moves by as many of its sigmas
+        i = _IDX[r.features[0]]
+        values[r.start:, i] += dp / _SIGMA[_IDX["pressure"]] * _SIGMA[i] * ramp
+    if "flow" in r.features:
+        values[r.start:, _IDX["flow"]] *= 1.0 - drop * ramp
 
 
 def _apply(c: _Candidate, values: np.ndarray, noise: np.ndarray) -> None:

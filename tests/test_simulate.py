@@ -232,6 +232,31 @@ def test_fleet_to_frame() -> None:
                 small.values[3, 10:20])
 
 
+def test_regime_changes_move_the_operating_point_of_fault_free_streams_for_good(fleet: Fleet) -> None:
+    shifted = simulate_fleet(S, F, T, normal_readings=NORMAL, seed=3, n_regimes=3)
+    assert fleet.regimes == [] and len(shifted.regimes) == 3
+    assert shifted.faults == fleet.faults, "the faults do not move"
+    faulty = {f.stream for f in fleet.faults}
+    moved = {r.stream: r for r in shifted.regimes}
+    assert not faulty & set(moved), "a regime change never falls on a faulty stream"
+    p, q = fleet.features.index("pressure"), fleet.features.index("flow")
+    for s, stream in enumerate(fleet.streams):
+        got, ref = shifted.values[s], fleet.values[s]
+        if stream not in moved:
+            assert same(got, ref)
+            continue
+        r = moved[stream]
+        assert NORMAL < r.start < T - 1000 and r.features == ("pressure", "flow")
+        assert same(got[: r.start], ref[: r.start])
+        others = [i for i in range(F) if i not in (p, q)]
+        assert same(got[:, others], ref[:, others]), "only the valve's sensors move"
+        later = slice(r.start + 20, T)
+        assert np.nanmin(got[later, p] - ref[later, p]) > 2.4, "pressure up by 2.5 bar or more, to the end"
+        assert np.nanmax(got[later, q] / ref[later, q]) < 0.71, "flow down by 30 % or more, to the end"
+    with pytest.raises(ValueError, match="n_regimes"):
+        simulate_fleet(10, 8, 500, normal_readings=200, n_regimes=6)  # 5 of 10 streams are faulty
+
+
 def test_invalid_arguments() -> None:
     for kwargs in [{"n_streams": 0}, {"n_features": 9}, {"n_features": 0}, {"fault_fraction": 1.5},
                    {"normal_readings": -1}, {"step_seconds": 0.0}]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 
 import numpy as np
@@ -262,10 +261,3 @@ def test_invalid_arguments() -> None:
                    {"normal_readings": -1}, {"step_seconds": 0.0}]:
         with pytest.raises(ValueError):
             simulate_fleet(**{"n_readings": 100, **kwargs})
-
-
-def test_fast() -> None:
-    simulate_fleet(5, 8, 100)
-    t0 = time.perf_counter()
-    simulate_fleet(50, 8, 5000)
-    assert time.perf_counter() - t0 < 1.0

@@ -192,12 +192,16 @@ class CalibratedLevels(_Section):
 
 
 class RollingLevels(_Section):
-    """Levels from each stream's own recent window scores: median + k x MAD, never below the calibrated ones."""
+    """Levels from each stream's own recent window scores (median + k x MAD, or a quantile), never below the
+    calibrated ones."""
 
+    method: Literal["mad", "quantile"] = "mad"
     history: int = Field(1000, ge=10, le=100000)
     min_history: int = Field(50, ge=5)
     warning_k: float = Field(8.0, gt=0)
     critical_k: float = Field(16.0, gt=0)
+    warning_quantile: float = Field(0.99, gt=0, lt=1)
+    critical_quantile: float = Field(0.999, gt=0, lt=1)
     learn_from_flagged: bool = True  # False: windows at or above warning stay out of the history
 
     @model_validator(mode="after")
@@ -206,6 +210,8 @@ class RollingLevels(_Section):
             raise ValueError("min_history must be <= history")
         if self.critical_k < self.warning_k:
             raise ValueError("critical_k must be >= warning_k")
+        if self.critical_quantile < self.warning_quantile:
+            raise ValueError("critical_quantile must be >= warning_quantile")
         return self
 
 

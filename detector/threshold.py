@@ -116,8 +116,10 @@ class RollingThreshold(ThresholdPolicy):
     name = "rolling"
 
     def __init__(self, base: ThresholdPolicy, history: int, min_history: int, warning_k: float,
-                 critical_k: float, learn_from_flagged: bool = True) -> None:
+                 critical_k: float, learn_from_flagged: bool = True,
+                 quantiles: tuple[float, float] | None = None) -> None:
         self.base = base
+        self.quantiles = quantiles  # (warning, critical): levels are these quantiles of the history instead
         self.learn_from_flagged = learn_from_flagged
         self.history, self.min_history = history, min_history
         self.warning_k, self.critical_k = warning_k, critical_k
@@ -135,20 +137,24 @@ class RollingThreshold(ThresholdPolicy):
             self.buf, self.pos, self.n = grown(self.buf, cap, np.nan), grown(self.pos, cap), grown(self.n, cap)
 
     def levels(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The base levels, raised to each stream's median + k x MAD once it has enough history."""
+        """The base levels, raised to each stream's median + k x MAD (or quantiles) once it has enough history."""
         warning, critical = self.base.levels(rows)
         self._ensure(rows)
         ready = self.n[rows] >= self.min_history
         if ready.any():
             r = np.unique(rows[ready])
             hist = self.buf[r]
-            med = np.nanmedian(hist, axis=1)
-            mad = 1.4826 * np.nanmedian(np.abs(hist - med[:, None]), axis=1)
+            if self.quantiles is None:
+                med = np.nanmedian(hist, axis=1)
+                mad = 1.4826 * np.nanmedian(np.abs(hist - med[:, None]), axis=1)
+                own_w, own_c = med + self.warning_k * mad, med + self.critical_k * mad
+            else:
+                own_w, own_c = np.nanquantile(hist, self.quantiles, axis=1)
             at = np.searchsorted(r, rows[ready])
             warning = warning.copy()
             critical = critical.copy()
-            warning[ready] = np.maximum(warning[ready], med[at] + self.warning_k * mad[at])
-            critical[ready] = np.maximum(critical[ready], med[at] + self.critical_k * mad[at])
+            warning[ready] = np.maximum(warning[ready], own_w[at])
+            critical[ready] = np.maximum(critical[ready], own_c[at])
         return warning, critical
 
     def learn(self, rows: np.ndarray, scores: np.ndarray, flagged: np.ndarray) -> None:
@@ -393,7 +399,8 @@ def build_threshold(cfg: PolicyConfig, manifest: Manifest, names: list[str] | No
     if cfg.policy == "rolling":
         r = cfg.rolling
         return RollingThreshold(calibrated, r.history, r.min_history, r.warning_k, r.critical_k,
-                                r.learn_from_flagged)
+                                r.learn_from_flagged,
+                                (r.warning_quantile, r.critical_quantile) if r.method == "quantile" else None)
     if cfg.policy == "evt":
         e = cfg.evt
         return EvtThreshold(calibration_sample(manifest), e.warning_risk, e.critical_risk, e.level, e.drift_window,

@@ -56,6 +56,24 @@ def test_rolling_learns_from_flagged_windows_unless_told_not_to() -> None:
     assert build_threshold(cfg.thresholds, random_artifact().manifest).learn_from_flagged is False
 
 
+def test_rolling_quantile_method_alerts_at_the_streams_own_quantile() -> None:
+    rng = np.random.default_rng(2)
+    scores = 5.0 + rng.exponential(1.0, 2000)  # a stream whose normal sits far above the base level
+    cfg = parse_config({"thresholds": {"policy": "rolling", "rolling": {
+        "method": "quantile", "history": 1000, "min_history": 100, "warning_quantile": 0.99,
+        "critical_quantile": 0.999}}})
+    t = build_threshold(cfg.thresholds, random_artifact().manifest)
+    assert isinstance(t, RollingThreshold) and t.quantiles == (0.99, 0.999)
+    w = feed(t, {0: scores})[0]  # levels are computed per batch of 7, before that batch is learned
+    ref = [np.quantile(scores[b - 1000:b].astype(np.float32), 0.99) for b in (np.arange(1001, 2000) // 7) * 7]
+    np.testing.assert_allclose(w[1001:], ref, rtol=1e-5)
+    assert 0.005 < (scores[1000:] >= w[1000:]).mean() < 0.03, "about 1 % of normal windows reach warning"
+    level_w, level_c = t.levels(np.array([0]))
+    hist = t.buf[0]
+    assert level_w[0] == pytest.approx(np.quantile(hist, 0.99))
+    assert level_c[0] == pytest.approx(np.quantile(hist, 0.999))
+
+
 def test_rolling_policy_is_built_from_the_config() -> None:
     art = random_artifact()
     cfg = parse_config({"thresholds": {"policy": "rolling", "rolling": {"history": 50, "min_history": 10,

@@ -349,6 +349,7 @@ class SensorConfig(_Section):
     silent_after_s: float = Field(0.0, ge=0)
     missing: dict[str, Literal["hold", "zero", "anomalous", "interpolate"]] = Field(default_factory=dict)
     interpolate_max_readings: int = Field(10, ge=1, le=1000)  # most readings a stream holds back for a gap
+    timestamp_faults: bool = True  # late or repeated readings of a stream raise a sensor_fault episode
 
     @field_validator("flatline_readings")
     @classmethod

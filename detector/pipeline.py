@@ -26,7 +26,7 @@ from detector.labels import Labeler
 from detector.maintenance import MaintenanceSchedule
 from detector.regime import RegimeDetector
 from detector.rows import RowState, grown
-from detector.sensors import SensorEvents, SensorGate, SilenceWatch
+from detector.sensors import OrderWatch, SensorEvents, SensorGate, SilenceWatch
 from detector.threshold import build_threshold
 
 __all__ = ["Pipeline", "BatchOutput", "iso"]
@@ -90,6 +90,7 @@ class Pipeline(RowState):
                                dict(cfg.sensors.missing))
         self.interp = build_interpolator(m.features, dict(cfg.sensors.missing), cfg.sensors.interpolate_max_readings)
         self.silence = SilenceWatch(cfg.sensors.silent_after_s) if cfg.sensors.silent_after_s > 0 else None
+        self.order = OrderWatch()  # late and repeated readings per stream (sensors.timestamp_faults)
         self.silent_since = np.zeros(0)  # per row: event time of its last reading before it fell silent, else NaN
         self.maintenance = MaintenanceSchedule(cfg.alerts.maintenance, self.engine.streams, self.labels)
         self.mutes = Mutes(self.engine.streams)  # operators' mutes (control topic): kept across reloads
@@ -107,7 +108,7 @@ class Pipeline(RowState):
 
     def _stages(self) -> dict[str, RowState | None]:
         return {"engine": self.engine, "alerts": self.alerts, "threshold": self.threshold, "regime": self.regime,
-                "gate": self.gate, "silence": self.silence, "interp": self.interp}
+                "gate": self.gate, "silence": self.silence, "interp": self.interp, "order": self.order}
 
     def _ensure_rows(self) -> None:
         cap = self.engine.capacity
@@ -250,6 +251,7 @@ class Pipeline(RowState):
         """Run one batch of raw records through every stage; `now` is wall-clock epoch seconds."""
         readings, rejects = self.decoder.decode(records, now)
         sensor_events, replayed = None, 0
+        order_alerts: list[dict[str, Any]] = []
         self._ensure_rows()
         rows = self.engine.rows_for(readings.streams)  # looked up once, for every stage
         if len(readings):
@@ -260,6 +262,10 @@ class Pipeline(RowState):
                 if keep[i]:
                     rejects.append(Reject(int(readings.source[i]), str(reason), f"reading at ts {readings.ts[i]:.3f} "
                                           f"is not after the stream's last reading"))
+            # ... and raise a sensor fault of their stream (when off, open ones still clear)
+            mine = keep[dropped] if self.cfg.sensors.timestamp_faults else np.zeros(len(dropped), bool)
+            opened, cleared, since, code = self.order.update(rows, readings.ts, keep, dropped[mine], why[mine])
+            order_alerts = self._order_alerts(records, readings, rows, keep, opened, cleared, since, code)
             keep &= admitted
             if not keep.all():
                 readings = Readings(readings.streams[keep], readings.ts[keep], readings.values[keep],
@@ -297,6 +303,7 @@ class Pipeline(RowState):
             self.dirty[went] = self.dirty[back] = True
             alerts.extend(self._silence_alert(records[-1], int(r), state) for rows, state in
                           ((went, "raised"), (back, "cleared")) for r in rows)
+        alerts.extend(order_alerts)
         return BatchOutput(alerts, rejects, readings, ws, warning, replayed)
 
     # ----- operators' commands (control topic) --------------------------------------------------------------
@@ -378,6 +385,44 @@ class Pipeline(RowState):
         return [{**self._alert(records, readings, ws, int(i), "cleared", float(at), "critical" if crit else "warning",
                                warning, critical), "reason": "muted"}
                 for i, at, crit in zip(w.tolist(), raised_at.tolist(), severity.tolist(), strict=True)]
+
+    def _order_alerts(self, records: list[Record], readings: Readings, rows: np.ndarray, live: np.ndarray,
+                      opened: np.ndarray, cleared: np.ndarray, since: np.ndarray,
+                      code: np.ndarray) -> list[dict[str, Any]]:
+        """sensor_fault records of streams whose readings came late or repeated (opened), or in order again."""
+        out = []
+        for i in opened.tolist():  # a reading index: the stream's first late or repeated one
+            row = int(rows[i])
+            at = float(readings.ts[i])
+            out.append(self._order_alert(records[int(readings.source[i])], row, "raised", at, at,
+                                         int(self.order.reason[row])))
+        for row, at, c in zip(cleared.tolist(), since.tolist(), code.tolist(), strict=True):
+            last = int(np.flatnonzero((rows == row) & live)[-1])
+            out.append(self._order_alert(records[int(readings.source[last])], row, "cleared", at,
+                                         float(readings.ts[last]), c))
+        return out
+
+    def _order_alert(self, rec: Record, row: int, state: str, since: float, end: float,
+                     code: int) -> dict[str, Any]:
+        stream, reason, m = self.engine.streams[row], OrderWatch.REASONS[code], self.manifest
+        return {
+            "alert_id": alert_id(f"{m.model_version or m.name}|*|{reason}", stream, since),
+            "kind": "sensor_fault",
+            "stream": stream,
+            "model": m.name,
+            "model_version": m.model_version,
+            "state": state,
+            "severity": "warning",
+            "reason": reason,
+            "feature": "*",
+            "window_start": iso(since),
+            "window_end": iso(end),
+            "first_seen": iso(since),
+            "top_features": [{"name": "*", "share": 1.0, "direction": "out of order"}],
+            "input": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
+            "config_hash": self.config_hash,
+            "detector_version": __version__,
+        }
 
     def _silence_alert(self, rec: Record, row: int, state: str) -> dict[str, Any]:
         stream = self.engine.streams[row]

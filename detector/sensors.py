@@ -20,7 +20,7 @@ import numpy as np
 from detector.errors import ModelError
 from detector.rows import RowState, grown
 
-__all__ = ["SensorGate", "SensorEvents", "SilenceWatch", "REASONS"]
+__all__ = ["SensorGate", "SensorEvents", "SilenceWatch", "OrderWatch", "REASONS"]
 
 REASONS = ("flatline", "out_of_range", "missing")
 
@@ -211,3 +211,61 @@ class SilenceWatch(RowState):
         went, back = np.flatnonzero(now & ~was), np.flatnonzero(~now & was)
         self.silent[: len(last_ts)] = now
         return went, back
+
+
+class OrderWatch(RowState):
+    """Streams whose readings come at or before their newest event time: one `sensor_fault` episode each.
+
+    Such readings are dropped before the model (and dead-lettered) wherever they come; this adds what an
+    operator needs to see that a stream's clock or its producer misbehaves. The first late or repeated
+    reading of a stream raises an episode (reason `late` or `duplicate_timestamp`, at that reading's event
+    time); it clears at the next batch in which the stream sends readings and all of them are in order.
+
+    >>> w = OrderWatch()
+    >>> rows, ts = np.array([0, 0, 1]), np.array([5.0, 3.0, 9.0])
+    >>> w.update(rows, ts, np.ones(3, bool), np.array([1]), np.array(["late"], object))
+    (array([1]), array([], dtype=int64), array([], dtype=float64), array([], dtype=int8))
+    >>> w.update(np.array([0]), np.array([6.0]), np.ones(1, bool), np.array([], np.int64), np.array([], object))
+    (array([], dtype=int64), array([0]), array([3.]), array([0], dtype=int8))
+    """
+
+    REASONS = ("late", "duplicate_timestamp")
+
+    def __init__(self) -> None:
+        self.since = np.zeros(0)  # per row: event time of the reading that opened the episode, else NaN
+        self.reason = np.zeros(0, np.int8)  # per row: index into REASONS
+
+    def row_fields(self) -> dict[str, object]:
+        """When each stream's out-of-order episode began (NaN: none open), and why."""
+        return {"since": np.nan, "reason": 0}
+
+    def update(self, rows: np.ndarray, ts: np.ndarray, live: np.ndarray, dropped: np.ndarray,
+               why: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Readings that open an episode, and the rows that clear (with when and why theirs began).
+
+        `rows`, `ts`: every reading of the batch; `live`: those considered (not replayed); `dropped`: indices of
+        the live readings dropped as late or repeated, `why` their reasons.
+        """
+        cap = int(rows.max()) + 1 if len(rows) else 0
+        if cap > len(self.since):
+            self.since = grown(self.since, cap, np.nan)
+            self.reason = grown(self.reason, cap, 0)
+        first_bad = np.empty(0, np.int64)
+        if len(dropped):
+            order = np.lexsort((dropped, rows[dropped]))
+            d = dropped[order]
+            head = np.ones(len(d), bool)
+            head[1:] = rows[d][1:] != rows[d][:-1]
+            first_bad = d[head]  # each row's first dropped reading in the batch
+            code = (why[order][head] == "duplicate_timestamp").astype(np.int8)
+            new = np.isnan(self.since[rows[first_bad]])
+            self.since[rows[first_bad[new]]] = ts[first_bad[new]]
+            self.reason[rows[first_bad[new]]] = code[new]
+            first_bad = first_bad[new]
+        seen = np.unique(rows[live])
+        open_ = seen[~np.isnan(self.since[seen])]
+        clear = np.setdiff1d(open_, rows[dropped])
+        since, reason = self.since[clear].copy(), self.reason[clear].copy()
+        self.since[clear] = np.nan
+        return first_bad, clear, since, reason
+

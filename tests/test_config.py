@@ -78,6 +78,7 @@ def test_root_config_yaml_lists_every_key_with_its_default() -> None:
         ({"control": {"topic": "sensor-alerts"}}, "control.topic 'sensor-alerts' must differ from the input"),
         ({"input": {"group_id": "g"}, "delivery": {"state_topic": "g-control"}}, "control.topic 'g-control' must"),
         ({"control": {"replication": 0}}, "control.replication: replication is -1"),
+        ({"sensors": {"timestamp_faults": "often"}}, "sensors.timestamp_faults: Input should be a valid boolean"),
         ({"thresholds": {"rolling": {"method": "mean"}}}, "thresholds.rolling.method: Input should be 'mad' or"),
         ({"thresholds": {"rolling": {"warning_quantile": 1.0}}}, "thresholds.rolling.warning_quantile: Input should"),
         ({"thresholds": {"rolling": {"warning_quantile": 0.999, "critical_quantile": 0.99}}},

@@ -111,3 +111,36 @@ def test_missing_value_policies_per_feature() -> None:
         ("raised", "missing", 1, 1.0), ("cleared", "missing", 1, 3.0)], "anomalous: one episode; hold: none"
     with pytest.raises(ModelError, match="sensors.missing: 'x' is not one of the model's features"):
         SensorGate(["a"], missing={"x": "zero"})
+
+
+def _reading(stream: str, ts: float, offset: int) -> Record:
+    body = {"stream": stream, "ts": ts, "values": dict.fromkeys(FEATURES, 1.0)}
+    return Record("in", 0, offset, stream.encode(), orjson.dumps(body), 0)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_late_and_repeated_readings_raise_a_sensor_fault_until_the_stream_is_in_order(on: bool) -> None:
+    cfg = parse_config({"sensors": {"timestamp_faults": on}})
+    pipe = Pipeline(cfg, random_artifact())
+    t0 = 1_700_000_000.0
+    batches = [
+        [_reading("a", t0 + i, i) for i in range(10)] + [_reading("b", t0 + i, 10 + i) for i in range(10)],
+        [_reading("a", t0 + 5, 20), _reading("a", t0 + 11, 21), _reading("b", t0 + 10, 22)],  # a: one late
+        [_reading("a", t0 + 11, 23), _reading("b", t0 + 11, 24)],  # a: a repeated time, while still open
+        [_reading("a", t0 + 12, 25), _reading("b", t0 + 12, 26)],  # a: in order again
+    ]
+    out = [pipe.process(b, now=t0 + 100) for b in batches]
+    faults = [[(a["stream"], a["state"], a["reason"], a["alert_id"], a["input"]["offset"]) for a in o.alerts
+               if a["kind"] == "sensor_fault"] for o in out]
+    rejects = [sorted(r.reason for r in o.rejects) for o in out]
+    assert rejects == [[], ["late"], ["duplicate_timestamp"], []], "dead-lettered either way"
+    if not on:
+        assert faults == [[], [], [], []]
+        return
+    assert faults[0] == [] and faults[2] == []
+    (raised,), (cleared,) = faults[1], faults[3]
+    assert raised[:3] == ("a", "raised", "late") and raised[4] == 20, "raised by the late reading, naming its record"
+    assert cleared[:3] == ("a", "cleared", "late") and cleared[3] == raised[3] and cleared[4] == 25
+    # the open episode is per-stream state: checkpointed with the rest
+    state = pipe.export_rows(np.array([0]))
+    assert "order.since" in state and "order.reason" in state

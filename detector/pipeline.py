@@ -404,7 +404,20 @@ class Pipeline(RowState):
 
     def _order_alert(self, rec: Record, row: int, state: str, since: float, end: float,
                      code: int) -> dict[str, Any]:
-        stream, reason, m = self.engine.streams[row], OrderWatch.REASONS[code], self.manifest
+        return self._stream_fault(rec, row, state, OrderWatch.REASONS[code], since, end, "out of order")
+
+    def _silence_alert(self, rec: Record, row: int, state: str) -> dict[str, Any]:
+        if np.isnan(self.silent_since[row]):
+            self.silent_since[row] = self.engine.last_ts[row]
+        quiet_since = float(self.silent_since[row])
+        if state == "cleared":
+            self.silent_since[row] = np.nan
+        return self._stream_fault(rec, row, state, "silent", quiet_since, float(self.engine.last_ts[row]), "silent")
+
+    def _stream_fault(self, rec: Record, row: int, state: str, reason: str, since: float, end: float,
+                      direction: str) -> dict[str, Any]:
+        """A sensor_fault record about the whole stream (feature "*"), its episode begun at event time `since`."""
+        stream, m = self.engine.streams[row], self.manifest
         return {
             "alert_id": alert_id(f"{m.model_version or m.name}|*|{reason}", stream, since),
             "kind": "sensor_fault",
@@ -418,34 +431,7 @@ class Pipeline(RowState):
             "window_start": iso(since),
             "window_end": iso(end),
             "first_seen": iso(since),
-            "top_features": [{"name": "*", "share": 1.0, "direction": "out of order"}],
-            "input": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
-            "config_hash": self.config_hash,
-            "detector_version": __version__,
-        }
-
-    def _silence_alert(self, rec: Record, row: int, state: str) -> dict[str, Any]:
-        stream = self.engine.streams[row]
-        m = self.manifest
-        if np.isnan(self.silent_since[row]):
-            self.silent_since[row] = self.engine.last_ts[row]
-        quiet_since = float(self.silent_since[row])
-        if state == "cleared":
-            self.silent_since[row] = np.nan
-        return {
-            "alert_id": alert_id(f"{m.model_version or m.name}|*|silent", stream, quiet_since),
-            "kind": "sensor_fault",
-            "stream": stream,
-            "model": m.name,
-            "model_version": m.model_version,
-            "state": state,
-            "severity": "warning",
-            "reason": "silent",
-            "feature": "*",
-            "window_start": iso(quiet_since),
-            "window_end": iso(float(self.engine.last_ts[row])),
-            "first_seen": iso(quiet_since),
-            "top_features": [{"name": "*", "share": 1.0, "direction": "silent"}],
+            "top_features": [{"name": "*", "share": 1.0, "direction": direction}],
             "input": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},
             "config_hash": self.config_hash,
             "detector_version": __version__,

@@ -262,8 +262,8 @@ class OrderWatch(RowState):
             self.since[rows[first_bad[new]]] = ts[first_bad[new]]
             self.reason[rows[first_bad[new]]] = code[new]
             first_bad = first_bad[new]
-        seen = np.unique(rows[live])
-        open_ = seen[~np.isnan(self.since[seen])]
+        seen = rows[live]
+        open_ = np.unique(seen[~np.isnan(self.since[seen])])  # usually empty: no unique over the whole batch
         clear = np.setdiff1d(open_, rows[dropped])
         since, reason = self.since[clear].copy(), self.reason[clear].copy()
         self.since[clear] = np.nan

@@ -271,12 +271,9 @@ class Daemon:
                 return
             offsets = dict(self.pending)
             self.commit(*io)
-        except SinkFenced as exc:
-            self._fenced = exc  # raised again on the loop's thread, where a new producer replaces this one
-            self.metrics.handovers.labels("failed").inc()
-            log.warning("hand-over of %d partitions not committed (%s); the next owner reads from the last commit",
-                        len(partitions), exc)
         except (RebalanceError, SinkError, KafkaError) as exc:
+            if isinstance(exc, SinkFenced):
+                self._fenced = exc  # raised again on the loop's thread, where a new producer replaces this one
             self.metrics.handovers.labels("failed").inc()
             log.warning("hand-over of %d partitions not committed (%s); the next owner reads from the last commit",
                         len(partitions), exc)

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import sys
-import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,12 +25,13 @@ sys.path.insert(0, str(ROOT))
 
 from kafka import KafkaProducer  # noqa: E402
 
+from bench.ingest import commit_progress  # noqa: E402
 from bench.report import replace_section  # noqa: E402
 from detector.artifact import save_artifact  # noqa: E402
 from detector.train import Series, TrainParams, train_model  # noqa: E402
 from tests.helpers import FEATURES, sine_values  # noqa: E402
 from tests.kafka_broker import KafkaBroker, create_topic, free_ports  # noqa: E402
-from tests.reliability import DaemonProc, fleet, total_committed  # noqa: E402
+from tests.reliability import DaemonProc, fleet  # noqa: E402
 
 SETTINGS = [("at_least_once", 1000), ("exactly_once", 1000), ("at_least_once", 100), ("exactly_once", 100)]
 
@@ -53,23 +53,12 @@ metrics: {{port: {free_ports(1)[0]}}}
 runtime: {{log_level: WARNING}}
 """)
     daemon = DaemonProc(cfg, work / f"{group}.log").start()
-    t_first = c_first = None
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        done = total_committed(bootstrap, group, topic)
-        if done and t_first is None:
-            t_first, c_first = time.monotonic(), done
-        if done >= total:
-            break
-        if not daemon.alive():
-            raise RuntimeError(daemon.text())
-        time.sleep(0.05)
-    t_end = time.monotonic()
+    c_first, seconds = commit_progress(daemon, bootstrap, group, topic, total, timeout_s=600)
     assert daemon.stop() == 0, daemon.text()
-    if t_first is None or c_first is None or t_end <= t_first:
+    if seconds <= 0:
         raise RuntimeError(f"no progress measured: {daemon.text()[-2000:]}")
     return {"guarantee": guarantee, "commit_interval_ms": interval_ms,
-            "readings_per_s": round((total - c_first) / (t_end - t_first)), "seconds": round(t_end - t_first, 1)}
+            "readings_per_s": round((total - c_first) / seconds), "seconds": round(seconds, 1)}
 
 
 def main() -> int:

@@ -115,25 +115,36 @@ runtime: {{log_level: WARNING}}
     return cfg, group
 
 
+def commit_progress(d: DaemonProc, bootstrap: str, group: str, topic: str, total: int,
+                    timeout_s: float = 900.0) -> tuple[int, float]:
+    """Wait until the group has committed `total` offsets of the topic while the daemon runs.
+
+    Returns the count at the first commit seen and the seconds from then to the last one; RuntimeError (with
+    the daemon's log) if it dies or the time runs out.
+    """
+    t_first = c_first = None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = total_committed(bootstrap, group, topic)
+        if done and t_first is None:
+            t_first, c_first = time.monotonic(), done
+        if done >= total:
+            break
+        if not d.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"{done} of {total} committed: {d.text()[-3000:]}")
+        time.sleep(0.05)
+    assert t_first is not None and c_first is not None
+    return c_first, time.monotonic() - t_first
+
+
 def daemon_rate(cfg: Path, group: str, bootstrap: str, topic: str, total_msgs: int, readings_per_msg: int,
                 work: Path) -> float:
     """Readings per second of `detector run`, from its first commit to the last."""
     d = DaemonProc(cfg, work / f"{group}.log").start()
-    t_first = c_first = None
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        done = total_committed(bootstrap, group, topic)
-        if done and t_first is None:
-            t_first, c_first = time.monotonic(), done
-        if done >= total_msgs:
-            break
-        if not d.alive():
-            raise RuntimeError(d.text()[-3000:])
-        time.sleep(0.05)
-    t_end = time.monotonic()
+    c_first, seconds = commit_progress(d, bootstrap, group, topic, total_msgs)
     assert d.stop() == 0, d.text()[-3000:]
-    assert t_first is not None and c_first is not None
-    return (total_msgs - c_first) * readings_per_msg / (t_end - t_first)
+    assert seconds > 0, "no progress measured"
+    return (total_msgs - c_first) * readings_per_msg / seconds
 
 
 def latency(bootstrap: str, model_dir: Path, work: Path, streams: int, rate: float, seconds: float,
@@ -153,10 +164,7 @@ def latency(bootstrap: str, model_dir: Path, work: Path, streams: int, rate: flo
     warm = [(k, v) for k, v in readings(streams, WINDOW + HOP) if v["ts"] < T0 + 60.0 * (WINDOW + extra[int(k[1:])])]
     produce(bootstrap, topic, [(k, orjson.dumps(v)) for k, v in warm])
     d = DaemonProc(cfg, work / f"{group}.log").start()
-    while total_committed(bootstrap, group, topic) < len(warm):
-        if not d.alive():
-            raise RuntimeError(d.text()[-3000:])
-        time.sleep(0.2)
+    commit_progress(d, bootstrap, group, topic, len(warm))
     steps = int(rate * seconds / streams)
     items = readings(streams, steps, start=WINDOW + HOP)
     sent: dict[tuple[str, float], float] = {}
@@ -173,8 +181,7 @@ def latency(bootstrap: str, model_dir: Path, work: Path, streams: int, rate: flo
             time.sleep(ahead)
     p.flush()
     p.close()
-    while total_committed(bootstrap, group, topic) < len(warm) + streams * steps:
-        time.sleep(0.2)
+    commit_progress(d, bootstrap, group, topic, len(warm) + streams * steps)
     assert d.stop() == 0, d.text()[-3000:]
     c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, consumer_timeout_ms=3000)
     tps = [TopicPartition(scores, q) for q in range(4)]

@@ -63,10 +63,22 @@ class Interpolator(RowState):
             setattr(self, name, grown(getattr(self, name), capacity, fill))
 
     def import_rows(self, rows: np.ndarray, state: dict[str, np.ndarray] | None) -> list[str]:
-        """Set these streams' state (None: fresh)."""
+        """Set these streams' state (None: fresh); held readings fit whatever bound the checkpoint was made with."""
         if len(rows):
             self._ensure(int(rows.max()) + 1)
+        if state is not None and getattr(state.get("held_ts"), "ndim", 0) == 2:
+            w = state["held_ts"].shape[1]
+            if w > self.width:  # checkpointed under a larger bound: make room rather than drop readings
+                self._widen(w)
+            elif w < self.width and getattr(state.get("held_v"), "ndim", 0) == 3:
+                state = {**state, "held_ts": _pad(state["held_ts"], self.width),
+                         "held_v": _pad(state["held_v"], self.width)}
         return super().import_rows(rows, state)
+
+    def _widen(self, width: int) -> None:
+        self.held_ts = _pad(self.held_ts, width)
+        self.held_v = _pad(self.held_v, width)
+        self.width = width
 
     def adopt(self, other: Interpolator) -> None:
         """Take over another interpolator's held readings and anchors (after a config reload)."""
@@ -167,6 +179,13 @@ class Interpolator(RowState):
         src_idx = np.where(q_new >= 0, q_new, first_new[q_row])[out]
         released = Readings(readings.streams[src_idx], q_ts[out], q_v[out], readings.source[src_idx])
         return released, q_row[out]
+
+
+def _pad(a: np.ndarray, width: int) -> np.ndarray:
+    """`a` with its second axis (the held slots) extended to `width`, new slots NaN."""
+    out = np.full((a.shape[0], width, *a.shape[2:]), np.nan, a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
 
 
 def build_interpolator(features: list[str], missing: dict[str, str], max_readings: int,

@@ -21,7 +21,7 @@ from detector.config import Config, config_hash
 from detector.control import Command, Mutes
 from detector.decode import Decoder, Readings, Reject
 from detector.engine import Engine, WindowScores
-from detector.interpolate import build_interpolator
+from detector.interpolate import Interpolator, build_interpolator
 from detector.labels import Labeler
 from detector.maintenance import MaintenanceSchedule
 from detector.regime import RegimeDetector
@@ -134,6 +134,11 @@ class Pipeline(RowState):
             return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
         misfit = [f"pipeline.{k}" for k in super().import_rows(rows, part("pipeline"))]
+        held = part("interp")
+        if self.interp is None and held and np.any(np.asarray(held.get("n", 0)) > 0):
+            # checkpointed while a gap was open, restored under a config that interpolates nothing: the held
+            # readings are released (value held) at their stream's next reading instead of being dropped
+            self.interp = Interpolator(np.zeros(self.engine.n_features, bool), self.cfg.sensors.interpolate_max_readings)
         for stage, obj in self._stages().items():
             if obj is not None:
                 misfit += [f"{stage}.{k}" for k in obj.import_rows(rows, part(stage))]

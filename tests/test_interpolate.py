@@ -170,3 +170,30 @@ def test_interpolate_settings_are_checked() -> None:
                                           r"'interpolate'"):
         parse_config({"sensors": {"missing": {"temp": "spline"}}})
     assert FEATURES[0] == "temp"
+
+
+def held_checkpoint(art: object, recs: list[Record], cut: int) -> tuple[np.ndarray, dict, list[str]]:
+    """The state of a pipeline that interpolates, checkpointed while m0 holds readings for a gap."""
+    first = Pipeline(parse_config(CFG), art)
+    first.process(recs[:cut], now=2e9)
+    assert first.interp is not None and first.interp.n[0] == 2
+    rows = np.arange(len(first.engine.streams))
+    return rows, first.export_rows(rows), first.streams_at(rows)
+
+
+@pytest.mark.parametrize("sensors", [{}, {"missing": {"temp": "interpolate"}, "interpolate_max_readings": 3},
+                                     {"missing": {"temp": "interpolate"}, "interpolate_max_readings": 20}],
+                         ids=["interpolates-nothing", "smaller-bound", "larger-bound"])
+def test_a_restore_under_another_interpolate_config_keeps_the_held_readings(sensors: dict) -> None:
+    art = random_artifact()
+    recs = records(40, {0: range(20, 24)})
+    cut = 22 * 3
+    rows, state, streams = held_checkpoint(art, recs, cut)
+    cfg = {k: v for k, v in CFG.items() if k != "sensors"}
+    second = Pipeline(parse_config({**cfg, "sensors": sensors} if sensors else cfg), art)
+    second.engine.rows_for(np.array(streams, object))
+    assert not second.import_rows(rows, state), "every field fits"
+    assert second.interp is not None and second.interp.holding() == 2
+    m0 = [float(t) for o in (second.process(recs[cut:], now=2e9),)
+          for s, t in zip(o.readings.streams, o.readings.ts, strict=True) if s == "m0"]
+    assert m0 == [T0 + 60 * t for t in range(20, 40)], "the two held readings go on first, in order"

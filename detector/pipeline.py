@@ -138,7 +138,8 @@ class Pipeline(RowState):
         if self.interp is None and held and np.any(np.asarray(held.get("n", 0)) > 0):
             # checkpointed while a gap was open, restored under a config that interpolates nothing: the held
             # readings are released (value held) at their stream's next reading instead of being dropped
-            self.interp = Interpolator(np.zeros(self.engine.n_features, bool), self.cfg.sensors.interpolate_max_readings)
+            self.interp = Interpolator(np.zeros(self.engine.n_features, bool),
+                                       self.cfg.sensors.interpolate_max_readings)
         for stage, obj in self._stages().items():
             if obj is not None:
                 misfit += [f"{stage}.{k}" for k in obj.import_rows(rows, part(stage))]

@@ -182,6 +182,7 @@ class Daemon:
             self._last_commit = time.monotonic()
             self.metrics.last_commit = time.time()
             return
+        t0 = time.monotonic()
         n_bytes = 0
         checkpoints = snapshot(self.pipeline, self.pipeline.take_dirty()) if self.state is not None else []
         for cp in checkpoints:
@@ -198,6 +199,7 @@ class Daemon:
         self._last_commit = time.monotonic()
         m = self.metrics
         m.commits.inc()
+        m.commit_seconds.observe(self._last_commit - t0)
         m.checkpoints.inc(len(checkpoints))
         m.checkpoint_bytes.set(n_bytes)
         m.last_commit = time.time()

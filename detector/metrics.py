@@ -42,6 +42,9 @@ class Metrics:
                          ["topic", "partition"], registry=r)
         self.ready = Gauge("detector_ready", "1 when connected, restored and consuming", registry=r)
         self.commits = Counter("detector_commits_total", "Commits (offsets with alerts and checkpoints)", registry=r)
+        self.commit_seconds = Histogram("detector_commit_seconds", "Wall time of a commit: checkpoints written, "
+                                        "everything acknowledged, offsets committed",
+                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10), registry=r)
         self.checkpoints = Counter("detector_checkpoints_total", "Per-stream checkpoint records written", registry=r)
         self.checkpoint_bytes = Gauge("detector_checkpoint_bytes", "Bytes of checkpoint records at the last commit",
                                       registry=r)

@@ -36,6 +36,7 @@ def test_handover_commits_what_was_processed(guarantee: str) -> None:
     committed = sink.committed if guarantee == "exactly_once" else src.committed
     assert committed == {("in", 0): 40} and daemon.pending == {}
     assert daemon.metrics.handovers.labels("committed")._value.get() == 1
+    assert daemon.metrics.registry.get_sample_value("detector_commit_seconds_count") == 1
     daemon.handover({("in", 0)})  # a second revocation has nothing left to commit
     assert daemon.metrics.handovers.labels("nothing_pending")._value.get() == 1
 

@@ -34,7 +34,7 @@ from detector.config import Config, config_hash
 from detector.daemon import Daemon
 from detector.datasets import LabelledFile
 from detector.errors import DataError
-from detector.nab import NabFile, nab_scores
+from detector.nab import PROFILES, NabFile, nab_scores, normalised_score
 from detector.pipeline import Pipeline
 from detector.quality import (
     EventMetrics,
@@ -47,7 +47,8 @@ from detector.quality import (
 )
 from detector.train import Series, TrainParams, scale_and_fill, train_model
 
-__all__ = ["FileResult", "EVAL_PARAMS", "PUBLISHED", "run_file", "baseline_scores", "likelihood", "evaluate"]
+__all__ = ["FileResult", "EVAL_PARAMS", "PUBLISHED", "run_file", "baseline_scores", "likelihood", "onset",
+           "onset_rows", "nab_score", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class FileResult:
 
     name: str
     score: np.ndarray  # (T,) raw score (0 where the row was not scored)
-    prob: np.ndarray  # (T,) anomaly likelihood in [0, 1], the per-row score of NAB's threshold sweep
+    prob: np.ndarray  # (T,) per-row score of NAB's threshold sweep in [0, 1]: the likelihood at its onsets
     pred: np.ndarray  # (T,) bool: the detector flagged the row
     threshold: float
     raised: list[tuple[int, str]] = field(default_factory=list)  # ours: (row, top feature) of each raised alert
@@ -157,7 +158,7 @@ def run_file(f: LabelledFile, cfg: Config, params: TrainParams = EVAL_PARAMS,
             opened = None
     if opened is not None:
         pred[opened:] = True
-    prob = likelihood(score)
+    prob = nab_score(score, f.train_rows)
     rejected = len(sink.on(cfg.output.dead_letter_topic))
     return FileResult(f.name, score, prob, pred, warning, tops, time.monotonic() - t0, rejected)
 
@@ -190,6 +191,39 @@ def likelihood(score: np.ndarray, history: int = LIKELIHOOD_HISTORY, averaging: 
     return torch.special.ndtr(torch.tensor(z, dtype=torch.float64)).numpy()
 
 
+ONSET_SHARE = 0.115
+"""Rows masked after a high likelihood, as a share of the training rows: ARTime's masking span (1.5 feature
+windows of 8 downsampled steps, with probation / 104 rows per step), taken from its code, not tuned here."""
+
+
+def onset_rows(train_rows: int) -> int:
+    """How many rows after a row its likelihood must beat to count again: ONSET_SHARE of the training rows."""
+    return max(1, int(round(ONSET_SHARE * train_rows)))
+
+
+def onset(prob: np.ndarray, span: int) -> np.ndarray:
+    """The likelihood where it sets a new maximum over the previous `span` rows, 0 elsewhere.
+
+    NAB rewards only the earliest detection in a labelled window and charges every detection outside one, so
+    a detector that stays above its threshold for a while should report the onset, not every row of it
+    (ARTime, the best published NAB detector, masks its detections after an anomaly in the same way; our
+    alerts do it with episodes). It uses no threshold: whichever one NAB's sweep picks, a run of rows above
+    it counts once, and again only where the likelihood rises above everything in the last `span` rows.
+
+    >>> onset(np.array([0.5, 0.9, 0.95, 0.95, 0.9, 0.5, 0.5, 0.92]), span=3).tolist()
+    [0.5, 0.9, 0.95, 0.0, 0.0, 0.0, 0.0, 0.92]
+    """
+    import pandas as pd
+
+    prev = pd.Series(prob).shift(1).rolling(max(span, 1), min_periods=1).max().fillna(-np.inf).to_numpy()
+    return np.where(prob > prev, prob, 0.0)
+
+
+def nab_score(score: np.ndarray, train_rows: int) -> np.ndarray:
+    """The per-row score NAB's threshold sweep sees: the likelihood of `score`, kept at its onsets."""
+    return onset(likelihood(score), onset_rows(train_rows))
+
+
 def baseline_scores(f: LabelledFile, kind: str, seed: int = 0) -> FileResult:
     """Per-row scores of a baseline (`hst` or `pca`) on one file, learning only from its training rows."""
     t0 = time.monotonic()
@@ -203,7 +237,8 @@ def baseline_scores(f: LabelledFile, kind: str, seed: int = 0) -> FileResult:
     train = score[: f.train_rows]
     train = train[np.isfinite(train)]
     thr = float(np.quantile(train, BASELINE_QUANTILE)) if len(train) else float("inf")
-    return FileResult(f.name, score, likelihood(score), score > thr, thr, seconds=time.monotonic() - t0)
+    return FileResult(f.name, score, nab_score(score, f.train_rows), score > thr, thr,
+                      seconds=time.monotonic() - t0)
 
 
 def _scaled(f: LabelledFile) -> np.ndarray:
@@ -291,6 +326,17 @@ def _overall(files: list[LabelledFile], results: list[FileResult], fmt: str) -> 
         nab = nab_scores([NabFile(r.prob, f.windows, f.name) for f, r in zip(files, results, strict=True)])
         out["nab"] = {p: round(v["score"], 2) for p, v in nab.items()}
         out["nab_thresholds"] = {p: v["threshold"] for p, v in nab.items()}
+        # the alerts as raised: each raise is one detection, at the thresholds the detector set itself
+        raised = [NabFile(_onsets(r.pred).astype(float), f.windows, f.name)
+                  for f, r in zip(files, results, strict=True)]
+        out["nab_alerts"] = {p: round(normalised_score(raised, prof, 1.0), 2) for p, prof in PROFILES.items()}
+    return out
+
+
+def _onsets(pred: np.ndarray) -> np.ndarray:
+    """Rows where a run of flagged rows starts (for our detector: where an alert was raised)."""
+    out = pred.astype(bool).copy()
+    out[1:] &= ~pred[:-1].astype(bool)
     return out
 
 
@@ -353,7 +399,7 @@ def _write_scores(path: Path, f: LabelledFile, r: FileResult, base: dict[str, li
 
     cols: dict[str, Any] = {"timestamp": f.timestamps, "label": f.labels.astype(int),
                             "train": (np.arange(len(f.labels)) < f.train_rows).astype(int),
-                            "score": r.score, "probability": r.prob, "alert": r.pred.astype(int)}
+                            "score": r.score, "nab_score": r.prob, "alert": r.pred.astype(int)}
     for b, results in base.items():
         cols[f"{b}_score"] = results[i].score
         cols[f"{b}_flag"] = results[i].pred.astype(int)

@@ -13,7 +13,8 @@ import pytest
 from detector.cli import main
 from detector.config import Config
 from detector.datasets import LabelledFile, load_skab
-from detector.evaluate import EVAL_PARAMS, baseline_scores, evaluate, run_file
+from detector.evaluate import EVAL_PARAMS, _onsets, baseline_scores, evaluate, onset, onset_rows, run_file
+from detector.nab import PROFILES, NabFile, file_score, nab_scores
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAST = replace(EVAL_PARAMS, epochs=3, steps_per_epoch=10)
@@ -65,7 +66,7 @@ def test_evaluate_writes_summary_scores_and_report(tmp_path: Path) -> None:
     scores = sorted((tmp_path / "scores").glob("*.csv"))
     assert len(scores) == 2
     frame = pd.read_csv(scores[0])
-    assert {"timestamp", "label", "score", "probability", "alert", "hst_score", "pca_score"} <= set(frame.columns)
+    assert {"timestamp", "label", "score", "nab_score", "alert", "hst_score", "pca_score"} <= set(frame.columns)
     assert len(frame) == len(files[0].labels)
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "published: Conv-AE" in html
@@ -80,7 +81,19 @@ def test_evaluate_cli_on_nab_reports_the_three_profiles(tmp_path: Path, capsys: 
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert set(saved["overall"]["nab"]) == {"standard", "reward_low_FP_rate", "reward_low_FN_rate"}
     assert set(saved["baselines"]["pca"]["overall"]["nab"]) == set(saved["overall"]["nab"])
+    assert set(saved["overall"]["nab_alerts"]) == set(saved["overall"]["nab"])
+    assert all(v <= 100 for v in saved["overall"]["nab_alerts"].values())
     assert "nab=" in capsys.readouterr().out
+
+
+def test_nab_alerts_count_each_raised_alert_once() -> None:
+    pred = np.zeros(1000, bool)
+    pred[200:300] = True  # one false alert, 100 rows long
+    pred[505:] = True  # raised inside the window, never cleared
+    assert np.flatnonzero(_onsets(pred)).tolist() == [200, 505]
+    standard = PROFILES["standard"]
+    fs = file_score(_onsets(pred), [(500, 549)], standard)
+    assert (fs.tp, fs.fp, fs.fn) == (1, 1, 0)
 
 
 def test_one_pretrained_model_can_serve_every_file(tmp_path: Path) -> None:
@@ -96,3 +109,37 @@ def test_anomaly_free_protocol_is_for_skab_only(tmp_path: Path, capsys: pytest.C
     rc = main(["evaluate", "--data", str(DATA / "NAB"), "--format", "nab", "--out", str(tmp_path),
                "--train-protocol", "anomaly-free", "--limit", "1", "--quiet"])
     assert rc == 2 and "--train-protocol anomaly-free is for --format skab" in capsys.readouterr().err
+
+
+def test_onset_reports_a_long_excursion_once_whatever_the_threshold() -> None:
+    prob = np.r_[np.full(100, 0.5), np.full(50, 0.999), np.full(100, 0.5)]
+    out = onset(prob, span=20)
+    assert int((prob >= 0.9).sum()) == 50  # the likelihood alone flags every row of the run
+    for threshold in (0.6, 0.9, 0.999):
+        assert np.flatnonzero(out >= threshold).tolist() == [100]
+
+
+def test_onset_counts_again_when_higher_or_after_the_span() -> None:
+    prob = np.full(200, 0.5)
+    prob[[10, 15, 20, 50]] = [0.99, 0.995, 0.99, 0.99]
+    assert np.flatnonzero(onset(prob, span=20) >= 0.99).tolist() == [10, 15, 50]
+
+
+def test_onset_span_follows_the_training_rows_as_artime_masks() -> None:
+    # ARTime: probation 750 rows -> 7 rows per downsampled step, masking 12 steps (about 84 rows)
+    assert onset_rows(750) == 86
+    assert onset_rows(0) == 1
+
+
+def test_onset_turns_a_run_of_false_detections_into_one_in_nab_scoring() -> None:
+    # one labelled window at rows 500-549; the detector is high at rows 200-299 (false) and from row 505 on
+    prob = np.full(1000, 0.5)
+    prob[200:300] = 0.999
+    prob[505:] = 0.999
+    files = lambda p: [NabFile(p, [(500, 549)], "f")]  # noqa: E731
+    standard = PROFILES["standard"]
+    every_row = file_score(prob >= 0.99, [(500, 549)], standard)
+    onsets = file_score(onset(prob, span=50) >= 0.99, [(500, 549)], standard)
+    assert (every_row.tp, onsets.tp) == (1, 1)
+    assert every_row.fp > 300 and onsets.fp == 1  # 100 + 450 rows after the window, against 1
+    assert nab_scores(files(onset(prob, 50)))["standard"]["score"] > nab_scores(files(prob))["standard"]["score"]

@@ -47,6 +47,9 @@ class RebalanceError(Exception):
 class Source(ABC):
     """Hands out batches of records, never single ones, and commits what downstream made durable."""
 
+    grouped = False
+    """True when other members of a consumer group share the topics (each holds some of their partitions)."""
+
     @abstractmethod
     def poll_batch(self, timeout_s: float) -> list[Record]:
         """The next batch of records (possibly empty), waiting at most timeout_s."""

@@ -100,6 +100,8 @@ class RebalanceEvents(AsyncConsumerRebalanceListener):
 class KafkaSource(Source):
     """A consumer-group member over the input topics, handing out poll batches as Records."""
 
+    grouped = True
+
     def __init__(self, bootstrap: str, topics: list[str], group_id: str, *, client: dict[str, Any],
                  auto_offset_reset: str = "earliest", max_poll_records: int = 5000,
                  session_timeout_ms: int = 10000) -> None:

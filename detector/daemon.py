@@ -355,7 +355,7 @@ class Daemon:
         """Apply operators' commands from the control topic and publish the `acknowledged` records they produce.
 
         A malformed command is counted, logged once per reason and (unless `history`: read at start-up, so
-        already reported when it arrived) sent to the dead-letter topic like bad input.
+        already reported when it arrived) sent to the dead-letter topic like bad input, by one member only.
         """
         for rec in records:
             at = rec.timestamp_ms / 1000 if rec.timestamp_ms > 0 else time.time()
@@ -368,7 +368,7 @@ class Daemon:
                                 rec.topic, rec.partition, rec.offset, exc.reason, exc.detail, exc.reason,
                                 extra={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
                                        "reason": exc.reason})
-                if not history:
+                if not history and self._reports_control():
                     self._publish_control(sink, [], (rec, exc))
                 continue
             if cmd is None:  # a tombstone: an operator deleted the key, and a restart would not see it
@@ -390,6 +390,16 @@ class Daemon:
                          cmd.by or "?", cmd.reason or "no reason",
                          f" until {iso(cmd.until)}" if cmd.until is not None else "", matched)
             self._publish_control(sink, out, None)
+
+    def _reports_control(self) -> bool:
+        """Whether this member dead-letters bad control commands: every member reads each one, so only the one
+        holding partition 0 of the first input topic does (or a daemon outside a consumer group)."""
+        if self._io is None or not self._io[0].grouped:
+            return True
+        try:
+            return (self.cfg.input.topics[0], 0) in self._io[0].assignment()
+        except KafkaError:
+            return True
 
     def _publish_control(self, sink: Sink, alerts: list[dict[str, Any]], bad: tuple[Record, BadCommand] | None) -> None:
         """Send acknowledgements, or a bad command to the dead-letter topic (exactly_once: in the open transaction)."""

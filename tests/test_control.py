@@ -224,3 +224,30 @@ def test_a_deleted_key_forgets_its_command() -> None:
     m.forget("pump-*")
     m.forget("nothing")
     assert m.muted(np.arange(2), NOW).tolist() == [False, True]
+
+
+class GroupMember(IterSource):
+    """An in-memory source that holds some partitions of a consumer group's input."""
+
+    grouped = True
+
+    def __init__(self, partitions: set[tuple[str, int]]) -> None:
+        super().__init__([])
+        self.partitions = partitions
+
+    def assignment(self) -> set[tuple[str, int]]:
+        return self.partitions
+
+
+def test_one_member_of_the_group_dead_letters_a_bad_command() -> None:
+    cfg = parse_config(RULES)
+    bad = control_record(0, b'{"action": "mute", "streams": "m2"')
+    sent = []
+    for partitions in ({(cfg.input.topics[0], 1)}, {(cfg.input.topics[0], 0), (cfg.input.topics[0], 2)}, set()):
+        daemon = Daemon(cfg, Pipeline(cfg, random_artifact()))
+        sink = ListSink()
+        daemon._io = (GroupMember(partitions), sink)
+        daemon.apply_control([bad], sink)
+        assert daemon.metrics.control_commands.labels("invalid")._value.get() == 1, "every member counts it"
+        sent.append(len(sink.on(cfg.output.dead_letter_topic)))
+    assert sent == [0, 1, 0], "only the member holding partition 0 of the first input topic sends it"

@@ -224,9 +224,9 @@ class Mutes:
         newest = order.argmax(axis=1)
         return (order.max(axis=1) >= 0) & self._mute[newest] & (self._until[newest] > now)
 
-    def count(self, now: float) -> int:
-        """How many of the streams held are muted now."""
-        return int(self.muted(np.arange(len(self.names)), now).sum())
+    def count(self, now: float, rows: np.ndarray | None = None) -> int:
+        """How many of the streams held (or of these rows) are muted now."""
+        return int(self.muted(np.arange(len(self.names)) if rows is None else rows, now).sum())
 
     def matching(self, glob: str) -> np.ndarray:
         """Rows of the streams held whose id matches `glob`."""

@@ -439,7 +439,10 @@ class Daemon:
             self.apply_control(records, sink)
         if records or time.monotonic() - self._muted_counted >= 1.0:  # it costs streams x mute rules
             self._muted_counted = time.monotonic()
-            self.metrics.muted_streams.set(self.pipeline.mutes.count(time.time()))
+            rows = None  # in a group: only the streams of the partitions held now, not those handed over
+            if self._io is not None and self._io[0].grouped:
+                rows = self.pipeline.rows_on(self._io[0].assignment())
+            self.metrics.muted_streams.set(self.pipeline.mutes.count(time.time(), rows))
 
     def reload(self, path: str | Path) -> bool:
         """Load the config file again and apply its live sections; an invalid file changes nothing."""

@@ -251,3 +251,15 @@ def test_one_member_of_the_group_dead_letters_a_bad_command() -> None:
         assert daemon.metrics.control_commands.labels("invalid")._value.get() == 1, "every member counts it"
         sent.append(len(sink.on(cfg.output.dead_letter_topic)))
     assert sent == [0, 1, 0], "only the member holding partition 0 of the first input topic sends it"
+
+
+def test_muted_streams_counts_only_the_partitions_held_now() -> None:
+    cfg = parse_config(RULES)
+    daemon = Daemon(cfg, Pipeline(cfg, random_artifact()), control=IterSource([]))
+    src, sink = IterSource(readings(0, 20), batch_size=10_000), ListSink()
+    daemon.process(src.poll_batch(0), src, sink)  # m0, m1, m2 on partitions 0, 1, 2
+    daemon.apply_control([control_record(0, b'{"action": "mute", "streams": "m*"}')], sink)
+    member = GroupMember({("in", 0), ("in", 2)})  # partition 1 (m1) was handed over to another member
+    daemon._io = (member, sink)
+    daemon._follow_control(sink)
+    assert daemon.metrics.muted_streams._value.get() == 2

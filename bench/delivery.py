@@ -1,6 +1,6 @@
 """What each processing guarantee costs: `detector run` end to end through a real Kafka, side by side.
 
-    python bench/delivery.py [--streams 50] [--readings 2000] [--out docs/benchmarks.md]
+    python bench/delivery.py [--streams 50] [--readings 10000] [--out docs/benchmarks.md]
 
 Starts a local broker (deploy/kafka/kafka.sh), trains a small model, produces streams x readings JSON readings
 to a 4-partition topic, then runs the daemon over it once per setting (at_least_once and exactly_once, each
@@ -65,7 +65,7 @@ def main() -> int:
     """Run every setting and write the results."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--streams", type=int, default=50)
-    ap.add_argument("--readings", type=int, default=2000, help="readings per stream")
+    ap.add_argument("--readings", type=int, default=10000, help="readings per stream")
     ap.add_argument("--out", help="markdown file whose delivery section is replaced by the results")
     args = ap.parse_args()
     work = ROOT / "bench" / "results" / "delivery-work"

@@ -103,7 +103,7 @@ class KafkaSource(Source):
     grouped = True
 
     def __init__(self, bootstrap: str, topics: list[str], group_id: str, *, client: dict[str, Any],
-                 auto_offset_reset: str = "earliest", max_poll_records: int = 5000,
+                 auto_offset_reset: str = "earliest", max_poll_records: int = 20000,
                  session_timeout_ms: int = 10000) -> None:
         # the hand-over waits for a commit, which may take a request timeout plus a retry
         self.events = RebalanceEvents(handover_timeout_s=client.get("request_timeout_ms", 30000) / 1000 + 5)

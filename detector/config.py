@@ -102,7 +102,7 @@ class InputConfig(_Section):
     topics: list[str] = Field(default_factory=lambda: ["sensor-readings"], min_length=1)
     group_id: str = "detector"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    max_poll_records: int = Field(5000, ge=1)
+    max_poll_records: int = Field(20000, ge=1)
     poll_timeout_ms: int = Field(200, ge=1, le=10000)
     session_timeout_ms: int = Field(10000, ge=6000, le=300000)
     fields: FieldMap = FieldMap()

@@ -327,13 +327,13 @@ def _overall(files: list[LabelledFile], results: list[FileResult], fmt: str) -> 
         out["nab"] = {p: round(v["score"], 2) for p, v in nab.items()}
         out["nab_thresholds"] = {p: v["threshold"] for p, v in nab.items()}
         # the alerts as raised: each raise is one detection, at the thresholds the detector set itself
-        raised = [NabFile(_onsets(r.pred).astype(float), f.windows, f.name)
+        raised = [NabFile(_run_starts(r.pred).astype(float), f.windows, f.name)
                   for f, r in zip(files, results, strict=True)]
         out["nab_alerts"] = {p: round(normalised_score(raised, prof, 1.0), 2) for p, prof in PROFILES.items()}
     return out
 
 
-def _onsets(pred: np.ndarray) -> np.ndarray:
+def _run_starts(pred: np.ndarray) -> np.ndarray:
     """Rows where a run of flagged rows starts (for our detector: where an alert was raised)."""
     out = pred.astype(bool).copy()
     out[1:] &= ~pred[:-1].astype(bool)

@@ -13,7 +13,7 @@ import pytest
 from detector.cli import main
 from detector.config import Config
 from detector.datasets import LabelledFile, load_skab
-from detector.evaluate import EVAL_PARAMS, _onsets, baseline_scores, evaluate, onset, onset_rows, run_file
+from detector.evaluate import EVAL_PARAMS, _run_starts, baseline_scores, evaluate, onset, onset_rows, run_file
 from detector.nab import PROFILES, NabFile, file_score, nab_scores
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -90,9 +90,9 @@ def test_nab_alerts_count_each_raised_alert_once() -> None:
     pred = np.zeros(1000, bool)
     pred[200:300] = True  # one false alert, 100 rows long
     pred[505:] = True  # raised inside the window, never cleared
-    assert np.flatnonzero(_onsets(pred)).tolist() == [200, 505]
+    assert np.flatnonzero(_run_starts(pred)).tolist() == [200, 505]
     standard = PROFILES["standard"]
-    fs = file_score(_onsets(pred), [(500, 549)], standard)
+    fs = file_score(_run_starts(pred), [(500, 549)], standard)
     assert (fs.tp, fs.fp, fs.fn) == (1, 1, 0)
 
 

@@ -189,8 +189,10 @@ def daemon_tracebacks(text: str) -> list[str]:
     When a broker dies mid-read, kafka-python logs "Error receiving network data closing socket" at ERROR with
     the ConnectionResetError's traceback, then reconnects; when a client is closed while its I/O loop still has
     a read pending (the daemon force-closes a producer whose transactional request was lost), the same report
-    carries an AttributeError from the socket already set to None (docs/kafka.md). Neither is a failure of the
-    daemon. Anything else is.
+    carries an AttributeError from the socket already set to None; and when a connection drops while it is being
+    set up (a broker coming back), kafka-python logs "Failed to build connection log_prefix" with the OSError of
+    `getpeername()`, then goes on without the prefix (docs/kafka.md). None is a failure of the daemon. Anything
+    else is.
     """
     lines, found = text.splitlines(), []
     for i, line in enumerate(lines):
@@ -199,7 +201,9 @@ def daemon_tracebacks(text: str) -> list[str]:
         end = next((j for j in range(i + 1, len(lines)) if not lines[j].startswith(" ")), len(lines) - 1)
         socket_reset = (i > 0 and " ERROR kafka.net." in lines[i - 1]
                         and (lines[end].startswith(("ConnectionResetError", "BrokenPipeError"))
-                             or lines[end] == "AttributeError: 'NoneType' object has no attribute 'recv'"))
+                             or lines[end] == "AttributeError: 'NoneType' object has no attribute 'recv'"
+                             or (lines[i - 1].endswith("Failed to build connection log_prefix")
+                                 and lines[end].startswith("OSError: [Errno 107]"))))
         if not socket_reset:
             found.append("\n".join(lines[max(i - 1, 0): end + 1]))
     return found

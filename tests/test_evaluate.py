@@ -83,6 +83,7 @@ def test_evaluate_cli_on_nab_reports_the_three_profiles(tmp_path: Path, capsys: 
     assert set(saved["baselines"]["pca"]["overall"]["nab"]) == set(saved["overall"]["nab"])
     assert set(saved["overall"]["nab_alerts"]) == set(saved["overall"]["nab"])
     assert all(v <= 100 for v in saved["overall"]["nab_alerts"].values())
+    assert "ours, the alerts as raised" in (tmp_path / "report.html").read_text()
     assert "nab=" in capsys.readouterr().out
 
 

@@ -218,7 +218,7 @@ class KafkaSink(Sink):
     id left open.
     """
 
-    def __init__(self, bootstrap: str, *, client: dict[str, Any], linger_ms: int = 5,
+    def __init__(self, bootstrap: str, *, client: dict[str, Any], linger_ms: int = 5, batch_bytes: int = 262144,
                  transactional_id: str | None = None, transaction_timeout_ms: int = 60000,
                  on_error: Callable[[str, Exception], None] | None = None) -> None:
         tx = {"transactional_id": transactional_id, "transaction_timeout_ms": transaction_timeout_ms} \
@@ -231,6 +231,7 @@ class KafkaSink(Sink):
             acks="all",
             enable_idempotence=True,
             linger_ms=linger_ms,
+            batch_size=batch_bytes,  # a commit's thousands of checkpoints in few requests, not one per 16 KB
             retries=2147483647,
             max_in_flight_requests_per_connection=5,
             delivery_timeout_ms=120000,

@@ -117,6 +117,7 @@ class OutputConfig(_Section):
     alerts_topic: str = "sensor-alerts"
     dead_letter_topic: str = "sensor-readings-dlq"
     scores_topic: str | None = None  # every window's score, for dashboards and replay checks
+    batch_bytes: int = Field(262144, ge=16384, le=1048576)  # the producer's batch per partition
 
 
 class DeliveryConfig(_Section):
@@ -167,6 +168,7 @@ class ModelConfig(_Section):
     path: str = "models/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     features: list[str] | None = None  # when set, the model must have exactly these features, in this order
+    threads: int = Field(1, ge=0, le=1024)  # torch's CPU threads; 0: its default (one per core)
 
 
 class ScoringConfig(_Section):

@@ -47,7 +47,7 @@ from detector.artifact import check_features, load_artifact
 from detector.checkpoint import restore, snapshot
 from detector.config import Config, config_hash, load_config
 from detector.control import BadCommand, deleted, parse_command
-from detector.engine import pick_device
+from detector.engine import pick_device, use_threads
 from detector.errors import ConfigError, DetectorError
 from detector.logs import OncePerKind
 from detector.metrics import HealthServer, Metrics
@@ -555,7 +555,7 @@ def _connect(cfg: Config, stop: threading.Event) -> tuple[KafkaSource, KafkaSink
                                      max_poll_records=cfg.input.max_poll_records,
                                      session_timeout_ms=cfg.input.session_timeout_ms)
                 try:
-                    sink = KafkaSink(k.bootstrap_servers, client=client, **transactions(cfg))
+                    sink = KafkaSink(k.bootstrap_servers, client=client, **producer_settings(cfg))
                 except Exception:
                     source.close()
                     raise
@@ -588,7 +588,7 @@ def _new_producer(cfg: Config, stop: threading.Event) -> KafkaSink:
     delay = 1.0
     while True:
         try:
-            return KafkaSink(cfg.kafka.bootstrap_servers, client=kafka_client_settings(cfg), **transactions(cfg))
+            return KafkaSink(cfg.kafka.bootstrap_servers, client=kafka_client_settings(cfg), **producer_settings(cfg))
         except KafkaError as err:
             if stop.is_set():
                 raise SinkError(f"stopped before a new producer could start ({type(err).__name__})") from err
@@ -597,12 +597,13 @@ def _new_producer(cfg: Config, stop: threading.Event) -> KafkaSink:
             delay = min(delay * 2, cfg.kafka.connect_retry_max_s)
 
 
-def transactions(cfg: Config) -> dict[str, Any]:
-    """The producer's transaction settings: none for at_least_once."""
+def producer_settings(cfg: Config) -> dict[str, Any]:
+    """The producer's settings from the config: its batch size, and its transaction (none for at_least_once)."""
+    batching = {"batch_bytes": cfg.output.batch_bytes}
     if cfg.delivery.guarantee != "exactly_once":
-        return {}
+        return batching
     tid = cfg.delivery.transactional_id or f"{cfg.input.group_id}-{socket.gethostname()}"
-    return {"transactional_id": tid, "transaction_timeout_ms": cfg.delivery.transaction_timeout_ms}
+    return {**batching, "transactional_id": tid, "transaction_timeout_ms": cfg.delivery.transaction_timeout_ms}
 
 
 def _ensure_state_topic(cfg: Config, state: StateTopic, stop: threading.Event) -> bool:
@@ -658,11 +659,12 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
     With `config_path`, edits of that file (or SIGHUP) reload its thresholds, alerts and sensors sections.
     """
     device = pick_device(cfg.model.device)
+    threads = use_threads(cfg.model.threads)
     artifact = load_artifact(cfg.model.path, device)
     check_features(artifact, cfg.model.features)
-    log.info("model %s (%s) on %s: %d features, window %d, hop %d; config %s",
-             artifact.manifest.name, artifact.manifest.model_version, device, len(artifact.manifest.features),
-             artifact.manifest.window, artifact.manifest.hop, config_hash(cfg))
+    log.info("model %s (%s) on %s (%d CPU threads): %d features, window %d, hop %d; config %s",
+             artifact.manifest.name, artifact.manifest.model_version, device, threads,
+             len(artifact.manifest.features), artifact.manifest.window, artifact.manifest.hop, config_hash(cfg))
     log.info("effective config: %s", cfg.masked())
     state = StateTopic(cfg.kafka.bootstrap_servers, cfg.state_topic(), client=kafka_client_settings(cfg))
     control = ControlTopic(cfg.kafka.bootstrap_servers, cfg.control_topic(), client=kafka_client_settings(cfg)) \
@@ -711,7 +713,7 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
                 except SinkFenced as exc:
                     if time.monotonic() - fenced_at < 60:
                         raise SinkError(f"{exc} twice within a minute: is another daemon running with "
-                                        f"transactional_id {transactions(cfg)['transactional_id']!r}?") from exc
+                                        f"transactional_id {producer_settings(cfg)['transactional_id']!r}?") from exc
                     fenced_at = time.monotonic()
                     log.warning("%s (the broker aborted its transaction after delivery.transaction_timeout_ms, or its "
                                 "coordinator moved); starting a new producer and going back to the last commit", exc)

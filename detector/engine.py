@@ -20,7 +20,7 @@ from detector.rows import grown
 from detector.rows import step as next_capacity
 from detector.score import score_windows
 
-__all__ = ["Engine", "WindowScores", "EngineResult", "pick_device"]
+__all__ = ["Engine", "WindowScores", "EngineResult", "pick_device", "use_threads"]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -28,6 +28,13 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def use_threads(n: int) -> int:
+    """Run torch's CPU work on `n` threads (0: leave its default, one per core); returns the number in use."""
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 @dataclass(slots=True)

@@ -15,7 +15,10 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError
 
+from consumers.kafka import KafkaSink
 from detector.artifact import save_artifact
+from detector.config import parse_config
+from detector.daemon import producer_settings
 from detector.train import Series, train_model
 from tests.helpers import FEATURES, sine_values
 from tests.kafka_broker import free_ports
@@ -119,6 +122,7 @@ def test_daemon_scores_alerts_dead_letters_and_commits(kafka_bootstrap: str, top
     total = produce(kafka_bootstrap, topic)
     port = free_ports(1)[0]
     cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topic, alerts, dlq, group_id, model_dir, port)
+    cfg.write_text(cfg.read_text().replace("device: cpu}", "device: cpu, threads: 2}"))
     log = tmp_path / "daemon.log"
     proc = start_daemon(cfg, log)
     try:
@@ -143,6 +147,7 @@ def test_daemon_scores_alerts_dead_letters_and_commits(kafka_bootstrap: str, top
     assert took < 10, f"shutdown took {took:.1f} s"
     assert "Traceback" not in text
     assert "stopping: last batch flushed and committed" in text
+    assert "on cpu (2 CPU threads)" in text  # model.threads
     assert committed(kafka_bootstrap, group_id, topic) == ends, "SIGTERM left every scored record committed"
 
     alert_msgs = [orjson.loads(m.value) for m in drain(kafka_bootstrap, alerts, 3)]
@@ -159,6 +164,20 @@ def test_daemon_scores_alerts_dead_letters_and_commits(kafka_bootstrap: str, top
     reasons = {dict(m.headers)["reason"].decode() for m in dead}
     assert reasons == {"bad_json", "empty_value", "missing_timestamp", "unknown_feature", "non_numeric_value"}
     assert {m.value or b"" for m in dead} == set(BAD)
+
+
+def test_the_producer_packs_records_into_batches_of_output_batch_bytes(kafka_bootstrap: str, topic_factory) -> None:
+    topic = topic_factory(partitions=1)
+    settings = producer_settings(parse_config({"output": {"batch_bytes": 32768}}))
+    sink = KafkaSink(kafka_bootstrap, client={}, **settings)
+    try:
+        assert sink._producer.config["batch_size"] == 32768
+        for i in range(20):  # checkpoint-sized records, several to a batch
+            sink.send(topic, b"m%d" % i, bytes(4000))
+        sink.flush(30)
+    finally:
+        sink.close()
+    assert sorted(m.key for m in drain(kafka_bootstrap, topic, 20)) == sorted(b"m%d" % i for i in range(20))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -148,3 +148,16 @@ def test_adaptation_quiets_a_feature_that_runs_noisier_and_keeps_new_faults_visi
     assert np.median(s_adapt[during]) > 5 * np.median(s_adapt[before]), "the new fault stands out"
     assert (share[during].argmax(axis=1) == 1).mean() > 0.8, "and is attributed to feature 1"
     assert (levels["plain"] == 1.0).all() and (plain.level == 1.0).all(), "without a half-life nothing is learned"
+
+
+def test_use_threads_sets_torchs_cpu_threads_and_zero_keeps_its_default() -> None:
+    import torch
+
+    from detector.engine import use_threads
+    before = torch.get_num_threads()
+    try:
+        assert use_threads(1) == 1 == torch.get_num_threads()
+        assert use_threads(0) == 1  # 0 leaves whatever is set
+        assert use_threads(2) == 2 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

@@ -46,3 +46,13 @@ def test_summary_has_every_key_issue_6_names(tmp_path: Path, monkeypatch) -> Non
         "engine_speedup_1k_streams": 42.0, "ingest_ratio_vs_bare_consumer": 0.5,
         "batched_payload_readings_per_s": 1000, "latency_p99_ms": 900.0, "memory_ratio_to_tensor_bytes": 4.7,
         "gpu_readings_per_s_1m_streams": None, "machine": "box", "date": "2026-11-25"}
+
+
+def test_checkpoints_bench_reads_the_daemons_metrics() -> None:
+    from bench.checkpoints import metric
+    body = ("# HELP detector_commit_seconds Seconds a commit took\n"
+            "detector_commit_seconds_bucket{le=\"0.5\"} 20.0\n"
+            "detector_commit_seconds_count 21.0\ndetector_commit_seconds_sum 34.5\n")
+    assert metric(body, "detector_commit_seconds_count") == 21.0
+    assert metric(body, "detector_commit_seconds_sum") == 34.5
+    assert metric(body, "detector_checkpoint_bytes") == 0.0  # a sample missing from the text

@@ -3,6 +3,7 @@
 Accepted message forms (field names are mapped in config `input.fields`):
   one reading:   {"stream": "pump-17", "ts": 1700000000.5, "values": {"temp": 71.3, "rpm": 1480}}
   many readings: {"stream": "pump-17", "readings": [{"ts": ..., "values": {...}}, ...]}
+  as columns:    {"stream": "pump-17", "readings": {"ts": [t1, t2, ...], "values": {"temp": [v1, v2, ...], ...}}}
 `ts` is epoch seconds, epoch milliseconds (any number above 1e11) or an RFC 3339 string. A value of null
 is a missing reading value (a gap, imputed downstream with a mask), not bad input.
 """
@@ -135,6 +136,7 @@ class Decoder:
         ts: list[float] = []
         rows: list[list[float]] = []
         source: list[int] = []
+        columns: list[tuple[str, np.ndarray, np.ndarray, int]] = []  # messages in the columnar form
         rejects: list[Reject] = []
         horizon = now + self.max_future_s
         for i, rec in enumerate(records):
@@ -144,24 +146,38 @@ class Decoder:
                 if not isinstance(stream, str) or not stream:
                     raise _Bad("missing_stream", f"field {self._stream!r} must be a non-empty string")
                 batch = msg.get(self._readings)
-                items = batch if isinstance(batch, list) else [msg]
-                if isinstance(batch, list) and not batch:
-                    raise _Bad("no_values", f"field {self._readings!r} is an empty list")
-                parsed = [self._reading(item, horizon) for item in items]
-                self._unambiguous(rec, stream, single=not isinstance(batch, list))
+                if isinstance(batch, dict):
+                    block = self._columns(batch, horizon)
+                    parsed = []
+                else:
+                    items = batch if isinstance(batch, list) else [msg]
+                    if isinstance(batch, list) and not batch:
+                        raise _Bad("no_values", f"field {self._readings!r} is an empty list")
+                    parsed = [self._reading(item, horizon) for item in items]
+                self._unambiguous(rec, stream, single=not isinstance(batch, list | dict))
             except _Bad as bad:
                 rejects.append(Reject(i, bad.reason, bad.detail))
                 continue
+            if isinstance(batch, dict):
+                columns.append((stream, *block, i))
             for t, row in parsed:
                 streams.append(stream)
                 ts.append(t)
                 rows.append(row)
                 source.append(i)
-        if not ts:
+        if not ts and not columns:
             return Readings.empty(len(self.features)), rejects
         # values were only type-checked per reading; their range is checked here for the whole batch at once
-        values = np.array(rows, dtype=np.float64)  # None (a missing value) becomes NaN
+        values = np.array(rows, dtype=np.float64).reshape(len(rows), len(self.features))  # None becomes NaN
         src = np.array(source, dtype=np.int64)
+        stream_ids, times = np.array(streams, dtype=object), np.array(ts, dtype=np.float64)
+        if columns:  # in record order, as if every message had been in the row form
+            stream_ids = np.concatenate([stream_ids, *(np.full(len(c[1]), c[0], dtype=object) for c in columns)])
+            times = np.concatenate([times, *(c[1] for c in columns)])
+            values = np.concatenate([values, *(c[2] for c in columns)])
+            src = np.concatenate([src, *(np.full(len(c[1]), c[3], dtype=np.int64) for c in columns)])
+            order = np.argsort(src, kind="stable")
+            stream_ids, times, values, src = stream_ids[order], times[order], values[order], src[order]
         huge = (np.abs(values) > 3.0e38).any(axis=1)  # inf included: not a finite float32
         empty = np.isnan(values).all(axis=1)
         if huge.any() or empty.any():
@@ -175,14 +191,45 @@ class Decoder:
             keep = ~np.isin(src, list(bad_records))
             if not keep.any():
                 return Readings.empty(len(self.features)), sorted(rejects, key=lambda r: r.index)
-            values, src = values[keep], src[keep]
-            streams = [x for x, k in zip(streams, keep.tolist(), strict=True) if k]
-            ts = [x for x, k in zip(ts, keep.tolist(), strict=True) if k]
+            values, src, stream_ids, times = values[keep], src[keep], stream_ids[keep], times[keep]
             rejects.sort(key=lambda r: r.index)
-        return (
-            Readings(np.array(streams, dtype=object), np.array(ts), values.astype(np.float32), src),
-            rejects,
-        )
+        return Readings(stream_ids, times, values.astype(np.float32), src), rejects
+
+    def _columns(self, cols: dict[str, Any], horizon: float) -> tuple[np.ndarray, np.ndarray]:
+        """The columnar batched form: times and an (n, F) array of values, NaN where missing or not given."""
+        where = f"field {self._readings!r}"
+        raw = cols.get(self._ts)
+        if raw is None:
+            raise _Bad("missing_timestamp", f"{where} has no {self._ts!r} list")
+        if not isinstance(raw, list):
+            raise _Bad("bad_timestamp", f"{where}: {self._ts!r} must be a list of timestamps")
+        if not raw:
+            raise _Bad("no_values", f"{where} has no readings")
+        if set(map(type, raw)) <= {int, float}:  # epoch numbers: checked as parse_ts would, all at once
+            t = np.array(raw, dtype=np.float64)
+            if not (np.isfinite(t) & (t > 0)).all():
+                raise _Bad("bad_timestamp", f"{where}: every timestamp must be a positive finite time")
+            t = np.where(t > 1e11, t / 1000.0, t)
+        else:
+            t = np.array([parse_ts(x) for x in raw], dtype=np.float64)
+        if (t > horizon).any():
+            raise _Bad("future_timestamp", f"timestamp {t.max():.0f} is more than input.max_future_s ahead of now")
+        vals = cols.get(self._values)
+        if not isinstance(vals, dict):
+            raise _Bad("bad_values", f"{where}: {self._values!r} must be an object of feature: list of numbers")
+        out = np.full((len(t), len(self.features)), np.nan)
+        for name, col in vals.items():
+            j = self._col.get(name)
+            if j is None:
+                raise _Bad("unknown_feature", f"feature {str(name)[:40]!r} is not one of the model's features")
+            if not isinstance(col, list) or len(col) != len(t):
+                raise _Bad("bad_values", f"feature {name!r} must be a list of {len(t)} numbers or nulls, one per "
+                                         f"timestamp")
+            if not set(map(type, col)) <= _NUMERIC:
+                bad = next(v for v in col if type(v) not in _NUMERIC)
+                raise _Bad("non_numeric_value", f"feature {name!r} must be a number or null, got {bad!r:.40}")
+            out[:, j] = np.array(col, dtype=np.float64)  # null becomes NaN
+        return t, out
 
     def _unambiguous(self, rec: Record, stream: str, single: bool) -> None:
         """Reject a field given twice (JSON parsers keep one silently) and a key that is not the stream id."""

@@ -49,6 +49,22 @@ GOOD = {"stream": "p1", "ts": NOW - 10, "values": {"temp": 1.0, "vibration": 2, 
         ({"stream": "p", "ts": NOW, "values": {"temp": None}}, "no_values"),
         ({"stream": "p", "readings": []}, "no_values"),
         ({"stream": "p", "readings": [{"ts": NOW, "values": {"temp": 1}}, 5]}, "not_an_object"),
+        # the columnar batched form
+        ({"stream": "p", "readings": {"values": {"temp": [1]}}}, "missing_timestamp"),
+        ({"stream": "p", "readings": {"ts": NOW, "values": {"temp": [1]}}}, "bad_timestamp"),
+        ({"stream": "p", "readings": {"ts": [], "values": {"temp": []}}}, "no_values"),
+        ({"stream": "p", "readings": {"ts": [NOW, True], "values": {"temp": [1, 2]}}}, "bad_timestamp"),
+        ({"stream": "p", "readings": {"ts": [NOW, -5], "values": {"temp": [1, 2]}}}, "bad_timestamp"),
+        ({"stream": "p", "readings": {"ts": [NOW, "soon"], "values": {"temp": [1, 2]}}}, "bad_timestamp"),
+        ({"stream": "p", "readings": {"ts": [NOW, NOW + 86400 * 365], "values": {"temp": [1, 2]}}}, "future_timestamp"),
+        ({"stream": "p", "readings": {"ts": [NOW], "values": [[1]]}}, "bad_values"),
+        ({"stream": "p", "readings": {"ts": [NOW], "values": {"temp": 1}}}, "bad_values"),
+        ({"stream": "p", "readings": {"ts": [NOW, NOW - 1], "values": {"temp": [1]}}}, "bad_values"),
+        ({"stream": "p", "readings": {"ts": [NOW], "values": {"humidity": [1]}}}, "unknown_feature"),
+        ({"stream": "p", "readings": {"ts": [NOW], "values": {"temp": ["71.2"]}}}, "non_numeric_value"),
+        ({"stream": "p", "readings": {"ts": [NOW], "values": {"temp": [False]}}}, "non_numeric_value"),
+        ({"stream": "p", "readings": {"ts": [NOW], "values": {"temp": [1e300]}}}, "non_numeric_value"),
+        ({"stream": "p", "readings": {"ts": [NOW, NOW - 1], "values": {"temp": [1, None]}}}, "no_values"),
     ],
 )
 def test_bad_records_are_rejected_with_their_reason(decoder: Decoder, value: object, reason: str) -> None:
@@ -77,6 +93,26 @@ def test_batched_form_carries_many_readings_of_one_stream(decoder: Decoder) -> N
     assert not rejects
     assert rd.streams.tolist() == ["pump-9"] * 3 and rd.source.tolist() == [0, 0, 0]
     assert rd.values[:, 0].tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("ts", [[NOW - 3, (NOW - 2) * 1000, NOW - 1],  # epoch numbers: checked all at once
+                                [NOW - 3, (NOW - 2) * 1000, "2023-11-14T22:13:19+00:00"]])  # one by one
+def test_columnar_batched_form_decodes_as_the_row_form(decoder: Decoder, ts: list) -> None:
+    rows = [{"temp": 1.0, "pressure": 2}, {"temp": None, "pressure": 3.5}, {"vibration": 4}]
+    row_form = {"stream": "pump-9", "readings": [{"ts": t, "values": v} for t, v in zip(ts, rows, strict=True)]}
+    col_form = {"stream": "pump-9", "readings": {"ts": ts, "values": {
+        "temp": [1.0, None, None], "pressure": [2, 3.5, None], "vibration": [None, None, 4]}}}
+    decoded = []
+    for msg in (row_form, col_form):
+        rd, rejects = decoder.decode([record(GOOD, 0), record(msg, 1), record(GOOD | {"ts": NOW - 5}, 2)], NOW)
+        assert not rejects
+        decoded.append(rd)
+    rows_, cols = decoded
+    assert cols.source.tolist() == rows_.source.tolist() == [0, 1, 1, 1, 2]  # in record order
+    assert cols.streams.tolist() == rows_.streams.tolist() == ["p1"] + ["pump-9"] * 3 + ["p1"]
+    assert cols.ts.tolist() == rows_.ts.tolist() and cols.ts[1:4].tolist() == [NOW - 3, NOW - 2, NOW - 1]
+    np.testing.assert_array_equal(cols.values, rows_.values)  # missing values NaN in the same places
+    assert cols.values.dtype == np.float32
 
 
 def test_field_names_are_mapped(decoder: Decoder) -> None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import sys
 import time
@@ -28,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ingest import config, model  # noqa: E402
-from bench.report import replace_section  # noqa: E402
+from bench.report import machine, replace_section  # noqa: E402
 from bench.soak import SteadyProducer  # noqa: E402
 from tests.kafka_broker import KafkaBroker, create_topic  # noqa: E402
 from tests.reliability import DaemonProc, total_committed  # noqa: E402
@@ -87,7 +85,7 @@ def main() -> int:
             for bb in BATCH_BYTES if rep % 2 == 0 else BATCH_BYTES[::-1]:
                 runs.append(run(broker.bootstrap, model_dir, work, bb, args.streams, args.rate, args.seconds))
                 print(runs[-1], flush=True)
-    result = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
+    result = {"machine": machine(),
               "date": datetime.now(UTC).strftime("%Y-%m-%d"), "streams": args.streams, "rate": args.rate,
               "seconds": args.seconds, "runs": runs}
     (ROOT / "bench" / "results" / "checkpoints.json").write_text(json.dumps(result, indent=2) + "\n")

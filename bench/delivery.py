@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import uuid
 from datetime import UTC, datetime
@@ -26,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from kafka import KafkaProducer  # noqa: E402
 
 from bench.ingest import commit_progress  # noqa: E402
-from bench.report import replace_section  # noqa: E402
+from bench.report import machine, replace_section  # noqa: E402
 from detector.artifact import save_artifact  # noqa: E402
 from detector.train import Series, TrainParams, train_model  # noqa: E402
 from tests.helpers import FEATURES, sine_values  # noqa: E402
@@ -92,7 +90,7 @@ def main() -> int:
     base = rows[0]["readings_per_s"]
     for r in rows:
         r["ratio_to_at_least_once_1s"] = round(r["readings_per_s"] / base, 2)
-    result = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
+    result = {"machine": machine(),
               "date": datetime.now(UTC).strftime("%Y-%m-%d"), "readings": len(items), "streams": args.streams,
               "results": rows}
     out = ROOT / "bench" / "results" / "delivery.json"

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 import uuid
@@ -40,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
-from bench.report import replace_section  # noqa: E402
+from bench.report import machine, replace_section  # noqa: E402
 from detector.artifact import Manifest, save_artifact  # noqa: E402
 from detector.model import LSTMAutoencoder  # noqa: E402
 from detector.train import CALIBRATION_LEVELS  # noqa: E402
@@ -251,7 +249,7 @@ def main() -> int:
         print(f"latency at {lat['rate']:,}/s, windows staggered: {lat}", flush=True)
         burst = latency(bs, model_dir, work, args.streams, rate_daemon / 2, args.latency_seconds)
         print(f"latency at {burst['rate']:,}/s, every window due at once: {burst}", flush=True)
-    result = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
+    result = {"machine": machine(),
               "date": datetime.now(UTC).strftime("%Y-%m-%d"), "streams": args.streams, "messages": total,
               "bare_messages_per_s": round(rate_bare), "daemon_readings_per_s": round(rate_daemon),
               "ingest_ratio_vs_bare_consumer": round(rate_daemon / rate_bare, 3),

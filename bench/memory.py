@@ -22,8 +22,6 @@ import argparse
 import ctypes
 import gc
 import json
-import os
-import platform
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -32,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.report import replace_section  # noqa: E402
+from bench.report import machine, replace_section  # noqa: E402
 
 F, WINDOW, HOP, HIDDEN = 8, 64, 16, 48
 
@@ -121,7 +119,7 @@ def main() -> int:
         out = subprocess.run([sys.executable, __file__, "--one", str(s)], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    result = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
+    result = {"machine": machine(),
               "date": datetime.now(UTC).strftime("%Y-%m-%d"), "model": f"{F} features, window {WINDOW}, hop {HOP}, "
               f"hidden {HIDDEN}, 1 layer", "results": rows}
     (ROOT / "bench" / "results" / "memory.json").write_text(json.dumps(result, indent=2) + "\n")

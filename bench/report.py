@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
-__all__ = ["replace_section"]
+__all__ = ["machine", "replace_section"]
+
+
+def machine() -> str:
+    """The machine a benchmark ran on, as its results name it: host (architecture, cores)."""
+    return f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 def replace_section(path: str | Path, key: str, title: str, body: str) -> None:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import threading
 import time
@@ -31,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ingest import FEATURES, T0, config, model  # noqa: E402
-from bench.report import replace_section  # noqa: E402
+from bench.report import machine, replace_section  # noqa: E402
 from tests.kafka_broker import KafkaBroker, create_topic  # noqa: E402
 from tests.reliability import DaemonProc, total_committed  # noqa: E402
 
@@ -113,7 +111,7 @@ def main() -> int:
         assert daemon.stop() == 0, daemon.text()[-3000:]
     rss = [r for _, r in samples]
     spread = (max(rss) - min(rss)) / rss[0]
-    result = {"machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
+    result = {"machine": machine(),
               "date": datetime.now(UTC).strftime("%Y-%m-%d"), "minutes": args.minutes, "streams": args.streams,
               "rate": args.rate, "sent": producer.sent, "uncommitted_at_end": lag,
               "rss_first_mib": rss[0], "rss_last_mib": rss[-1], "rss_min_mib": min(rss), "rss_max_mib": max(rss),

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -124,10 +125,9 @@ def run_file(f: LabelledFile, cfg: Config, params: TrainParams = EVAL_PARAMS,
                         f"file's ({','.join(f.features)})")
     daemon = Daemon(cfg, Pipeline(cfg, art, "cpu"))
     T = len(f.timestamps)
-    score = np.zeros(T)
+    score = np.full(T, np.nan)  # each window's score from the row that completes it; NaN before the first
     src, sink = IterSource(_records(f), batch_size=8 * art.manifest.hop), ListSink()
     warning = np.nan
-    last_end = -1
     while not src.exhausted:
         batch = src.poll_batch(0)
         if not batch:
@@ -136,10 +136,7 @@ def run_file(f: LabelledFile, cfg: Config, params: TrainParams = EVAL_PARAMS,
         ws = out.windows
         if ws is None or not len(ws):
             continue
-        ends = np.array([batch[int(out.readings.source[r])].offset for r in ws.reading])
-        for e, s in zip(ends.tolist(), ws.score.tolist(), strict=True):
-            score[last_end + 1: e + 1] = s
-            last_end = e
+        score[[batch[int(out.readings.source[r])].offset for r in ws.reading]] = ws.score
         warning = float(out.warning[-1])
     daemon.commit(src, sink)
     pred = np.zeros(T, bool)
@@ -158,32 +155,32 @@ def run_file(f: LabelledFile, cfg: Config, params: TrainParams = EVAL_PARAMS,
             opened = None
     if opened is not None:
         pred[opened:] = True
+    score = pd.Series(score).ffill().to_numpy()  # a row carries the newest score known when it arrived
     prob = nab_score(score, f.train_rows)
     rejected = len(sink.on(cfg.output.dead_letter_topic))
-    return FileResult(f.name, score, prob, pred, warning, tops, time.monotonic() - t0, rejected)
+    return FileResult(f.name, np.nan_to_num(score), prob, pred, warning, tops, time.monotonic() - t0, rejected)
 
 
 LIKELIHOOD_HISTORY = 8640
-LIKELIHOOD_AVERAGING = 10
-"""Rows of history and of short-term averaging in the likelihood transform (Numenta's defaults, not tuned)."""
+"""Rows of history in the likelihood transform (Numenta's default, not tuned)."""
 
 
-def likelihood(score: np.ndarray, history: int = LIKELIHOOD_HISTORY, averaging: int = LIKELIHOOD_AVERAGING,
+def likelihood(score: np.ndarray, history: int = LIKELIHOOD_HISTORY, averaging: int = 1,
                min_history: int = 50) -> np.ndarray:
-    """Per-row anomaly likelihood in [0, 1]: how unusual the recent score is against the file's past scores.
+    """Per-row anomaly likelihood in [0, 1]: how unusual the score is against the file's past scores.
 
-    The log score averaged over the last `averaging` rows is compared with the mean and standard deviation
-    of the log scores of up to `history` rows before it (a Gaussian tail probability, as in Numenta's
-    anomaly likelihood). Only the past is used; rows with less than `min_history` rows of past get 0.5.
-    It makes scores of different files comparable, which NAB needs: one threshold serves the whole corpus.
+    The score (averaged over the last `averaging` rows) is compared with the mean and standard deviation of
+    the scores of up to `history` rows before it, as a Gaussian tail probability: Numenta's anomaly
+    likelihood. Numenta averages its per-row scores over 10 rows; ours already summarises a window of rows,
+    so the default is no averaging. Only the past is used; NaN scores (rows before the first window) are
+    left out, and rows with less than `min_history` scored rows of past get 0.5. It makes scores of
+    different files comparable, which NAB needs: one threshold serves the whole corpus.
 
     >>> p = likelihood(np.r_[np.ones(100), 50.0, np.ones(20)] + np.linspace(0, 0.01, 121))
     >>> bool(p[100] > 0.99), bool(p[:50].max() == 0.5)
     (True, True)
     """
-    import pandas as pd
-
-    x = pd.Series(np.log(np.maximum(score, 1e-9)))
+    x = pd.Series(score, dtype=np.float64)
     mu = x.rolling(history, min_periods=min_history).mean().shift(1)
     sd = x.rolling(history, min_periods=min_history).std().shift(1)
     recent = x.rolling(averaging, min_periods=1).mean()
@@ -213,8 +210,6 @@ def onset(prob: np.ndarray, span: int) -> np.ndarray:
     >>> onset(np.array([0.5, 0.9, 0.95, 0.95, 0.9, 0.5, 0.5, 0.92]), span=3).tolist()
     [0.5, 0.9, 0.95, 0.0, 0.0, 0.0, 0.0, 0.92]
     """
-    import pandas as pd
-
     prev = pd.Series(prob).shift(1).rolling(max(span, 1), min_periods=1).max().fillna(-np.inf).to_numpy()
     return np.where(prob > prev, prob, 0.0)
 
@@ -395,8 +390,6 @@ def evaluate(files: list[LabelledFile], fmt: str, out_dir: str | Path, cfg: Conf
 
 
 def _write_scores(path: Path, f: LabelledFile, r: FileResult, base: dict[str, list[FileResult]], i: int) -> None:
-    import pandas as pd
-
     cols: dict[str, Any] = {"timestamp": f.timestamps, "label": f.labels.astype(int),
                             "train": (np.arange(len(f.labels)) < f.train_rows).astype(int),
                             "score": r.score, "nab_score": r.prob, "alert": r.pred.astype(int)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,16 @@ import pytest
 from detector.cli import main
 from detector.config import Config
 from detector.datasets import LabelledFile, load_skab
-from detector.evaluate import EVAL_PARAMS, _run_starts, baseline_scores, evaluate, onset, onset_rows, run_file
+from detector.evaluate import (
+    EVAL_PARAMS,
+    _run_starts,
+    baseline_scores,
+    evaluate,
+    likelihood,
+    onset,
+    onset_rows,
+    run_file,
+)
 from detector.nab import PROFILES, NabFile, file_score, nab_scores
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -40,6 +50,28 @@ def test_our_detector_flags_the_fault_and_names_the_sensor() -> None:
     assert r.pred[:600].mean() < 0.1, "few normal rows are flagged"
     during = [name for row, name in r.raised if row >= 600]
     assert during and all(name == "b" for name in during), r.raised
+
+
+def test_a_row_carries_only_the_score_of_a_window_complete_when_it_arrived() -> None:
+    # window 16, hop 4, one stream, no rejected rows: windows end at rows 15, 19, 23, ... (0-based), so the
+    # per-row score may change only there, and rows before the first window have no score (0)
+    f = step_file()
+    r = run_file(f, Config(), FAST)
+    W, hop = FAST.window, FAST.hop
+    changes = np.flatnonzero(np.diff(r.score) != 0) + 1
+    assert len(changes) > 100
+    assert ((changes + 1) % hop == 0).all() and changes.min() == W - 1, changes[:10]
+    assert (r.score[: W - 1] == 0).all()
+
+
+def test_likelihood_is_the_gaussian_tail_of_the_raw_score_against_its_past() -> None:
+    # 200 scores alternating 1 and 3 (mean 2, sample sd sqrt(200/199)), then a 5: z = 3 / 1.00251
+    past = np.tile([1.0, 3.0], 100)
+    p = likelihood(np.r_[past, 5.0, np.nan], min_history=50)
+    z = 3.0 / np.sqrt(200 / 199)
+    assert p[200] == pytest.approx(0.5 * (1 + math.erf(z / math.sqrt(2))), abs=1e-9)  # 0.99863, not of log scores
+    assert p[201] == 0.5 and p[:50].max() == 0.5  # no score, or too little past
+    assert p[50] == pytest.approx(0.5 * (1 + math.erf((1 - 2) / np.std(past[:50], ddof=1) / math.sqrt(2))))
 
 
 @pytest.mark.parametrize("kind", ["hst", "pca"])

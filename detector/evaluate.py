@@ -396,7 +396,7 @@ def _write_scores(path: Path, f: LabelledFile, r: FileResult, base: dict[str, li
     for b, results in base.items():
         cols[f"{b}_score"] = results[i].score
         cols[f"{b}_flag"] = results[i].pred.astype(int)
-    pd.DataFrame(cols).to_csv(path, index=False, float_format="%.6g")
+    pd.DataFrame(cols).to_csv(path, index=False, float_format="%.17g")  # round-trips: the NAB sweep reruns from it
 
 
 def _report(path: Path, summary: dict[str, Any], files: list[LabelledFile], ours: list[FileResult],

@@ -13,7 +13,7 @@ import pytest
 
 from detector.cli import main
 from detector.config import Config
-from detector.datasets import LabelledFile, load_skab
+from detector.datasets import LabelledFile, load_nab, load_skab
 from detector.evaluate import (
     EVAL_PARAMS,
     _run_starts,
@@ -117,6 +117,15 @@ def test_evaluate_cli_on_nab_reports_the_three_profiles(tmp_path: Path, capsys: 
     assert all(v <= 100 for v in saved["overall"]["nab_alerts"].values())
     assert "ours, the alerts as raised" in (tmp_path / "report.html").read_text()
     assert "nab=" in capsys.readouterr().out
+    # the per-row CSVs hold every digit: NAB's sweep over their nab_score gives the summary's figures again
+    files = [f for f in load_nab(DATA / "NAB") if "artificialWithAnomaly/art_daily_j" in f.name][:2]
+    frames = [pd.read_csv(tmp_path / "scores" / (f.name.replace("/", "__").removesuffix(".csv") + ".csv"))
+              for f in files]
+    for f, frame in zip(files, frames, strict=True):
+        assert np.array_equal(frame["timestamp"].to_numpy(), f.timestamps)
+    again = nab_scores([NabFile(fr["nab_score"].to_numpy(), f.windows, f.name) for f, fr in zip(files, frames,
+                                                                                                  strict=True)])
+    assert {k: round(v["score"], 2) for k, v in again.items()} == saved["overall"]["nab"]
 
 
 def test_nab_alerts_count_each_raised_alert_once() -> None:

@@ -21,9 +21,12 @@ def _load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _at(result: dict[str, Any] | None, streams: int, key: str) -> float | None:
-    """`key` of the row for `streams` streams in a result's `results` list."""
-    rows = [r for r in (result or {}).get("results", []) if r.get("streams") == streams]
+def _at(result: dict[str, Any] | None, streams: int, key: str, precision: str | None = "float32") -> float | None:
+    """`key` of the row for `streams` streams in a result's `results` list (None: the highest of any precision)."""
+    rows = [r for r in (result or {}).get("results", []) if r.get("streams") == streams
+            and (precision is None or r.get("precision", "float32") == precision)]
+    if precision is None:
+        return max((r[key] for r in rows if r.get(key) is not None), default=None)
     return rows[0].get(key) if rows else None
 
 
@@ -40,7 +43,7 @@ def summary() -> dict[str, Any]:
         "latency_p99_ms": ((ingest or {}).get("latency") or {}).get("p99_ms"),
         "memory_ratio_to_tensor_bytes": max(ratios) if ratios else None,  # the worse of the fleet sizes measured
         "memory_spread_over_soak": (soak or {}).get("rss_spread"),  # (max - min) / first RSS over the steady run
-        "gpu_readings_per_s_1m_streams": _at(gpu, 1_000_000, "engine_batched_readings_per_s"),
+        "gpu_readings_per_s_1m_streams": _at(gpu, 1_000_000, "engine_batched_readings_per_s", None),  # best precision
         "machine": "; ".join(sorted({r["machine"] for r in dated})) or None,
         "date": max((r["date"] for r in dated), default=None),
         "sources": {n: (r or {}).get("date") for n, r in (("throughput.json", throughput), ("ingest.json", ingest),

@@ -1,7 +1,7 @@
 """Scoring throughput: the batched engine against the same model run stream by stream, side by side.
 
     python bench/throughput.py [--streams 1000 10000 100000] [--window 64 --hop 16] [--device auto]
-                               [--out docs/benchmarks.md]
+                               [--precision float32 bfloat16] [--out docs/benchmarks.md]
 
 For each fleet size S it builds a model of issue 6's shape (8 features, window 64, hop 16, hidden 48,
 untrained: speed does not depend on the weights), warms every stream up to a full window, then times:
@@ -14,10 +14,12 @@ untrained: speed does not depend on the weights), warms every stream up to a ful
   alert state machine): what the daemon does per poll, minus Kafka.
 
 Rates are readings per second, best of three repetitions; the ratio batched / stream by stream is measured in
-the same run. Large fleets time fewer batches (about 2 million readings per repetition at most), and the
-pipeline is timed only up to --pipeline-max streams (its JSON records of a 100,000-stream batch alone take
-gigabytes). Results go to bench/results/throughput.json (bench/results/gpu.json with --device cuda); with --out
-the table replaces the section between the markers in that file.
+the same run. With several --precision values (model.precision: float32, bfloat16, float16 on CUDA) each fleet
+size is timed in each, one after the other in the same run. Large fleets time fewer batches (about 2 million
+readings per repetition at most), and the pipeline is timed only up to --pipeline-max streams (its JSON records
+of a 100,000-stream batch alone take gigabytes). Results go to bench/results/throughput.json
+(bench/results/gpu.json with --device cuda); with --out the table replaces the section between the markers in
+that file.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from consumers.base import Record  # noqa: E402
 from detector.artifact import Artifact, Manifest  # noqa: E402
 from detector.config import Config  # noqa: E402
 from detector.decode import Readings  # noqa: E402
-from detector.engine import Engine, pick_device  # noqa: E402
+from detector.engine import PRECISIONS, Engine, pick_device  # noqa: E402
 from detector.model import LSTMAutoencoder  # noqa: E402
 from detector.pipeline import Pipeline  # noqa: E402
 from detector.train import CALIBRATION_LEVELS  # noqa: E402
@@ -75,12 +77,20 @@ def batches(streams: int, n: int, start: float = 1.7e9) -> list[Readings]:
     return out
 
 
-def as_records(r: Readings) -> list[Record]:
-    """The readings as the JSON records the daemon would poll."""
-    out = []
-    for i, (s, t, v) in enumerate(zip(r.streams.tolist(), r.ts.tolist(), r.values.tolist(), strict=True)):
-        body = orjson.dumps({"stream": s, "ts": t, "values": dict(zip(FEATURES, v, strict=True))})
-        out.append(Record("in", 0, i, s.encode(), body, 0))
+def as_records(batches: list[Readings], first_offset: int = 0) -> list[list[Record]]:
+    """The batches as the JSON records the daemon would poll, at consecutive offsets of one partition.
+
+    The offsets must grow from batch to batch: the pipeline skips a record at or below the offset its stream's
+    state already holds, as a replay.
+    """
+    out, offset = [], first_offset
+    for r in batches:
+        recs = []
+        for s, t, v in zip(r.streams.tolist(), r.ts.tolist(), r.values.tolist(), strict=True):
+            body = orjson.dumps({"stream": s, "ts": t, "values": dict(zip(FEATURES, v, strict=True))})
+            recs.append(Record("in", 0, offset, s.encode(), body, 0))
+            offset += 1
+        out.append(recs)
     return out
 
 
@@ -89,15 +99,16 @@ def take(r: Readings, idx: np.ndarray) -> Readings:
     return Readings(r.streams[idx], r.ts[idx], r.values[idx], r.source[idx])
 
 
-def bench(streams: int, n_batches: int, device: torch.device, with_pipeline: bool = True) -> dict[str, float | None]:
-    """The three rates for one fleet size (pipeline None when left out)."""
+def bench(streams: int, n_batches: int, device: torch.device, with_pipeline: bool = True,
+          precision: str = "float32") -> dict[str, float | None]:
+    """The three rates for one fleet size in one model precision (pipeline None when left out)."""
     art = artifact()
     warm = batches(streams, WINDOW // HOP)
     data = batches(streams, n_batches, start=1.7e9 + 60.0 * WINDOW)
     total = n_batches * streams * HOP
 
     def fresh_engine() -> Engine:
-        e = Engine(art, device=device, capacity=streams)
+        e = Engine(art, device=device, capacity=streams, precision=precision)
         for w in warm:
             e.score_batch(w)
         return e
@@ -127,18 +138,19 @@ def bench(streams: int, n_batches: int, device: torch.device, with_pipeline: boo
                 e.score_batch(part)
         one_by_one.seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
 
-    cfg = Config()
-    records = [as_records(b) for b in data] if with_pipeline else []
-    warm_records = [as_records(b) for b in warm] if with_pipeline else []
+    cfg = Config.model_validate({"model": {"precision": precision}})
+    warm_records = as_records(warm) if with_pipeline else []
+    records = as_records(data, first_offset=sum(len(b) for b in warm)) if with_pipeline else []
 
     def pipeline() -> None:
         p = Pipeline(cfg, art, str(device))
         for w in warm_records:
             p.process(w, now=2e9)
         t0 = time.perf_counter()
-        for rec in records:
-            p.process(rec, now=2e9)
+        windows = sum(len(p.process(rec, now=2e9).windows or ()) for rec in records)
         pipeline.seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
+        if windows != n_batches * streams:  # every stream completes one window per batch: nothing was skipped
+            raise RuntimeError(f"the pipeline scored {windows} windows, not {n_batches * streams}")
 
     rate_batched = timed(batched)
     best = float("inf")
@@ -158,6 +170,8 @@ def main() -> int:
     ap.add_argument("--hop", type=int, default=16)
     ap.add_argument("--pipeline-max", type=int, default=10000, help="largest fleet whose pipeline is timed")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", nargs="+", default=["float32"], choices=list(PRECISIONS),
+                    help="model.precision values to time, side by side (float16 needs CUDA)")
     ap.add_argument("--out", help="markdown file whose throughput section is replaced by the results")
     ap.add_argument("--results", help="JSON file for the results (default bench/results/throughput.json, or "
                                       "gpu.json on CUDA)")
@@ -169,27 +183,31 @@ def main() -> int:
     rows, results = [], []
     for s in args.streams:
         n = max(2, min(args.batches, 2_000_000 // (s * HOP)))
-        r = bench(s, n, device, with_pipeline=s <= args.pipeline_max)
-        results.append({"streams": s, "batches": n, "engine_batched_readings_per_s": round(r["batched"]),
-                        "engine_single_readings_per_s": round(r["single"]),
-                        "speedup": round(r["batched"] / r["single"], 1),
-                        "pipeline_readings_per_s": None if r["pipeline"] is None else round(r["pipeline"])})
-        pipe = "not timed" if r["pipeline"] is None else f"{r['pipeline']:,.0f}"
-        rows.append(f"| {s:,} | {r['batched']:,.0f} | {r['single']:,.0f} | {r['batched'] / r['single']:.0f}x "
-                    f"| {pipe} |")
-        print(rows[-1], flush=True)
+        for precision in args.precision:
+            r = bench(s, n, device, with_pipeline=s <= args.pipeline_max, precision=precision)
+            results.append({"streams": s, "precision": precision, "batches": n,
+                            "engine_batched_readings_per_s": round(r["batched"]),
+                            "engine_single_readings_per_s": round(r["single"]),
+                            "speedup": round(r["batched"] / r["single"], 1),
+                            "pipeline_readings_per_s": None if r["pipeline"] is None else round(r["pipeline"])})
+            pipe = "not timed" if r["pipeline"] is None else f"{r['pipeline']:,.0f}"
+            rows.append(f"| {s:,} | {precision} | {r['batched']:,.0f} | {r['single']:,.0f} | "
+                        f"{r['batched'] / r['single']:.0f}x | {pipe} |")
+            print(rows[-1], flush=True)
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, device {device}"
                + (f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else "")
                + f"; torch {torch.__version__}, Python {platform.python_version()}")
     table = "\n".join([
         BEGIN,
         f"Machine: {machine}; {datetime.now(UTC):%Y-%m-%d}. Command: `python bench/throughput.py --streams "
-        f"{' '.join(map(str, args.streams))} --window {WINDOW} --hop {HOP} --device {args.device}`. Readings per "
+        f"{' '.join(map(str, args.streams))} --window {WINDOW} --hop {HOP} --device {args.device} --precision "
+        f"{' '.join(args.precision)}`. Readings per "
         f"second, best of three; untrained model of 8 features, window {WINDOW}, hop {HOP}, hidden {HIDDEN}; each "
         f"poll batch holds {HOP} readings of every stream.",
         "",
-        "| streams | engine, batched | engine, stream by stream | ratio | pipeline (decode to alerts), batched |",
-        "|---|---|---|---|---|",
+        "| streams | model.precision | engine, batched | engine, stream by stream | ratio | pipeline (decode to "
+        "alerts), batched |",
+        "|---|---|---|---|---|---|",
         *rows,
         END,
     ])

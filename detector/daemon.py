@@ -662,8 +662,9 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
     threads = use_threads(cfg.model.threads)
     artifact = load_artifact(cfg.model.path, device)
     check_features(artifact, cfg.model.features)
-    log.info("model %s (%s) on %s (%d CPU thread%s): %d features, window %d, hop %d; config %s",
+    log.info("model %s (%s) on %s (%d CPU thread%s, %s): %d features, window %d, hop %d; config %s",
              artifact.manifest.name, artifact.manifest.model_version, device, threads, "" if threads == 1 else "s",
+             cfg.model.precision,
              len(artifact.manifest.features), artifact.manifest.window, artifact.manifest.hop, config_hash(cfg))
     log.info("effective config: %s", cfg.masked())
     state = StateTopic(cfg.kafka.bootstrap_servers, cfg.state_topic(), client=kafka_client_settings(cfg))

@@ -16,11 +16,15 @@ import torch
 
 from detector.artifact import Artifact
 from detector.decode import Readings
+from detector.errors import ModelError
 from detector.rows import grown
 from detector.rows import step as next_capacity
 from detector.score import score_windows
 
-__all__ = ["Engine", "WindowScores", "EngineResult", "pick_device", "use_threads"]
+__all__ = ["Engine", "WindowScores", "EngineResult", "pick_device", "use_threads", "PRECISIONS"]
+
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The model's arithmetic by config name: None runs in float32, the others under torch autocast."""
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -87,9 +91,14 @@ class Engine:
     """Scores batches of readings for any number of streams with one stateful model."""
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", max_gap_s: float = 3600.0,
-                 capacity: int = 256, adapt_halflife: float = 0.0) -> None:
+                 capacity: int = 256, adapt_halflife: float = 0.0, precision: str = "float32") -> None:
         m = artifact.manifest
         self.device = torch.device(device)
+        self.precision = precision
+        self._autocast = PRECISIONS[precision]  # the state table stays float32 whatever the model computes in
+        if precision == "float16" and self.device.type != "cuda":
+            raise ModelError(f"model.precision float16 needs a CUDA device, and the model runs on "
+                             f"{self.device.type}: use bfloat16 or float32 there")
         self.model = artifact.model.to(self.device).eval()
         self.manifest = m
         self.window, self.hop, self.n_features = m.window, m.hop, len(m.features)
@@ -272,7 +281,8 @@ class Engine:
             ut = torch.as_tensor(u, device=dev)
             x = torch.as_tensor(filled[:, 1:], device=dev)
             m = torch.as_tensor(present[:, 1:], device=dev)
-            out, (hn, cn) = self.model.encode(x, torch.as_tensor(counts), (self.h[:, ut], self.c[:, ut]))
+            with self._mixed():
+                out, (hn, cn) = self.model.encode(x, torch.as_tensor(counts), (self.h[:, ut], self.c[:, ut]))
             ext = torch.cat([self.buf[ut], x], dim=1)
             mext = torch.cat([self.bmask[ut], m], dim=1)
             text = np.concatenate([self.bts[u], ts_pad], axis=1)
@@ -284,7 +294,8 @@ class Engine:
                 gi_t, gj_t = torch.as_tensor(gi, device=dev), torch.as_tensor(gj, device=dev)
                 win = ext.unfold(1, W, 1)[gi_t, gj_t + 1].transpose(1, 2)
                 wmask = mext.unfold(1, W, 1)[gi_t, gj_t + 1].transpose(1, 2)
-                recon = self.model.decode(out[gi_t, gj_t])
+                with self._mixed():
+                    recon = self.model.decode(out[gi_t, gj_t]).float()
                 scale = torch.as_tensor(self.level[u[gi]], device=dev) if self.adapt_rate else None
                 score, per_feature, share, direction = score_windows(
                     win, recon, wmask, self._err_mean, self._err_std, hop, self.manifest.score_aggregate, scale
@@ -306,7 +317,7 @@ class Engine:
                 result = WindowScores.concat([], F)
 
             keep = torch.as_tensor(counts[:, None] + np.arange(W)[None, :], device=dev)
-            self.h[:, ut], self.c[:, ut] = hn, cn
+            self.h[:, ut], self.c[:, ut] = hn.float(), cn.float()
             self.buf[ut] = ext.gather(1, keep[..., None].expand(R, W, F))
             self.bmask[ut] = mext.gather(1, keep[..., None].expand(R, W, F))
         self.bts[u] = np.take_along_axis(text, counts[:, None] + np.arange(W)[None, :], axis=1)
@@ -315,6 +326,11 @@ class Engine:
         self.last_val[u] = filled[np.arange(R), counts]
         return result
 
+
+    def _mixed(self) -> torch.autocast:
+        """The autocast context of model.precision (a no-op for float32)."""
+        return torch.autocast(self.device.type, dtype=self._autocast or torch.bfloat16,
+                              enabled=self._autocast is not None)
 
     def _adapt(self, rows: np.ndarray, level: np.ndarray) -> None:
         """Move each stream's per-feature error level towards what its windows show, never below 1.

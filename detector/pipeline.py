@@ -79,7 +79,7 @@ class Pipeline(RowState):
             max_future_s=cfg.input.max_future_s, require_stream_key=cfg.input.require_stream_key,
         )
         self.engine = Engine(artifact, device=device, max_gap_s=cfg.scoring.max_gap_s,
-                             adapt_halflife=cfg.scoring.adapt_halflife_windows)
+                             adapt_halflife=cfg.scoring.adapt_halflife_windows, precision=cfg.model.precision)
         self.labels = Labeler(cfg.streams.labels)
         self.threshold = build_threshold(cfg.thresholds, m, self.engine.streams, (cfg.alerts.k, cfg.alerts.n),
                                          self.labels)

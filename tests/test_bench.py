@@ -16,15 +16,19 @@ def test_throughput_bench_writes_its_section(tmp_path: Path) -> None:
                    "<!-- bench:throughput:end -->\nafter\n")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--streams", "3", "--batches", "2",
                            "--device", "cpu", "--out", str(out), "--window", "8", "--hop", "4",
-                           "--results", str(tmp_path / "t.json")], capture_output=True, text=True, timeout=300)
+                           "--precision", "float32", "bfloat16", "--results", str(tmp_path / "t.json")],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "t.json").read_text())
-    assert result["results"][0]["streams"] == 3 and result["results"][0]["speedup"] > 0
+    assert [(r["streams"], r["precision"]) for r in result["results"]] == [(3, "float32"), (3, "bfloat16")]
+    assert all(r["speedup"] > 0 for r in result["results"])
     text = out.read_text()
     assert "STALE-TABLE" not in text and text.startswith("# Benchmarks\n\nbefore\n") and text.endswith("after\n")
-    row = next(line for line in text.splitlines() if line.startswith("| 3 |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert len(cells) == 5 and all(float(c.rstrip("x").replace(",", "")) > 0 for c in cells[1:])
+    rows = [line for line in text.splitlines() if line.startswith("| 3 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["float32", "bfloat16"]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 6 and all(float(c.rstrip("x").replace(",", "")) > 0 for c in cells[2:])
 
 
 def test_summary_has_every_key_issue_6_names(tmp_path: Path, monkeypatch) -> None:
@@ -46,6 +50,15 @@ def test_summary_has_every_key_issue_6_names(tmp_path: Path, monkeypatch) -> Non
         "engine_speedup_1k_streams": 42.0, "ingest_ratio_vs_bare_consumer": 0.5,
         "batched_payload_readings_per_s": 1000, "latency_p99_ms": 900.0, "memory_ratio_to_tensor_bytes": 4.7,
         "gpu_readings_per_s_1m_streams": None, "machine": "box", "date": "2026-11-25"}
+    # engine speedup is the float32 row; the GPU figure is the fastest precision measured
+    rows = [{"streams": 1000, "precision": "bfloat16", "speedup": 60.0}, {"streams": 1000, "precision": "float32",
+                                                                          "speedup": 40.0}]
+    (tmp_path / "throughput.json").write_text(json.dumps({**m, "results": rows}))
+    gpu = [{"streams": 1_000_000, "precision": p, "engine_batched_readings_per_s": r}
+           for p, r in (("float32", 3e7), ("float16", 6e7), ("bfloat16", 5e7))]
+    (tmp_path / "gpu.json").write_text(json.dumps({**m, "results": gpu}))
+    out = summary.summary()
+    assert (out["engine_speedup_1k_streams"], out["gpu_readings_per_s_1m_streams"]) == (40.0, 6e7)
 
 
 def test_checkpoints_bench_reads_the_daemons_metrics() -> None:

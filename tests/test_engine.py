@@ -161,3 +161,26 @@ def test_use_threads_sets_torchs_cpu_threads_and_zero_keeps_its_default() -> Non
         assert use_threads(2) == 2 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_bfloat16_scores_close_to_float32_and_keeps_the_state_in_float32() -> None:
+    import torch
+
+    art = random_artifact(window=8, hop=4, hidden=16)
+    streams = [f"m{i % 20}" for i in range(20 * 40)]
+    ts = T0 + 60.0 * np.repeat(np.arange(40), 20)
+    vals = np.concatenate([sine_values(40, seed=s, phase=s) for s in range(20)]).reshape(20, 40, -1)
+    vals = vals.transpose(1, 0, 2).reshape(800, -1)
+    full, mixed = Engine(art), Engine(art, precision="bfloat16")
+    a, b = full.score_batch(readings(streams, ts, vals)).windows, mixed.score_batch(readings(streams, ts, vals)).windows
+    assert len(a) == len(b) == 20 * 9 and np.array_equal(a.end_ts, b.end_ts)
+    rel = np.abs(a.score - b.score) / np.maximum(np.abs(a.score), 1e-6)
+    assert 0 < np.median(rel) < 0.05, "bfloat16 computes differently (8-bit mantissa), yet scores nearly agree"
+    assert mixed.h.dtype == mixed.c.dtype == mixed.buf.dtype == torch.float32
+
+
+def test_float16_needs_a_cuda_device_and_says_so() -> None:
+    from detector.errors import ModelError
+
+    with pytest.raises(ModelError, match="model.precision float16 needs a CUDA device.*use bfloat16 or float32"):
+        Engine(random_artifact(), device="cpu", precision="float16")

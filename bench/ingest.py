@@ -8,7 +8,8 @@ Starts a local broker (deploy/kafka/kafka.sh) and measures, side by side in one 
 2. daemon: `detector run` over the same topic, scoring everything end to end (alerts produced, offsets
    committed), from its first commit to its last; the ratio daemon / bare is the figure;
 3. batched: the same readings packed 100 per message (the batched JSON form, a list of readings), through
-   `detector run`; and once more in the columnar batched form (a list of times and one list per feature);
+   `detector run`; once more in the columnar batched form (a list of times and one list per feature); and the
+   columnar form again with `model.precision: bfloat16` (a fresh group);
 4. latency: readings produced at half the daemon's measured rate for 30 s, twice: with the streams' hop
    boundaries staggered (the figure; streams started at different times) and all aligned (a burst of every
    window at once, the worst case); for every scored window, the time
@@ -102,7 +103,8 @@ def bare(bootstrap: str, topic: str, total: int) -> float:
     return rate
 
 
-def config(work: Path, bootstrap: str, topic: str, model_dir: Path, extra: str = "") -> tuple[Path, str]:
+def config(work: Path, bootstrap: str, topic: str, model_dir: Path, extra: str = "",
+           precision: str = "float32") -> tuple[Path, str]:
     """A daemon config with fresh output topics and group."""
     group = f"bench-{uuid.uuid4().hex[:8]}"
     alerts, dlq = (create_topic(bootstrap, f"{k}-{group}", 2) for k in ("alerts", "dlq"))
@@ -111,7 +113,7 @@ def config(work: Path, bootstrap: str, topic: str, model_dir: Path, extra: str =
 kafka: {{bootstrap_servers: "{bootstrap}"}}
 input: {{topics: [{topic}], group_id: {group}, max_message_bytes: 4194304}}
 output: {{alerts_topic: {alerts}, dead_letter_topic: {dlq}}}
-model: {{path: "{model_dir}", device: cpu}}
+model: {{path: "{model_dir}", device: cpu, precision: {precision}}}
 metrics: {{port: {free_ports(1)[0]}}}
 runtime: {{log_level: WARNING}}
 {extra}
@@ -245,6 +247,9 @@ def main() -> int:
         cfg_c, group_c = config(work, bs, columnar, model_dir)
         rate_columnar = daemon_rate(cfg_c, group_c, bs, columnar, len(msgs), 100, work)
         print(f"batched payloads, columnar form: {rate_columnar:,.0f} readings/s", flush=True)
+        cfg_m, group_m = config(work, bs, columnar, model_dir, precision="bfloat16")
+        rate_mixed = daemon_rate(cfg_m, group_m, bs, columnar, len(msgs), 100, work)
+        print(f"batched payloads, columnar form, model.precision bfloat16: {rate_mixed:,.0f} readings/s", flush=True)
         lat = latency(bs, model_dir, work, args.streams, rate_daemon / 2, args.latency_seconds, staggered=True)
         print(f"latency at {lat['rate']:,}/s, windows staggered: {lat}", flush=True)
         burst = latency(bs, model_dir, work, args.streams, rate_daemon / 2, args.latency_seconds)
@@ -254,7 +259,8 @@ def main() -> int:
               "bare_messages_per_s": round(rate_bare), "daemon_readings_per_s": round(rate_daemon),
               "ingest_ratio_vs_bare_consumer": round(rate_daemon / rate_bare, 3),
               "batched_payload_readings_per_s": round(rate_batched),
-              "batched_columnar_readings_per_s": round(rate_columnar), "latency": lat, "latency_aligned": burst}
+              "batched_columnar_readings_per_s": round(rate_columnar),
+              "batched_columnar_bfloat16_readings_per_s": round(rate_mixed), "latency": lat, "latency_aligned": burst}
     (ROOT / "bench" / "results" / "ingest.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.out:
         body = (f"\n`python bench/ingest.py --out docs/benchmarks.md`, {result['date']}, {result['machine']}; "
@@ -265,6 +271,7 @@ def main() -> int:
                 f"{rate_daemon / rate_bare:.2f} of bare | 0.8 of bare |\n"
                 f"| `detector run`, 100 readings per message | {rate_batched:,.0f} readings/s | 300,000 |\n"
                 f"| the same readings in the columnar batched form | {rate_columnar:,.0f} readings/s | |\n"
+                f"| the columnar form with `model.precision: bfloat16` | {rate_mixed:,.0f} readings/s | |\n"
                 f"| latency, produce to score acknowledged, at {lat['rate']:,} readings/s (the load generator "
                 f"sent {lat['sent_rate']:,}/s), streams' windows staggered over the hop | p50 {lat['p50_ms']} ms, "
                 f"p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms "

@@ -131,7 +131,9 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"{args.config}: valid")
     if args.model:
         from detector.artifact import check_features, load_artifact
+        from detector.engine import check_precision, pick_device
 
+        check_precision(cfg.model.precision, pick_device(cfg.model.device))
         art = load_artifact(cfg.model.path)
         check_features(art, cfg.model.features)
         print(f"{cfg.model.path}: model {art.manifest.name} with features {','.join(art.manifest.features)}")

@@ -47,7 +47,7 @@ from detector.artifact import check_features, load_artifact
 from detector.checkpoint import restore, snapshot
 from detector.config import Config, config_hash, load_config
 from detector.control import BadCommand, deleted, parse_command
-from detector.engine import pick_device, use_threads
+from detector.engine import check_precision, pick_device, use_threads
 from detector.errors import ConfigError, DetectorError
 from detector.logs import OncePerKind
 from detector.metrics import HealthServer, Metrics
@@ -659,6 +659,7 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
     With `config_path`, edits of that file (or SIGHUP) reload its thresholds, alerts and sensors sections.
     """
     device = pick_device(cfg.model.device)
+    check_precision(cfg.model.precision, device)
     threads = use_threads(cfg.model.threads)
     artifact = load_artifact(cfg.model.path, device)
     check_features(artifact, cfg.model.features)

@@ -21,7 +21,7 @@ from detector.rows import grown
 from detector.rows import step as next_capacity
 from detector.score import score_windows
 
-__all__ = ["Engine", "WindowScores", "EngineResult", "pick_device", "use_threads", "PRECISIONS"]
+__all__ = ["Engine", "WindowScores", "EngineResult", "pick_device", "use_threads", "check_precision", "PRECISIONS"]
 
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """The model's arithmetic by config name: None runs in float32, the others under torch autocast."""
@@ -32,6 +32,13 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a model.precision the device cannot run (float16 is for CUDA only)."""
+    if precision == "float16" and device.type != "cuda":
+        raise ModelError(f"model.precision float16 needs a CUDA device, and the model runs on {device.type}: "
+                         "use bfloat16 or float32 there")
 
 
 def use_threads(n: int) -> int:
@@ -95,10 +102,8 @@ class Engine:
         m = artifact.manifest
         self.device = torch.device(device)
         self.precision = precision
+        check_precision(precision, self.device)
         self._autocast = PRECISIONS[precision]  # the state table stays float32 whatever the model computes in
-        if precision == "float16" and self.device.type != "cuda":
-            raise ModelError(f"model.precision float16 needs a CUDA device, and the model runs on "
-                             f"{self.device.type}: use bfloat16 or float32 there")
         self.model = artifact.model.to(self.device).eval()
         self.manifest = m
         self.window, self.hop, self.n_features = m.window, m.hop, len(m.features)

@@ -61,6 +61,17 @@ def test_run_names_a_missing_model_folder(tmp_path: Path) -> None:
     assert "model folder not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_run_refuses_float16_on_a_cpu_before_touching_kafka(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {device: cpu, precision: float16}\nkafka: {bootstrap_servers: '127.0.0.1:1'}\n"
+                   "metrics: {enabled: false}\n")
+    proc = subprocess.run([sys.executable, "-m", "detector", "run", "--config", str(cfg)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[0] == ("error: model.precision float16 needs a CUDA device, and the model runs "
+                                           "on cpu: use bfloat16 or float32 there")
+
+
 def test_run_names_an_unset_password_variable(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("kafka: {security_protocol: SASL_SSL, sasl_mechanism: SCRAM-SHA-512, sasl_username: alice,\n"
@@ -79,6 +90,9 @@ def test_check_config_with_model_flag(tmp_path: Path, capsys: pytest.CaptureFixt
     cfg.write_text(f"model: {{path: {tmp_path / 'nope'}}}\n")
     assert main(["check-config", str(cfg), "--model"]) == 2
     assert "model folder not found" in capsys.readouterr().err
+    cfg.write_text(f"model: {{path: {tmp_path / 'nope'}, device: cpu, precision: float16}}\n")
+    assert main(["check-config", str(cfg), "--model"]) == 2
+    assert "model.precision float16 needs a CUDA device" in capsys.readouterr().err
 
 
 def test_a_model_of_another_feature_set_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

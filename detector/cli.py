@@ -241,7 +241,8 @@ def _simulate(args: argparse.Namespace) -> int:
                 return 2
     params = SimulateParams(streams=args.streams, features=args.features, rate=args.rate, readings=args.readings,
                             duration=args.duration, faults=args.faults, normal=args.normal, chunk=args.chunk,
-                            step=args.step, start=start, seed=args.seed)
+                            step=args.step, start=start, seed=args.seed, per_message=args.per_message,
+                            form=args.form)
     params.check()
     stopping: list[int] = []
 
@@ -358,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--step", type=float, default=60.0, help="seconds between a stream's readings, with --start")
     m.add_argument("--truth", help="write the injected faults here, one JSON object a line")
     m.add_argument("--seed", type=int, default=7, help="the fleet's seed (the demo's default is 7)")
+    m.add_argument("--per-message", type=int, default=1, help="readings of one stream per message: more than 1 "
+                   "sends the batched form (a stream's readings wait until it has this many)")
+    m.add_argument("--form", choices=["list", "columns"], default="list",
+                   help="the batched form, with --per-message above 1: a list of readings, or one list per field")
     m.set_defaults(func=_simulate)
 
     k = sub.add_parser("control", help="mute, unmute or acknowledge streams on the running daemons (control topic)")

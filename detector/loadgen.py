@@ -12,7 +12,10 @@ no fault-free lead-in; the seam between two chunks is a jump in load and weather
 Readings go out time-major (every stream's reading of one step, then the next step), one JSON message per
 reading keyed by stream id, in the wire format of the README:
 `{"stream": "pump-007", "ts": 1700000000.0, "values": {"temp": 61.2, ...}}`, values rounded to 4 decimals,
-a missing value left out and nothing sent for a whole-reading gap.
+a missing value left out and nothing sent for a whole-reading gap. With `per_message` n > 1 a stream's
+readings are held until it has n, then go out as one message in the batched form `form`: a list of readings
+(`{"stream", "readings": [{"ts", "values"}, ...]}`) or columns (`{"stream", "readings": {"ts": [...],
+"values": {"temp": [...], ...}}}`, a missing value null); the run's last readings go out in shorter ones.
 
 Event time: by default (`start=None`) each step is stamped with the wall clock when its first reading goes out
 (milliseconds, strictly increasing), so event time keeps pace with real time at any rate. With a `start`
@@ -34,7 +37,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import orjson
@@ -68,6 +71,8 @@ class SimulateParams:
     step: float = 60.0  # seconds between two steps of a stream, with `start`
     start: float | None = None  # event time of step 0 (epoch s); None: stamp each step with the wall clock
     seed: int = 7
+    per_message: int = 1  # readings of one stream per message (more than 1: the batched forms)
+    form: str = "list"  # the batched form: "list" of readings, or "columns" (a list per field)
 
     def check(self) -> None:
         """Raise DetectorError naming the first option that is out of range."""
@@ -82,6 +87,9 @@ class SimulateParams:
             (self.normal < 0, f"--normal must not be negative (got {self.normal})"),
             (self.chunk < 1, f"--chunk must be at least 1 (got {self.chunk})"),
             (not self.step > 0, f"--step must be positive (got {self.step})"),
+            (not 1 <= self.per_message <= 10_000,
+             f"--per-message must be between 1 and 10000 (got {self.per_message})"),
+            (self.form not in ("list", "columns"), f"--form must be list or columns (got {self.form!r})"),
         ]
         for bad, message in problems:
             if bad:
@@ -220,6 +228,7 @@ def run_simulate(p: SimulateParams, send: Callable[[bytes, bytes], object], trut
     sent, last_ms, steps = 0, 0, 0
     next_log, logged_at, logged_sent = t0 + progress_s, t0, 0
     feats = list(FEATURES[: p.features])
+    pack = _Packer(send, p.per_message, p.form, feats)
     done = False
     for index in itertools.count():
         fleet = fleet_chunk(p, index)
@@ -239,7 +248,7 @@ def run_simulate(p: SimulateParams, send: Callable[[bytes, bytes], object], trut
             rows = np.round(block.astype(np.float64), 4).tolist()
             for s in np.flatnonzero(present).tolist():
                 vals = {f: v for f, v in zip(feats, rows[s], strict=True) if v == v}
-                send(keys[s], orjson.dumps({"stream": fleet.streams[s], "ts": ts, "values": vals}))
+                pack.add(keys[s], fleet.streams[s], ts, vals)
                 sent += 1
                 if sent >= limit:
                     done = True
@@ -261,8 +270,42 @@ def run_simulate(p: SimulateParams, send: Callable[[bytes, bytes], object], trut
                 break
         if done:
             break
+    pack.flush()
     gt.close()
     return SimulateResult(sent, steps, gt.written, clock() - t0)
+
+
+class _Packer:
+    """Turns readings into messages: one each, or `n` of a stream at a time in a batched form."""
+
+    def __init__(self, send: Callable[[bytes, bytes], object], n: int, form: str, features: list[str]) -> None:
+        self.send, self.n, self.form, self.features = send, n, form, features
+        self.pending: dict[bytes, tuple[str, list[float], list[dict[str, float]]]] = {}
+
+    def add(self, key: bytes, stream: str, ts: float, values: dict[str, float]) -> None:
+        """Send the reading, or hold it until its stream has `n` readings waiting."""
+        if self.n == 1:
+            self.send(key, orjson.dumps({"stream": stream, "ts": ts, "values": values}))
+            return
+        _, times, rows = self.pending.setdefault(key, (stream, [], []))
+        times.append(ts)
+        rows.append(values)
+        if len(times) == self.n:
+            self._send(key)
+
+    def flush(self) -> None:
+        """Send every reading still held, in shorter messages."""
+        for key in list(self.pending):
+            self._send(key)
+
+    def _send(self, key: bytes) -> None:
+        stream, times, rows = self.pending.pop(key)
+        if self.form == "list":
+            readings: Any = [{"ts": t, "values": v} for t, v in zip(times, rows, strict=True)]
+        else:  # a missing value is null in its column; a sensor missing from every reading is left out
+            readings = {"ts": times, "values": {f: [v.get(f) for v in rows] for f in self.features
+                                                if any(f in v for v in rows)}}
+        self.send(key, orjson.dumps({"stream": stream, "readings": readings}))
 
 
 def publish(p: SimulateParams, bootstrap: str, topic: str, truth: IO[str] | None = None, *,

@@ -73,6 +73,34 @@ def test_readings_are_the_demo_fleet_in_the_wire_format() -> None:
     assert any(body["ts"] == START + 400 * 60.0 for _, body in sent)  # the second chunk continues the clock
 
 
+@pytest.mark.parametrize("form", ["list", "columns"])
+def test_batched_forms_carry_exactly_the_readings_of_single_messages(form: str) -> None:
+    from consumers.base import Record
+    from detector.decode import Decoder
+
+    p = SimulateParams(streams=12, features=5, rate=0, chunk=400, normal=150, seed=3, start=START, readings=4830)
+
+    def decoded(params: SimulateParams) -> tuple[list[tuple[bytes, dict[str, Any]]], Any]:
+        sent, _, result = collect(params)
+        recs = [Record("t", 0, i, k, orjson.dumps(body), 0) for i, (k, body) in enumerate(sent)]
+        readings, rejects = Decoder(list(FEATURES[:5])).decode(recs, now=START + 1e9)
+        assert rejects == [] and result.sent == len(readings) == 4830
+        order = np.lexsort((readings.ts, readings.streams.astype(str)))
+        return sent, (readings.streams[order], readings.ts[order], readings.values[order])
+
+    _, single = decoded(p)
+    sent, packed = decoded(replace(p, per_message=7, form=form))
+    assert np.array_equal(packed[0], single[0]) and np.array_equal(packed[1], single[1])
+    assert np.array_equal(packed[2], single[2], equal_nan=True) and np.isnan(single[2]).any()  # gaps kept
+    assert all(key == body["stream"].encode() for key, body in sent)
+    sizes = [len(body["readings"]["ts"] if form == "columns" else body["readings"]) for _, body in sent]
+    assert max(sizes) == 7 and sizes.count(7) >= len(sizes) - 12  # the run's last readings go out shorter
+    with pytest.raises(DetectorError, match="--per-message"):
+        replace(p, per_message=0).check()
+    with pytest.raises(DetectorError, match="--form"):
+        replace(p, per_message=2, form="rows").check()
+
+
 def test_pacing_holds_the_rate_and_the_duration_bound() -> None:
     p = SimulateParams(streams=10, rate=1000.0, readings=5000, seed=1)
     _, _, result = collect(p)

@@ -331,7 +331,6 @@ class Engine:
         self.last_val[u] = filled[np.arange(R), counts]
         return result
 
-
     def _mixed(self) -> torch.autocast:
         """The autocast context of model.precision (a no-op for float32)."""
         return torch.autocast(self.device.type, dtype=self._autocast or torch.bfloat16,

@@ -41,6 +41,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
 from bench.report import machine, replace_section  # noqa: E402
 from detector.artifact import Manifest, save_artifact  # noqa: E402
+from detector.loadgen import columnar  # noqa: E402
 from detector.model import LSTMAutoencoder  # noqa: E402
 from detector.train import CALIBRATION_LEVELS  # noqa: E402
 from tests.kafka_broker import KafkaBroker, create_topic, free_ports  # noqa: E402
@@ -69,11 +70,6 @@ def readings(streams: int, per_stream: int, start: int = 0) -> list[tuple[bytes,
     return [(f"m{s}".encode(), {"stream": f"m{s}", "ts": T0 + 60.0 * (start + t),
                                 "values": dict(zip(FEATURES, vals[t, s].tolist(), strict=True))})
             for t in range(per_stream) for s in range(streams)]
-
-
-def columns(rows: list[dict]) -> dict:
-    """Readings of one stream in the columnar batched form: a list of times and one list per feature."""
-    return {"ts": [r["ts"] for r in rows], "values": {f: [r["values"].get(f) for r in rows] for f in FEATURES}}
 
 
 def produce(bootstrap: str, topic: str, items: list[tuple[bytes, bytes]]) -> None:
@@ -241,14 +237,14 @@ def main() -> int:
         cfg_b, group_b = config(work, bs, packed, model_dir)
         rate_batched = daemon_rate(cfg_b, group_b, bs, packed, len(msgs), 100, work)
         print(f"batched payloads: {rate_batched:,.0f} readings/s", flush=True)
-        columnar = create_topic(bs, f"columns-{uuid.uuid4().hex[:8]}", 4)
-        produce(bs, columnar, [(k, orjson.dumps({"stream": k.decode(), "readings": columns(rs[i : i + 100])}))
-                               for i in range(0, per_stream * 2, 100) for k, rs in by_stream.items()])
-        cfg_c, group_c = config(work, bs, columnar, model_dir)
-        rate_columnar = daemon_rate(cfg_c, group_c, bs, columnar, len(msgs), 100, work)
+        cols = create_topic(bs, f"columns-{uuid.uuid4().hex[:8]}", 4)
+        produce(bs, cols, [(k, orjson.dumps({"stream": k.decode(), "readings": columnar(rs[i : i + 100], FEATURES)}))
+                           for i in range(0, per_stream * 2, 100) for k, rs in by_stream.items()])
+        cfg_c, group_c = config(work, bs, cols, model_dir)
+        rate_columnar = daemon_rate(cfg_c, group_c, bs, cols, len(msgs), 100, work)
         print(f"batched payloads, columnar form: {rate_columnar:,.0f} readings/s", flush=True)
-        cfg_m, group_m = config(work, bs, columnar, model_dir, precision="bfloat16")
-        rate_mixed = daemon_rate(cfg_m, group_m, bs, columnar, len(msgs), 100, work)
+        cfg_m, group_m = config(work, bs, cols, model_dir, precision="bfloat16")
+        rate_mixed = daemon_rate(cfg_m, group_m, bs, cols, len(msgs), 100, work)
         print(f"batched payloads, columnar form, model.precision bfloat16: {rate_mixed:,.0f} readings/s", flush=True)
         lat = latency(bs, model_dir, work, args.streams, rate_daemon / 2, args.latency_seconds, staggered=True)
         print(f"latency at {lat['rate']:,}/s, windows staggered: {lat}", flush=True)

@@ -101,7 +101,6 @@ class Engine:
                  capacity: int = 256, adapt_halflife: float = 0.0, precision: str = "float32") -> None:
         m = artifact.manifest
         self.device = torch.device(device)
-        self.precision = precision
         check_precision(precision, self.device)
         self._autocast = PRECISIONS[precision]  # the state table stays float32 whatever the model computes in
         self.model = artifact.model.to(self.device).eval()

@@ -46,7 +46,7 @@ from detector.errors import DetectorError
 from detector.simulate import FEATURES, Fault, Fleet, simulate_fleet
 
 __all__ = ["GROUP_STREAMS", "SimulateParams", "SimulateResult", "Pacer", "fleet_chunk", "run_simulate",
-           "publish"]
+           "publish", "columnar"]
 
 log = logging.getLogger(__name__)
 
@@ -275,22 +275,31 @@ def run_simulate(p: SimulateParams, send: Callable[[bytes, bytes], object], trut
     return SimulateResult(sent, steps, gt.written, clock() - t0)
 
 
+def columnar(readings: list[dict[str, Any]], features: list[str]) -> dict[str, Any]:
+    """Readings of one stream ({"ts", "values"} each) in the columnar batched form, a missing value null.
+
+    A sensor missing from every reading is left out.
+    """
+    return {"ts": [r["ts"] for r in readings],
+            "values": {f: [r["values"].get(f) for r in readings] for f in features
+                       if any(f in r["values"] for r in readings)}}
+
+
 class _Packer:
     """Turns readings into messages: one each, or `n` of a stream at a time in a batched form."""
 
     def __init__(self, send: Callable[[bytes, bytes], object], n: int, form: str, features: list[str]) -> None:
         self.send, self.n, self.form, self.features = send, n, form, features
-        self.pending: dict[bytes, tuple[str, list[float], list[dict[str, float]]]] = {}
+        self.pending: dict[bytes, tuple[str, list[dict[str, Any]]]] = {}
 
     def add(self, key: bytes, stream: str, ts: float, values: dict[str, float]) -> None:
         """Send the reading, or hold it until its stream has `n` readings waiting."""
         if self.n == 1:
             self.send(key, orjson.dumps({"stream": stream, "ts": ts, "values": values}))
             return
-        _, times, rows = self.pending.setdefault(key, (stream, [], []))
-        times.append(ts)
-        rows.append(values)
-        if len(times) == self.n:
+        _, held = self.pending.setdefault(key, (stream, []))
+        held.append({"ts": ts, "values": values})
+        if len(held) == self.n:
             self._send(key)
 
     def flush(self) -> None:
@@ -299,12 +308,8 @@ class _Packer:
             self._send(key)
 
     def _send(self, key: bytes) -> None:
-        stream, times, rows = self.pending.pop(key)
-        if self.form == "list":
-            readings: Any = [{"ts": t, "values": v} for t, v in zip(times, rows, strict=True)]
-        else:  # a missing value is null in its column; a sensor missing from every reading is left out
-            readings = {"ts": times, "values": {f: [v.get(f) for v in rows] for f in self.features
-                                                if any(f in v for v in rows)}}
+        stream, held = self.pending.pop(key)
+        readings = held if self.form == "list" else columnar(held, self.features)
         self.send(key, orjson.dumps({"stream": stream, "readings": readings}))
 
 

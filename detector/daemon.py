@@ -344,7 +344,7 @@ class Daemon:
                      extra={"stream": alert["stream"]})
         engine = self.pipeline.engine
         m.active_streams.set(len(engine.streams))
-        m.warming_streams.set(int((engine.count[: len(engine.streams)] < self.cfg.alerts.warmup_readings).sum()))
+        m.warming_streams.set(int((engine.readings_seen() < self.cfg.alerts.warmup_readings).sum()))
         now_ms = time.time() * 1000
         for r in records[:: max(1, len(records) // 64)]:
             if r.timestamp_ms > 0:

@@ -2,13 +2,18 @@
 
 For each batch of readings the engine gathers the rows of the streams present, advances the encoder over
 each stream's new readings in one call, reconstructs a window wherever a stream reaches a hop boundary,
-scores those windows, and scatters the new state back. Nothing on this path loops in Python per reading
-or per stream; the only loop is over gap segments, which is almost always one.
+scores those windows, and scatters the new state back. The whole state table and all of this bookkeeping
+(sorting, padding, filling gaps, window times and counts) are torch tensors on the model's device, so that on
+a GPU a batch crosses to the host only as readings in and scored windows out. Nothing on this path loops in
+Python per reading or per stream; the only loops are over gap segments (almost always one) and over chunks
+of CHUNK streams per LSTM call.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -17,11 +22,14 @@ import torch
 from detector.artifact import Artifact
 from detector.decode import Readings
 from detector.errors import ModelError
-from detector.rows import grown
 from detector.rows import step as next_capacity
 from detector.score import score_windows
 
 __all__ = ["Engine", "WindowScores", "EngineResult", "pick_device", "use_threads", "check_precision", "PRECISIONS"]
+
+CHUNK = 32768
+"""Most streams (or windows) per LSTM call: bounds the cuDNN workspace, which for one call decoding a million
+windows asked for 255 GiB (H200, float32)."""
 
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """The model's arithmetic by config name: None runs in float32, the others under torch autocast."""
@@ -109,33 +117,36 @@ class Engine:
         self.max_gap_s = max_gap_s
         # per-stream, per-feature error level (1 = as in calibration), learned when adapt_halflife > 0 windows
         self.adapt_rate = 1.0 - 0.5 ** (1.0 / adapt_halflife) if adapt_halflife > 0 else 0.0
-        self._mean = np.asarray(m.scaler_mean, np.float32)
-        self._std = np.asarray(m.scaler_std, np.float32)
         with torch.inference_mode():
-            self._err_mean = torch.tensor(m.error_mean, dtype=torch.float32, device=self.device)
-            self._err_std = torch.tensor(m.error_std, dtype=torch.float32, device=self.device)
+            as_t = partial(torch.tensor, dtype=torch.float32, device=self.device)
+            self._mean, self._std = as_t(m.scaler_mean), as_t(m.scaler_std)
+            self._err_mean, self._err_std = as_t(m.error_mean), as_t(m.error_std)
         self.streams: list[str] = []
         self._index = pd.Index([], dtype=object)
         self.capacity = 0
         self._grow(capacity)
 
-    # ----- the state table -------------------------------------------------------------------------------
+    # ----- the state table: one row per stream, on the model's device ------------------------------------
+    _ROW_TABLES = {"bts": (torch.float64, 0.0), "count": (torch.int64, 0), "last_ts": (torch.float64, -math.inf),
+                   "last_val": (torch.float32, 0.0), "level": (torch.float32, 1.0)}
+    """Per-stream tables beside h, c and the window: dtype and the value of a fresh row."""
+
+    @torch.inference_mode()
     def _grow(self, capacity: int) -> None:
         old = self.capacity
         L, H, W, F = self.model.num_layers, self.model.hidden_size, self.window, self.n_features
-        with torch.inference_mode():
-            h = torch.zeros((L, capacity, H), device=self.device)
-            c = torch.zeros((L, capacity, H), device=self.device)
-            buf = torch.zeros((capacity, W, F), device=self.device)
-            bmask = torch.zeros((capacity, W, F), dtype=torch.bool, device=self.device)
+        shapes = {"h": (L, capacity, H), "c": (L, capacity, H), "buf": (capacity, W, F), "bmask": (capacity, W, F),
+                  "bts": (capacity, W), "count": (capacity,), "last_ts": (capacity,), "last_val": (capacity, F),
+                  "level": (capacity, F)}
+        for name, shape in shapes.items():
+            dtype, fill = self._ROW_TABLES.get(name, (torch.bool if name == "bmask" else torch.float32, 0))
+            t = torch.full(shape, fill, dtype=dtype, device=self.device)
             if old:
-                h[:, :old], c[:, :old], buf[:old], bmask[:old] = self.h, self.c, self.buf, self.bmask
-        self.h, self.c, self.buf, self.bmask = h, c, buf, bmask
-        self.bts = grown(getattr(self, "bts", np.zeros((0, W))), capacity)
-        self.count = grown(getattr(self, "count", np.zeros(0, np.int64)), capacity)
-        self.last_ts = grown(getattr(self, "last_ts", np.zeros(0)), capacity, -np.inf)
-        self.last_val = grown(getattr(self, "last_val", np.zeros((0, F), np.float32)), capacity)
-        self.level = grown(getattr(self, "level", np.zeros((0, F), np.float32)), capacity, 1.0)
+                if name in ("h", "c"):
+                    t[:, :old] = getattr(self, name)
+                else:
+                    t[:old] = getattr(self, name)
+            setattr(self, name, t)
         self.capacity = capacity
 
     def rows_for(self, streams: np.ndarray) -> np.ndarray:
@@ -153,39 +164,49 @@ class Engine:
                 self._grow(max(next_capacity(self.capacity), len(self.streams)))
         return rows_u[codes].astype(np.int64)
 
-    def reset(self, rows: np.ndarray) -> None:
+    @torch.inference_mode()
+    def last_times(self) -> np.ndarray:
+        """The newest event time of every stream, by row (-inf: none yet)."""
+        return self.last_ts[: len(self.streams)].cpu().numpy().copy()
+
+    @torch.inference_mode()
+    def readings_seen(self) -> np.ndarray:
+        """How many readings every stream has had since its last reset, by row."""
+        return self.count[: len(self.streams)].cpu().numpy().copy()
+
+    @torch.inference_mode()
+    def reset(self, rows: np.ndarray | torch.Tensor) -> None:
         """Forget the model state and window of these rows (new stream, or back after a gap)."""
         if len(rows) == 0:
             return
-        with torch.inference_mode():
-            rt = torch.as_tensor(rows, device=self.device)
-            self.h[:, rt] = 0.0
-            self.c[:, rt] = 0.0
-            self.buf[rt] = 0.0
-            self.bmask[rt] = False
-        self.bts[rows] = 0.0
-        self.count[rows] = 0
-        self.last_val[rows] = 0.0
+        rt = torch.as_tensor(rows, device=self.device)
+        self.h[:, rt] = 0.0
+        self.c[:, rt] = 0.0
+        self.buf[rt] = 0.0
+        self.bmask[rt] = False
+        self.bts[rt] = 0.0
+        self.count[rt] = 0
+        self.last_val[rt] = 0.0
 
-    _ROW_ARRAYS = {"bts": 0.0, "count": 0, "last_ts": -np.inf, "last_val": 0.0, "level": 1.0}
-
+    @torch.inference_mode()
     def export_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The state of these streams as numpy arrays, rows first: LSTM h and c, window, counters."""
-        with torch.inference_mode():
-            rt = torch.as_tensor(rows, device=self.device)
-            out = {"h": self.h[:, rt].transpose(0, 1).cpu().numpy(), "c": self.c[:, rt].transpose(0, 1).cpu().numpy(),
-                   "buf": self.buf[rt].cpu().numpy(), "bmask": self.bmask[rt].cpu().numpy()}
-        out.update({name: getattr(self, name)[rows] for name in self._ROW_ARRAYS})
+        rt = torch.as_tensor(rows, device=self.device)
+        out = {"h": self.h[:, rt].transpose(0, 1).cpu().numpy(), "c": self.c[:, rt].transpose(0, 1).cpu().numpy(),
+               "buf": self.buf[rt].cpu().numpy(), "bmask": self.bmask[rt].cpu().numpy()}
+        out.update({name: getattr(self, name)[rt].cpu().numpy() for name in self._ROW_TABLES})
         return out
 
+    @torch.inference_mode()
     def import_rows(self, rows: np.ndarray, state: dict[str, np.ndarray] | None) -> list[str]:
         """Set these streams' state (None: fresh, as a new stream); return the fields that did not fit."""
         misfit: list[str] = []
         if len(rows) == 0:
             return misfit
-        self.reset(rows)
-        self.last_ts[rows] = -np.inf
-        self.level[rows] = 1.0
+        rt = torch.as_tensor(rows, device=self.device)
+        self.reset(rt)
+        self.last_ts[rt] = -math.inf
+        self.level[rt] = 1.0
         if state is None:
             return misfit
         L, H, W, F = self.model.num_layers, self.model.hidden_size, self.window, self.n_features
@@ -194,17 +215,17 @@ class Engine:
         misfit = [k for k, shape in shapes.items() if k not in state or state[k].shape != (len(rows), *shape)]
         if misfit:  # another model's state (window, layers or features differ): the streams start fresh
             return misfit
-        with torch.inference_mode():
-            rt = torch.as_tensor(rows, device=self.device)
-            self.h[:, rt] = torch.as_tensor(state["h"], device=self.device).transpose(0, 1)
-            self.c[:, rt] = torch.as_tensor(state["c"], device=self.device).transpose(0, 1)
-            self.buf[rt] = torch.as_tensor(state["buf"], device=self.device)
-            self.bmask[rt] = torch.as_tensor(state["bmask"], device=self.device)
-        for name in self._ROW_ARRAYS:
-            getattr(self, name)[rows] = state[name]
+        for name in shapes:
+            table = getattr(self, name)
+            value = torch.as_tensor(state[name], device=self.device).to(table.dtype)
+            if name in ("h", "c"):
+                table[:, rt] = value.transpose(0, 1)
+            else:
+                table[rt] = value
         return misfit
 
     # ----- scoring ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def score_batch(self, readings: Readings, rows: np.ndarray | None = None) -> EngineResult:
         """Advance every stream in the batch and score the windows it completes (`rows`: from rows_for)."""
         n = len(readings)
@@ -212,130 +233,146 @@ class Engine:
             return EngineResult(WindowScores.concat([], self.n_features), np.empty(0, np.int64),
                                 np.empty(0, object), 0)
         rows = self.rows_for(readings.streams) if rows is None else rows
-        order, dropped, reason = self._in_order(rows, readings.ts)
-        r, t = rows[order], readings.ts[order]
-        if len(r) == 0:
+        dev = self.device
+        rows_t = torch.as_tensor(rows, device=dev)
+        ts_t = torch.as_tensor(readings.ts, dtype=torch.float64, device=dev)
+        order, dropped, reason = self._in_order(rows_t, ts_t)
+        if len(order) == 0:
             return EngineResult(WindowScores.concat([], self.n_features), dropped, reason, 0)
 
+        r, t = rows_t[order], ts_t[order]
         first = _group_starts(r)
-        prev = np.empty(len(t))
-        prev[0] = -np.inf
+        prev = torch.empty_like(t)
         prev[1:] = t[:-1]
         prev[first] = self.last_ts[r[first]]
         gap = (t - prev) > self.max_gap_s
         mid = gap & ~first
-        group = np.cumsum(first) - 1
-        cum = np.cumsum(mid)
-        seg = cum - cum[np.flatnonzero(first)][group]
-        resets = np.unique(r[gap])
+        cum = torch.cumsum(mid, 0)
+        seg = cum - cum[first.nonzero().squeeze(1)][torch.cumsum(first, 0) - 1]  # gaps so far within the stream
+        resets = int(torch.unique(r[gap]).numel())
         self.reset(r[first & gap])
-        parts = []
-        for g in range(int(seg.max()) + 1):
-            sel = seg == g
-            if g:
-                self.reset(r[sel & mid])
-            parts.append(self._advance(order[sel], r[sel], t[sel], readings.values))
-        return EngineResult(WindowScores.concat(parts, self.n_features), dropped, reason, len(resets))
+        values = torch.as_tensor(readings.values, dtype=torch.float32, device=dev)
+        n_seg = int(seg.max()) + 1
+        if n_seg == 1:
+            parts = [self._advance(order, r, t, values)]
+        else:
+            parts = []
+            for g in range(n_seg):
+                sel = seg == g
+                if g:
+                    self.reset(r[sel & mid])
+                parts.append(self._advance(order[sel], r[sel], t[sel], values))
+        return EngineResult(WindowScores.concat(parts, self.n_features), dropped, reason, resets)
 
+    @torch.inference_mode()
     def admit(self, rows: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Which readings come after their stream's last one: a keep mask, and the dropped ones with why.
 
         A reading at or before the newest event time of its stream (in the table or earlier in the batch) is
         `late`, or `duplicate_timestamp` when the time is equal; it is never scored.
         """
-        _, dropped, reason = self._in_order(rows, ts)
+        _, dropped, reason = self._in_order(torch.as_tensor(rows, device=self.device),
+                                            torch.as_tensor(ts, dtype=torch.float64, device=self.device))
         keep = np.ones(len(ts), bool)
         keep[dropped] = False
         return keep, dropped, reason
 
-    def _in_order(self, rows: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Readings kept, sorted by row then time; and those dropped as late or duplicate, with the reason."""
-        order = np.lexsort((ts, rows))
+    def _in_order(self, rows: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Readings kept, sorted by row then time; and those dropped as late or duplicate (host), with the reason."""
+        order = torch.argsort(ts, stable=True)
+        order = order[torch.argsort(rows[order], stable=True)]
         r, t = rows[order], ts[order]
-        first = _group_starts(r)
-        prev = np.empty(len(t))
-        if len(t):
-            prev[0] = -np.inf
+        prev = torch.empty_like(t)
         prev[1:] = t[:-1]
-        prev[first] = -np.inf
-        prev = np.maximum(prev, self.last_ts[r])
+        prev[_group_starts(r)] = -math.inf
+        prev = torch.maximum(prev, self.last_ts[r])
         keep = t > prev
-        reason = np.where(t[~keep] == prev[~keep], "duplicate_timestamp", "late").astype(object)
-        return order[keep], order[~keep], reason
+        if bool(keep.all()):
+            return order, np.empty(0, np.int64), np.empty(0, object)
+        duplicate = (t == prev)[~keep].cpu().numpy()
+        reason = np.where(duplicate, "duplicate_timestamp", "late").astype(object)
+        return order[keep], order[~keep].cpu().numpy(), reason
 
-    def _advance(self, idx: np.ndarray, r: np.ndarray, t: np.ndarray, values: np.ndarray) -> WindowScores:
+    def _advance(self, idx: torch.Tensor, r: torch.Tensor, t: torch.Tensor, values: torch.Tensor) -> WindowScores:
         """Advance rows r (sorted, grouped) over their readings idx, return the windows they complete."""
         W, F, hop, dev = self.window, self.n_features, self.hop, self.device
-        u, start, counts = np.unique(r, return_index=True, return_counts=True)
+        u, counts = torch.unique_consecutive(r, return_counts=True)
+        start = torch.cumsum(counts, 0) - counts
         R, T = len(u), int(counts.max())
-        gid = np.repeat(np.arange(R), counts)
-        j = np.arange(len(r)) - start[gid]
+        gid = torch.repeat_interleave(torch.arange(R, device=dev), counts)
+        j = torch.arange(len(r), device=dev) - start[gid]
 
-        pad = np.full((R, T + 1, F), np.nan, np.float32)
+        pad = torch.full((R, T + 1, F), math.nan, dtype=torch.float32, device=dev)
         pad[:, 0] = self.last_val[u]
         pad[gid, j + 1] = (values[idx] - self._mean) / self._std
-        present = ~np.isnan(pad)
-        pos = np.where(present, np.arange(T + 1)[None, :, None], 0)
-        np.maximum.accumulate(pos, axis=1, out=pos)
-        filled = np.take_along_axis(pad, pos, axis=1)  # missing values hold the last present value
-        ts_pad = np.zeros((R, T))
+        present = ~torch.isnan(pad)
+        pos = torch.where(present, torch.arange(T + 1, device=dev)[None, :, None], 0)
+        filled = pad.gather(1, pos.cummax(dim=1).values)  # missing values hold the last present value
+        ts_pad = torch.zeros((R, T), dtype=torch.float64, device=dev)
         ts_pad[gid, j] = t
 
-        with torch.inference_mode():
-            ut = torch.as_tensor(u, device=dev)
-            x = torch.as_tensor(filled[:, 1:], device=dev)
-            m = torch.as_tensor(present[:, 1:], device=dev)
-            with self._mixed():
-                out, (hn, cn) = self.model.encode(x, torch.as_tensor(counts), (self.h[:, ut], self.c[:, ut]))
-            ext = torch.cat([self.buf[ut], x], dim=1)
-            mext = torch.cat([self.bmask[ut], m], dim=1)
-            text = np.concatenate([self.bts[u], ts_pad], axis=1)
+        x, m = filled[:, 1:], present[:, 1:]
+        out, hn, cn = self._encode(x, counts, u)
+        ext = torch.cat([self.buf[u], x], dim=1)
+        mext = torch.cat([self.bmask[u], m], dim=1)
+        text = torch.cat([self.bts[u], ts_pad], dim=1)
+        steps = torch.arange(T, device=dev)
+        nth = self.count[u][:, None] + steps[None, :] + 1
+        boundary = (steps[None, :] < counts[:, None]) & (nth % hop == 0) & (nth >= W)
+        gi, gj = boundary.nonzero(as_tuple=True)
+        if len(gi):
+            win = ext.unfold(1, W, 1)[gi, gj + 1].transpose(1, 2)
+            wmask = mext.unfold(1, W, 1)[gi, gj + 1].transpose(1, 2)
+            recon = self._decode(out[gi, gj])
+            scale = self.level[u[gi]] if self.adapt_rate else None
+            score, per_feature, share, direction = score_windows(
+                win, recon, wmask, self._err_mean, self._err_std, hop, self.manifest.score_aggregate, scale
+            )
+            if self.adapt_rate:
+                self._adapt(u[gi], per_feature * scale)
+            result = WindowScores(*_host((u[gi], score.double(), per_feature, share, direction.to(torch.int8),
+                                          text[gi, gj + 1], text[gi, gj + W], idx[start[gi] + gj], nth[gi, gj])))
+        else:
+            result = WindowScores.concat([], F)
 
-            nth = self.count[u][:, None] + np.arange(T)[None, :] + 1
-            boundary = (np.arange(T)[None, :] < counts[:, None]) & (nth % hop == 0) & (nth >= W)
-            gi, gj = np.nonzero(boundary)
-            if len(gi):
-                gi_t, gj_t = torch.as_tensor(gi, device=dev), torch.as_tensor(gj, device=dev)
-                win = ext.unfold(1, W, 1)[gi_t, gj_t + 1].transpose(1, 2)
-                wmask = mext.unfold(1, W, 1)[gi_t, gj_t + 1].transpose(1, 2)
-                with self._mixed():
-                    recon = self.model.decode(out[gi_t, gj_t]).float()
-                scale = torch.as_tensor(self.level[u[gi]], device=dev) if self.adapt_rate else None
-                score, per_feature, share, direction = score_windows(
-                    win, recon, wmask, self._err_mean, self._err_std, hop, self.manifest.score_aggregate, scale
-                )
-                if self.adapt_rate:
-                    self._adapt(u[gi], (per_feature * scale).cpu().numpy())
-                result = WindowScores(
-                    rows=u[gi],
-                    score=score.double().cpu().numpy(),
-                    feature_score=per_feature.cpu().numpy(),
-                    share=share.cpu().numpy(),
-                    direction=direction.to(torch.int8).cpu().numpy(),
-                    start_ts=text[gi, gj + 1],
-                    end_ts=text[gi, gj + W],
-                    reading=idx[start[gi] + gj],
-                    nth=nth[gi, gj],
-                )
-            else:
-                result = WindowScores.concat([], F)
-
-            keep = torch.as_tensor(counts[:, None] + np.arange(W)[None, :], device=dev)
-            self.h[:, ut], self.c[:, ut] = hn.float(), cn.float()
-            self.buf[ut] = ext.gather(1, keep[..., None].expand(R, W, F))
-            self.bmask[ut] = mext.gather(1, keep[..., None].expand(R, W, F))
-        self.bts[u] = np.take_along_axis(text, counts[:, None] + np.arange(W)[None, :], axis=1)
+        keep = counts[:, None] + torch.arange(W, device=dev)[None, :]
+        self.h[:, u], self.c[:, u] = hn, cn
+        self.buf[u] = ext.gather(1, keep[..., None].expand(R, W, F))
+        self.bmask[u] = mext.gather(1, keep[..., None].expand(R, W, F))
+        self.bts[u] = text.gather(1, keep)
         self.count[u] += counts
         self.last_ts[u] = t[start + counts - 1]
-        self.last_val[u] = filled[np.arange(R), counts]
+        self.last_val[u] = filled[torch.arange(R, device=dev), counts]
         return result
+
+    def _encode(self, x: torch.Tensor, counts: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The encoder over rows u's new readings x, CHUNK streams per call: outputs and new float32 (h, c)."""
+        outs, hs, cs = [], [], []
+        for a in range(0, len(u), CHUNK):
+            b = slice(a, a + CHUNK)
+            with self._mixed():
+                out, (h, c) = self.model.encode(x[b], counts[b], (self.h[:, u[b]], self.c[:, u[b]]))
+            outs.append(out)
+            hs.append(h.float())
+            cs.append(c.float())
+        if len(outs) == 1:
+            return outs[0], hs[0], cs[0]
+        return torch.cat(outs), torch.cat(hs, dim=1), torch.cat(cs, dim=1)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The reconstructed windows (K, W, F) in float32 from encoder outputs z (K, H), CHUNK windows per call."""
+        parts = []
+        for a in range(0, len(z), CHUNK):
+            with self._mixed():
+                parts.append(self.model.decode(z[a : a + CHUNK]).float())
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _mixed(self) -> torch.autocast:
         """The autocast context of model.precision (a no-op for float32)."""
         return torch.autocast(self.device.type, dtype=self._autocast or torch.bfloat16,
                               enabled=self._autocast is not None)
 
-    def _adapt(self, rows: np.ndarray, level: np.ndarray) -> None:
+    def _adapt(self, rows: torch.Tensor, level: torch.Tensor) -> None:
         """Move each stream's per-feature error level towards what its windows show, never below 1.
 
         A feature whose errors run higher than in calibration (a temperature that drifts with the season)
@@ -344,17 +381,21 @@ class Engine:
         so one extreme window moves it little.
         """
         first = _group_starts(rows)
-        starts = np.flatnonzero(first)
-        rank = np.arange(len(rows)) - starts[np.cumsum(first) - 1]
+        rank = torch.arange(len(rows), device=rows.device) - first.nonzero().squeeze(1)[torch.cumsum(first, 0) - 1]
         a = self.adapt_rate
         for step in range(int(rank.max()) + 1):
             w = rank == step
             r = rows[w]
             cur = self.level[r]
-            self.level[r] = np.maximum(cur + a * (np.minimum(level[w], 4.0 * cur) - cur), 1.0)
+            self.level[r] = torch.clamp(cur + a * (torch.minimum(level[w], 4.0 * cur) - cur), min=1.0)
 
 
-def _group_starts(r: np.ndarray) -> np.ndarray:
-    first = np.ones(len(r), dtype=bool)
+def _host(tensors: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    """The tensors as numpy arrays on the host."""
+    return [t.cpu().numpy() for t in tensors]
+
+
+def _group_starts(r: torch.Tensor) -> torch.Tensor:
+    first = torch.ones(len(r), dtype=torch.bool, device=r.device)
     first[1:] = r[1:] != r[:-1]
     return first

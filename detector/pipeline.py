@@ -305,7 +305,7 @@ class Pipeline(RowState):
         if sensor_events is not None and len(sensor_events):
             alerts.extend(self._sensor_alert(records, checked, sensor_events, e) for e in range(len(sensor_events)))
         if self.silence is not None and records:
-            went, back = self.silence.update(self.engine.last_ts[: len(self.engine.streams)])
+            went, back = self.silence.update(self.engine.last_times())
             self.dirty[went] = self.dirty[back] = True
             alerts.extend(self._silence_alert(records[-1], int(r), state) for rows, state in
                           ((went, "raised"), (back, "cleared")) for r in rows)
@@ -414,7 +414,7 @@ class Pipeline(RowState):
 
     def _silence_alert(self, rec: Record, row: int, state: str) -> dict[str, Any]:
         if np.isnan(self.silent_since[row]):
-            self.silent_since[row] = self.engine.last_ts[row]
+            self.silent_since[row] = float(self.engine.last_ts[row])
         quiet_since = float(self.silent_since[row])
         if state == "cleared":
             self.silent_since[row] = np.nan

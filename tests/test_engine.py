@@ -136,7 +136,7 @@ def test_adaptation_quiets_a_feature_that_runs_noisier_and_keeps_new_faults_visi
         for a in range(0, n, 50):
             parts.append(eng.score_batch(readings("m", ts[a:a + 50], v[a:a + 50])).windows)
             if a + 50 == 700:
-                levels[name] = eng.level[0].copy()  # just before the fault
+                levels[name] = eng.level[0].clone()  # just before the fault
         out[name] = (np.concatenate([p.end_ts for p in parts]), np.concatenate([p.score for p in parts]),
                      np.concatenate([p.share for p in parts]))
     end, s_plain, _ = out["plain"]
@@ -184,3 +184,32 @@ def test_float16_needs_a_cuda_device_and_says_so() -> None:
 
     with pytest.raises(ModelError, match="model.precision float16 needs a CUDA device.*use bfloat16 or float32"):
         Engine(random_artifact(), device="cpu", precision="float16")
+
+
+def test_chunked_model_calls_score_like_one_call_and_the_host_views_follow_the_table(monkeypatch) -> None:
+    import detector.engine as engine_mod
+
+    art = random_artifact(window=8, hop=4, hidden=16, layers=2)
+    n_streams, n = 10, 24  # every stream completes windows in every batch of 12 readings
+    ts = T0 + 60.0 * np.arange(n)
+    streams = np.repeat([f"m{s}" for s in range(n_streams)], n)
+    values = np.concatenate([sine_values(n, seed=s, phase=s) for s in range(n_streams)])
+    times = np.tile(ts, n_streams)
+
+    def run(chunk: int) -> tuple[Engine, list[np.ndarray]]:
+        monkeypatch.setattr(engine_mod, "CHUNK", chunk)
+        eng = Engine(art)
+        scores = []
+        for half in (times < ts[12], times >= ts[12]):
+            w = eng.score_batch(readings(list(streams[half]), times[half], values[half])).windows
+            scores.append(w.score)
+        return eng, scores
+
+    whole, one_call = run(1 << 20)
+    chunked, in_chunks = run(3)  # 10 streams: calls of 3, 3, 3 and 1
+    assert [len(s) for s in one_call] == [n_streams * 2, n_streams * 3]
+    for a, b in zip(one_call, in_chunks, strict=True):
+        assert np.allclose(a, b, rtol=1e-5)
+    assert np.allclose(whole.h.numpy(), chunked.h.numpy(), atol=1e-6)
+    assert chunked.readings_seen().tolist() == [n] * n_streams
+    assert chunked.last_times().tolist() == [ts[-1]] * n_streams

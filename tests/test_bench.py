@@ -31,6 +31,25 @@ def test_throughput_bench_writes_its_section(tmp_path: Path) -> None:
         assert len(cells) == 6 and all(float(c.rstrip("x").replace(",", "")) > 0 for c in cells[2:])
 
 
+def test_gpu_bench_times_each_device_and_precision_and_writes_its_section(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\nbefore\n<!-- bench:gpu:begin -->\nSTALE-TABLE\n<!-- bench:gpu:end -->\nafter\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--streams", "3", "5", "--devices", "cpu",
+                           "--precision", "float32", "bfloat16", "--cpu-precision", "float32", "--batches", "1",
+                           "--out", str(out), "--results", str(tmp_path / "g.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert result["results"] == []  # CUDA rows only: none on a CPU run
+    assert [(r["streams"], r["precision"]) for r in result["cpu_results"]] == [(3, "float32"), (5, "float32")]
+    assert all(r["engine_batched_readings_per_s"] > 0 and r["model_only_readings_per_s"] > 0
+               for r in result["cpu_results"])
+    text = out.read_text()
+    assert "STALE-TABLE" not in text and text.startswith("# Benchmarks\n\nbefore\n") and text.endswith("after\n")
+    assert [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "cpu" in line] == [
+        "3", "5"]
+
+
 def test_summary_has_every_key_issue_6_names(tmp_path: Path, monkeypatch) -> None:
     sys.path.insert(0, str(ROOT))
     from bench import summary

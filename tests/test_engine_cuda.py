@@ -60,6 +60,6 @@ def test_cuda_engine_scores_like_the_cpu_engine(monkeypatch) -> None:
     assert sorted(out["cpu"].dropped_reason.tolist()) == ["duplicate_timestamp", "late"]
     rows = np.arange(len(engines["cpu"].streams))
     sa, sb = (e.export_rows(rows) for e in engines.values())
-    for name in sa:  # cuDNN's LSTM multiplies in TF32 by default: h and c drift apart by about 1e-4 over 150 steps
+    for name in sa:  # cuDNN runs float32 LSTMs in TF32 by default: h and c drift apart by over 1e-4 in 150 steps
         tol = 5e-3 if name in ("h", "c") else 1e-4
         assert np.allclose(sa[name].astype(float), sb[name].astype(float), rtol=1e-3, atol=tol), name

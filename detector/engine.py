@@ -127,25 +127,27 @@ class Engine:
         self._grow(capacity)
 
     # ----- the state table: one row per stream, on the model's device ------------------------------------
-    _ROW_TABLES = {"bts": (torch.float64, 0.0), "count": (torch.int64, 0), "last_ts": (torch.float64, -math.inf),
-                   "last_val": (torch.float32, 0.0), "level": (torch.float32, 1.0)}
-    """Per-stream tables beside h, c and the window: dtype and the value of a fresh row."""
+    _TABLES = {"h": (torch.float32, 0.0), "c": (torch.float32, 0.0), "buf": (torch.float32, 0.0),
+               "bmask": (torch.bool, False), "bts": (torch.float64, 0.0), "count": (torch.int64, 0),
+               "last_ts": (torch.float64, -math.inf), "last_val": (torch.float32, 0.0), "level": (torch.float32, 1.0)}
+    """Every per-stream table: dtype and the value of a fresh row. h and c hold the layer first, then the row."""
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each table's shape per stream (h and c: per layer)."""
+        L, H, W, F = self.model.num_layers, self.model.hidden_size, self.window, self.n_features
+        return {"h": (L, H), "c": (L, H), "buf": (W, F), "bmask": (W, F), "bts": (W,), "count": (),
+                "last_ts": (), "last_val": (F,), "level": (F,)}
 
     @torch.inference_mode()
     def _grow(self, capacity: int) -> None:
         old = self.capacity
-        L, H, W, F = self.model.num_layers, self.model.hidden_size, self.window, self.n_features
-        shapes = {"h": (L, capacity, H), "c": (L, capacity, H), "buf": (capacity, W, F), "bmask": (capacity, W, F),
-                  "bts": (capacity, W), "count": (capacity,), "last_ts": (capacity,), "last_val": (capacity, F),
-                  "level": (capacity, F)}
-        for name, shape in shapes.items():
-            dtype, fill = self._ROW_TABLES.get(name, (torch.bool if name == "bmask" else torch.float32, 0))
-            t = torch.full(shape, fill, dtype=dtype, device=self.device)
+        for name, shape in self._shapes().items():
+            dtype, fill = self._TABLES[name]
+            layered = name in ("h", "c")
+            t = torch.full((shape[0], capacity, *shape[1:]) if layered else (capacity, *shape), fill, dtype=dtype,
+                           device=self.device)
             if old:
-                if name in ("h", "c"):
-                    t[:, :old] = getattr(self, name)
-                else:
-                    t[:old] = getattr(self, name)
+                t[(slice(None), slice(old)) if layered else slice(old)] = getattr(self, name)
             setattr(self, name, t)
         self.capacity = capacity
 
@@ -192,26 +194,24 @@ class Engine:
     def export_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The state of these streams as numpy arrays, rows first: LSTM h and c, window, counters."""
         rt = torch.as_tensor(rows, device=self.device)
-        out = {"h": self.h[:, rt].transpose(0, 1).cpu().numpy(), "c": self.c[:, rt].transpose(0, 1).cpu().numpy(),
-               "buf": self.buf[rt].cpu().numpy(), "bmask": self.bmask[rt].cpu().numpy()}
-        out.update({name: getattr(self, name)[rt].cpu().numpy() for name in self._ROW_TABLES})
-        return out
+        return {name: (getattr(self, name)[:, rt].transpose(0, 1) if name in ("h", "c") else getattr(self, name)[rt])
+                .cpu().numpy() for name in self._TABLES}
 
     @torch.inference_mode()
     def import_rows(self, rows: np.ndarray, state: dict[str, np.ndarray] | None) -> list[str]:
         """Set these streams' state (None: fresh, as a new stream); return the fields that did not fit."""
-        misfit: list[str] = []
         if len(rows) == 0:
-            return misfit
+            return []
         rt = torch.as_tensor(rows, device=self.device)
-        self.reset(rt)
-        self.last_ts[rt] = -math.inf
-        self.level[rt] = 1.0
+        for name, (_, fill) in self._TABLES.items():
+            table = getattr(self, name)
+            if name in ("h", "c"):
+                table[:, rt] = fill
+            else:
+                table[rt] = fill
         if state is None:
-            return misfit
-        L, H, W, F = self.model.num_layers, self.model.hidden_size, self.window, self.n_features
-        shapes = {"h": (L, H), "c": (L, H), "buf": (W, F), "bmask": (W, F), "bts": (W,), "count": (),
-                  "last_ts": (), "last_val": (F,), "level": (F,)}
+            return []
+        shapes = self._shapes()
         misfit = [k for k, shape in shapes.items() if k not in state or state[k].shape != (len(rows), *shape)]
         if misfit:  # another model's state (window, layers or features differ): the streams start fresh
             return misfit
@@ -222,7 +222,7 @@ class Engine:
                 table[:, rt] = value.transpose(0, 1)
             else:
                 table[rt] = value
-        return misfit
+        return []
 
     # ----- scoring ---------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -11,15 +11,16 @@ untrained: speed does not depend on the weights), warms every stream up to a ful
 - engine, stream by stream: the same readings, one `score_batch` call per stream (what a per-stream loop
   costs), on a smaller sample of streams when S is large;
 - pipeline, batched: `Pipeline.process` on the same batches as JSON records (decode, engine, thresholds,
-  alert state machine): what the daemon does per poll, minus Kafka.
+  alert state machine): what the daemon does per poll, minus Kafka. The records hold one reading each, or
+  with --form columns each stream's readings of a batch in one message of the columnar batched form.
 
 Rates are readings per second, best of three repetitions; the ratio batched / stream by stream is measured in
 the same run. With several --precision values (model.precision: float32, bfloat16, float16 on CUDA) each fleet
 size is timed in each, one after the other in the same run. Large fleets time fewer batches (about 2 million
 readings per repetition at most), and the pipeline is timed only up to --pipeline-max streams (its JSON records
 of a 100,000-stream batch alone take gigabytes). Results go to bench/results/throughput.json
-(bench/results/gpu.json with --device cuda); with --out the table replaces the section between the markers in
-that file.
+(throughput_cuda.json with --device cuda: bench/gpu.py writes gpu.json); with --out the table replaces the
+section between the markers in that file.
 """
 
 from __future__ import annotations
@@ -77,19 +78,29 @@ def batches(streams: int, n: int, start: float = 1.7e9) -> list[Readings]:
     return out
 
 
-def as_records(batches: list[Readings], first_offset: int = 0) -> list[list[Record]]:
+def as_records(batches: list[Readings], first_offset: int = 0, form: str = "single") -> list[list[Record]]:
     """The batches as the JSON records the daemon would poll, at consecutive offsets of one partition.
 
-    The offsets must grow from batch to batch: the pipeline skips a record at or below the offset its stream's
-    state already holds, as a replay.
+    `single`: one reading per message; `columns`: one message per stream and batch holding its HOP readings in
+    the columnar batched form. The offsets must grow from batch to batch: the pipeline skips a record at or
+    below the offset its stream's state already holds, as a replay.
     """
     out, offset = [], first_offset
     for r in batches:
         recs = []
-        for s, t, v in zip(r.streams.tolist(), r.ts.tolist(), r.values.tolist(), strict=True):
-            body = orjson.dumps({"stream": s, "ts": t, "values": dict(zip(FEATURES, v, strict=True))})
-            recs.append(Record("in", 0, offset, s.encode(), body, 0))
-            offset += 1
+        if form == "columns":
+            order = np.lexsort((r.ts, r.streams))
+            for s, idx in zip(*np.unique(r.streams[order], return_index=True), strict=True):
+                rows = order[idx : idx + HOP]
+                body = orjson.dumps({"stream": s, "readings": {"ts": r.ts[rows].tolist(), "values": {
+                    f: r.values[rows, i].tolist() for i, f in enumerate(FEATURES)}}})
+                recs.append(Record("in", 0, offset, s.encode(), body, 0))
+                offset += 1
+        else:
+            for s, t, v in zip(r.streams.tolist(), r.ts.tolist(), r.values.tolist(), strict=True):
+                body = orjson.dumps({"stream": s, "ts": t, "values": dict(zip(FEATURES, v, strict=True))})
+                recs.append(Record("in", 0, offset, s.encode(), body, 0))
+                offset += 1
         out.append(recs)
     return out
 
@@ -100,7 +111,7 @@ def take(r: Readings, idx: np.ndarray) -> Readings:
 
 
 def bench(streams: int, n_batches: int, device: torch.device, with_pipeline: bool = True,
-          precision: str = "float32") -> dict[str, float | None]:
+          precision: str = "float32", form: str = "single") -> dict[str, float | None]:
     """The three rates for one fleet size in one model precision (pipeline None when left out)."""
     art = artifact()
     warm = batches(streams, WINDOW // HOP)
@@ -139,8 +150,8 @@ def bench(streams: int, n_batches: int, device: torch.device, with_pipeline: boo
         one_by_one.seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
 
     cfg = Config.model_validate({"model": {"precision": precision}})
-    warm_records = as_records(warm) if with_pipeline else []
-    records = as_records(data, first_offset=sum(len(b) for b in warm)) if with_pipeline else []
+    warm_records = as_records(warm, form=form) if with_pipeline else []
+    records = as_records(data, first_offset=sum(len(r) for r in warm_records), form=form) if with_pipeline else []
 
     def pipeline() -> None:
         p = Pipeline(cfg, art, str(device))
@@ -169,12 +180,15 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--hop", type=int, default=16)
     ap.add_argument("--pipeline-max", type=int, default=10000, help="largest fleet whose pipeline is timed")
+    ap.add_argument("--form", choices=["single", "columns"], default="single",
+                    help="the pipeline's records: one reading per message, or each stream's readings of a batch "
+                         "in one message of the columnar batched form")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", nargs="+", default=["float32"], choices=list(PRECISIONS),
                     help="model.precision values to time, side by side (float16 needs CUDA)")
     ap.add_argument("--out", help="markdown file whose throughput section is replaced by the results")
     ap.add_argument("--results", help="JSON file for the results (default bench/results/throughput.json, or "
-                                      "gpu.json on CUDA)")
+                                      "throughput_cuda.json on CUDA)")
     args = ap.parse_args()
     global WINDOW, HOP
     WINDOW, HOP = args.window, args.hop
@@ -184,7 +198,7 @@ def main() -> int:
     for s in args.streams:
         n = max(2, min(args.batches, 2_000_000 // (s * HOP)))
         for precision in args.precision:
-            r = bench(s, n, device, with_pipeline=s <= args.pipeline_max, precision=precision)
+            r = bench(s, n, device, with_pipeline=s <= args.pipeline_max, precision=precision, form=args.form)
             results.append({"streams": s, "precision": precision, "batches": n,
                             "engine_batched_readings_per_s": round(r["batched"]),
                             "engine_single_readings_per_s": round(r["single"]),
@@ -201,9 +215,10 @@ def main() -> int:
         BEGIN,
         f"Machine: {machine}; {datetime.now(UTC):%Y-%m-%d}. Command: `python bench/throughput.py --streams "
         f"{' '.join(map(str, args.streams))} --window {WINDOW} --hop {HOP} --device {args.device} --precision "
-        f"{' '.join(args.precision)}`. Readings per "
+        f"{' '.join(args.precision)}" + (f" --form {args.form}" if args.form != "single" else "") + "`. Readings per "
         f"second, best of three; untrained model of 8 features, window {WINDOW}, hop {HOP}, hidden {HIDDEN}; each "
-        f"poll batch holds {HOP} readings of every stream.",
+        f"poll batch holds {HOP} readings of every stream"
+        + (", in one message per stream (columnar form) for the pipeline." if args.form == "columns" else "."),
         "",
         "| streams | model.precision | engine, batched | engine, stream by stream | ratio | pipeline (decode to "
         "alerts), batched |",
@@ -213,8 +228,9 @@ def main() -> int:
     ])
     print(table)
     result = {"machine": machine, "date": datetime.now(UTC).strftime("%Y-%m-%d"), "device": str(device),
-              "model": f"{F} features, window {WINDOW}, hop {HOP}, hidden {HIDDEN}, 1 layer", "results": results}
-    name = "gpu.json" if device.type == "cuda" else "throughput.json"
+              "model": f"{F} features, window {WINDOW}, hop {HOP}, hidden {HIDDEN}, 1 layer", "form": args.form,
+              "results": results}
+    name = "throughput_cuda.json" if device.type == "cuda" else "throughput.json"
     Path(args.results or Path(__file__).resolve().parent / "results" / name).write_text(
         json.dumps(result, indent=2) + "\n")
     if args.out:

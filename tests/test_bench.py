@@ -31,6 +31,16 @@ def test_throughput_bench_writes_its_section(tmp_path: Path) -> None:
         assert len(cells) == 6 and all(float(c.rstrip("x").replace(",", "")) > 0 for c in cells[2:])
 
 
+def test_throughput_bench_times_the_pipeline_on_columnar_messages(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--streams", "3", "--batches", "2",
+                           "--device", "cpu", "--window", "8", "--hop", "4", "--form", "columns",
+                           "--results", str(tmp_path / "t.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr  # the bench raises unless every stream scored a window per batch
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["form"] == "columns" and result["results"][0]["pipeline_readings_per_s"] > 0
+    assert "--form columns" in proc.stdout
+
+
 def test_gpu_bench_times_each_device_and_precision_and_writes_its_section(tmp_path: Path) -> None:
     out = tmp_path / "benchmarks.md"
     out.write_text("# Benchmarks\n\nbefore\n<!-- bench:gpu:begin -->\nSTALE-TABLE\n<!-- bench:gpu:end -->\nafter\n")

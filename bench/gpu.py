@@ -159,7 +159,8 @@ def main() -> int:
                 rows.append(f"| {s:,} | {dev} | {precision} | {r['engine']:,.0f} | {r['model']:,.0f} | "
                             f"{r['batch_s'] * 1000:,.0f} | {r['lookup_s'] * 1000:,.0f} |")
                 print(rows[-1], flush=True)
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # the next case starts from a clean pool
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, GPU {gpu}; torch {torch.__version__}, "
                f"Python {platform.python_version()}")
@@ -167,7 +168,9 @@ def main() -> int:
         BEGIN,
         f"Machine: {machine}; {datetime.now(UTC):%Y-%m-%d}. Command: `python bench/gpu.py --streams "
         f"{' '.join(map(str, args.streams))} --devices {' '.join(args.devices)} --precision "
-        f"{' '.join(args.precision)} --batches {args.batches}`. Readings per second, best batch; each poll batch "
+        f"{' '.join(args.precision)}"
+        + (f" --cpu-precision {' '.join(args.cpu_precision)}" if args.cpu_precision else "")
+        + f" --batches {args.batches}`. Readings per second, best batch; each poll batch "
         f"holds {HOP} readings of every stream and completes one window per stream; untrained model of {F} "
         f"features, window {WINDOW}, hop {HOP}, hidden {HIDDEN}.",
         "",
@@ -180,7 +183,7 @@ def main() -> int:
     print(table)
     if args.profile:
         one(max(args.streams), torch.device(args.devices[0]), args.precision[0], 1, profile=True)
-    result = {"machine": machine, "date": datetime.now(UTC).strftime("%Y-%m-%d"), "device": "cuda",
+    result = {"machine": machine, "date": datetime.now(UTC).strftime("%Y-%m-%d"), "devices": args.devices,
               "model": f"{F} features, window {WINDOW}, hop {HOP}, hidden {HIDDEN}, 1 layer",
               "results": [r for r in results if r["device"] == "cuda"], "cpu_results": [
                   r for r in results if r["device"] == "cpu"]}

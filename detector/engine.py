@@ -330,8 +330,10 @@ class Engine:
             )
             if self.adapt_rate:
                 self._adapt(u[gi], per_feature * scale)
-            result = WindowScores(*_host((u[gi], score.double(), per_feature, share, direction.to(torch.int8),
-                                          text[gi, gj + 1], text[gi, gj + W], idx[start[gi] + gj], nth[gi, gj])))
+            fields = {"rows": u[gi], "score": score.double(), "feature_score": per_feature, "share": share,
+                      "direction": direction.to(torch.int8), "start_ts": text[gi, gj + 1], "end_ts": text[gi, gj + W],
+                      "reading": idx[start[gi] + gj], "nth": nth[gi, gj]}
+            result = WindowScores(**{name: v.cpu().numpy() for name, v in fields.items()})  # to the host
         else:
             result = WindowScores.concat([], F)
 
@@ -388,11 +390,6 @@ class Engine:
             r = rows[w]
             cur = self.level[r]
             self.level[r] = torch.clamp(cur + a * (torch.minimum(level[w], 4.0 * cur) - cur), min=1.0)
-
-
-def _host(tensors: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
-    """The tensors as numpy arrays on the host."""
-    return [t.cpu().numpy() for t in tensors]
 
 
 def _group_starts(r: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from detector.config import Config, load_config
     from detector.datasets import load_dataset, load_labelled_csv, load_skab_anomaly_free
     from detector.evaluate import EVAL_PARAMS, evaluate
+    from detector.pretrain import pretrained
 
     if args.format == "csv":
         feats = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
@@ -101,7 +102,15 @@ def _evaluate(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         pretrain = load_skab_anomaly_free(args.data)
-    summary = evaluate(files, args.format, args.out, cfg, params, model_dir=args.model, pretrain=pretrain,
+    init = None
+    if args.train_protocol == "pretrained" and not args.model:
+        widths = {len(f.features) for f in files}
+        if len(widths) > 1:
+            print(f"error: --train-protocol pretrained needs files of one width; these have {sorted(widths)} "
+                  "features", file=sys.stderr)
+            return 2
+        init = pretrained(list(files[0].features), params)
+    summary = evaluate(files, args.format, args.out, cfg, params, model_dir=args.model, pretrain=pretrain, init=init,
                        progress=not args.quiet,
                        baselines=() if args.no_baselines else ("hst", "pca"), plots=not args.no_plots)
     o = summary["overall"]
@@ -310,9 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="folder for summary.json, scores/ and report.html")
     e.add_argument("--model", help="a trained model folder to use for every file (default: train one per file "
                    "on the protocol's training rows)")
-    e.add_argument("--train-protocol", choices=["per-file", "anomaly-free"], default="per-file",
-                   help="per-file: train on each file's protocol rows (default); anomaly-free (skab): train one "
-                   "model on SKAB's anomaly-free.csv and use it for every file (a separate variant)")
+    e.add_argument("--train-protocol", choices=["per-file", "pretrained", "anomaly-free"], default="per-file",
+                   help="per-file: train on each file's protocol rows (default); pretrained: the same, starting "
+                   "from a model first fitted on synthetic signals (no benchmark data, about a minute); "
+                   "anomaly-free (skab): train one model on SKAB's anomaly-free.csv and use it for every file "
+                   "(a separate variant)")
     e.add_argument("--config", help="config file whose thresholds and alerts sections apply (default: defaults)")
     e.add_argument("--match", help="only files whose name (path in the dataset) contains this text")
     e.add_argument("--limit", type=int, help="only the first N files (after --match)")

@@ -35,6 +35,7 @@ from detector.config import Config, config_hash
 from detector.daemon import Daemon
 from detector.datasets import LabelledFile
 from detector.errors import DataError
+from detector.model import LSTMAutoencoder
 from detector.nab import PROFILES, NabFile, nab_scores, normalised_score
 from detector.pipeline import Pipeline
 from detector.quality import (
@@ -104,22 +105,23 @@ def _records(f: LabelledFile, topic: str = "evaluate") -> list[Record]:
     return out
 
 
-def _train(f: LabelledFile, params: TrainParams) -> Artifact:
+def _train(f: LabelledFile, params: TrainParams, init: LSTMAutoencoder | None = None) -> Artifact:
     train = f.values[: f.train_rows]
     need = params.window + 3 * params.hop
     if len(train) < need:
         raise DataError(f"{f.name}: only {len(train)} training rows; the model needs at least {need} "
                         f"(use a smaller --window or --hop)")
     model, manifest = train_model(Series(list(f.features), ["s"], [train]), replace(params, name=f.name),
-                                  progress=False)
+                                  progress=False, init=init)
     return Artifact(model, manifest, Path("."))
 
 
 def run_file(f: LabelledFile, cfg: Config, params: TrainParams = EVAL_PARAMS,
-             artifact: Artifact | None = None) -> FileResult:
-    """Train on the protocol's rows (unless a model is given), stream the file through the daemon's path."""
+             artifact: Artifact | None = None, init: LSTMAutoencoder | None = None) -> FileResult:
+    """Train on the protocol's rows (unless a model is given; from `init`'s weights if given), stream the file
+    through the daemon's path."""
     t0 = time.monotonic()
-    art = artifact or _train(f, params)
+    art = artifact or _train(f, params, init)
     if list(art.manifest.features) != list(f.features):
         raise DataError(f"{f.name}: the model's features ({','.join(art.manifest.features)}) are not the "
                         f"file's ({','.join(f.features)})")
@@ -338,10 +340,12 @@ def _run_starts(pred: np.ndarray) -> np.ndarray:
 def evaluate(files: list[LabelledFile], fmt: str, out_dir: str | Path, cfg: Config | None = None,
              params: TrainParams = EVAL_PARAMS, model_dir: str | Path | None = None,
              pretrain: LabelledFile | None = None, progress: bool = True,
-             baselines: tuple[str, ...] = ("hst", "pca"), plots: bool = True) -> dict[str, Any]:
+             baselines: tuple[str, ...] = ("hst", "pca"), plots: bool = True,
+             init: LSTMAutoencoder | None = None) -> dict[str, Any]:
     """Run our detector and the baselines on every file; write summary.json, per-row CSVs and report.html.
 
-    `model_dir` (a trained model) or `pretrain` (normal data to train one model on) replace training per file.
+    `model_dir` (a trained model) or `pretrain` (normal data to train one model on) replace training per file;
+    `init` (a model pretrained on synthetic signals) is where training per file starts from.
     """
     if not files:
         raise DataError("no files to evaluate")
@@ -353,11 +357,13 @@ def evaluate(files: list[LabelledFile], fmt: str, out_dir: str | Path, cfg: Conf
     if pretrain is not None:
         artifact = _train(pretrain, params)
         model_note = f"trained once on {pretrain.name} ({pretrain.train_rows} rows), used for every file"
+    elif init is not None and artifact is None:
+        model_note += ", starting from a model pretrained on synthetic signals (detector.pretrain)"
     ours: list[FileResult] = []
     base: dict[str, list[FileResult]] = {b: [] for b in baselines}
     t0 = time.monotonic()
     for f in tqdm(files, desc="evaluate", unit="file", disable=not progress):
-        ours.append(run_file(f, cfg, params, artifact))
+        ours.append(run_file(f, cfg, params, artifact, init))
         for b in baselines:
             base[b].append(baseline_scores(f, b, params.seed))
     per_file = []

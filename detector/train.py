@@ -167,9 +167,12 @@ def _continuous(model: LSTMAutoencoder, x: torch.Tensor, hop: int, window: int,
     return ends, recon
 
 
-def train_model(series: Series, params: TrainParams = TrainParams(),
-                progress: bool = True) -> tuple[LSTMAutoencoder, Manifest]:
-    """Fit an LSTM autoencoder on normal series and calibrate its scores; return the model and manifest."""
+def train_model(series: Series, params: TrainParams = TrainParams(), progress: bool = True,
+                init: LSTMAutoencoder | None = None) -> tuple[LSTMAutoencoder, Manifest]:
+    """Fit an LSTM autoencoder on normal series and calibrate its scores; return the model and manifest.
+
+    `init`, a model of the same shape, gives the starting weights (a copy; `init` itself is not changed).
+    """
     t0 = time.monotonic()
     if not 0.0 <= params.corrupt <= 1.0:
         raise DataError(f"corrupt must be between 0 and 1 (got {params.corrupt})")
@@ -192,7 +195,14 @@ def train_model(series: Series, params: TrainParams = TrainParams(),
     mean = mean.astype(np.float32)
     filled = {s: scale_and_fill(v, mean, std) for s, v in usable}
 
-    model = LSTMAutoencoder(F, params.hidden_size, params.num_layers, W)
+    if init is None:
+        model = LSTMAutoencoder(F, params.hidden_size, params.num_layers, W)
+    else:
+        have = (init.n_features, init.hidden_size, init.num_layers, init.window)
+        if have != (F, params.hidden_size, params.num_layers, W):
+            raise DataError(f"the starting model has features, hidden size, layers and window {have}; training "
+                            f"needs {(F, params.hidden_size, params.num_layers, W)}")
+        model = copy.deepcopy(init).train()
     opt = torch.optim.Adam(model.parameters(), lr=params.lr)
     chunk_len = W + hop * (params.chunk_windows - 1)
     starts_pool = [(s, st) for s, _ in usable for st in range(0, max(train_end[s] - chunk_len, 0) + 1, hop)]

@@ -147,6 +147,30 @@ def test_one_pretrained_model_can_serve_every_file(tmp_path: Path) -> None:
     assert summary["overall"]["recall"] > 0.5
 
 
+def test_pretrained_protocol_trains_each_file_from_the_synthetic_model(tmp_path: Path) -> None:
+    from detector.pretrain import pretrained
+
+    files = [step_file(seed=1), step_file(seed=2)]
+    init = pretrained(list(files[0].features), FAST, n_series=4, length=400, epochs=2, steps_per_epoch=5)
+    before = {k: v.clone() for k, v in init.state_dict().items()}
+    summary = evaluate(files, "csv", tmp_path, params=FAST, init=init, progress=False, baselines=(), plots=False)
+    assert summary["detector"]["model"].endswith("starting from a model pretrained on synthetic signals "
+                                                 "(detector.pretrain)")
+    assert summary["overall"]["recall"] > 0.5
+    assert all((init.state_dict()[k] == v).all() for k, v in before.items()), "each file trains a copy"
+
+
+def test_pretrained_protocol_needs_files_of_one_width(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    rows = {"timestamp": np.arange(300) * 60.0, "label": np.zeros(300, int), "x": np.sin(np.arange(300) / 9)}
+    pd.DataFrame(rows).to_csv(a, index=False)
+    pd.DataFrame({**rows, "y": np.cos(np.arange(300) / 7)}).to_csv(b, index=False)
+    rc = main(["evaluate", "--data", str(tmp_path), "--format", "csv", "--out", str(tmp_path / "out"),
+               "--train-protocol", "pretrained", "--quiet"])
+    assert rc == 2 and "--train-protocol pretrained needs files of one width; these have [1, 2]" in (
+        capsys.readouterr().err)
+
+
 def test_anomaly_free_protocol_is_for_skab_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rc = main(["evaluate", "--data", str(DATA / "NAB"), "--format", "nab", "--out", str(tmp_path),
                "--train-protocol", "anomaly-free", "--limit", "1", "--quiet"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,16 @@ def test_denoising_corrupts_one_feature_of_a_share_of_chunks() -> None:
     assert changed.sum(axis=1).max() == 1, "a corrupted chunk has one faulty feature"
     with pytest.raises(DataError, match="corrupt must be between 0 and 1"):
         train_model(Series(FEATURES, ["a"], [sine_values(300, seed=1)]), TrainParams(corrupt=1.5), progress=False)
+
+
+def test_training_can_start_from_a_given_model_and_leaves_it_unchanged() -> None:
+    from detector.model import LSTMAutoencoder
+
+    data = Series(FEATURES, ["a"], [sine_values(400, seed=2)])
+    params = TrainParams(window=16, hop=4, hidden_size=8, epochs=1, steps_per_epoch=2, batch_size=4, lr=0.0)
+    init = LSTMAutoencoder(len(FEATURES), 8, 1, 16)
+    model, _ = train_model(data, params, progress=False, init=init)
+    assert model is not init
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), init.state_dict().values(), strict=True))
+    with pytest.raises(DataError, match="the starting model has features, hidden size, layers and window"):
+        train_model(data, replace(params, hidden_size=16), progress=False, init=init)

@@ -178,17 +178,24 @@ class Engine:
 
     @torch.inference_mode()
     def reset(self, rows: np.ndarray | torch.Tensor) -> None:
-        """Forget the model state and window of these rows (new stream, or back after a gap)."""
+        """Forget the model state and window of these rows (new stream, or back after a gap).
+
+        The last event time (late readings stay late) and the adaptation levels are kept.
+        """
         if len(rows) == 0:
             return
         rt = torch.as_tensor(rows, device=self.device)
-        self.h[:, rt] = 0.0
-        self.c[:, rt] = 0.0
-        self.buf[rt] = 0.0
-        self.bmask[rt] = False
-        self.bts[rt] = 0.0
-        self.count[rt] = 0
-        self.last_val[rt] = 0.0
+        for name, (_, fill) in self._TABLES.items():
+            if name not in ("last_ts", "level"):
+                self._put(name, rt, fill)
+
+    def _put(self, name: str, rt: torch.Tensor, value: torch.Tensor | float) -> None:
+        """Set rows rt of table `name` to a scalar or to per-row values (rows first, h and c too)."""
+        table = getattr(self, name)
+        if name in ("h", "c"):
+            table[:, rt] = value.transpose(0, 1) if isinstance(value, torch.Tensor) else value
+        else:
+            table[rt] = value
 
     @torch.inference_mode()
     def export_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -204,24 +211,14 @@ class Engine:
             return []
         rt = torch.as_tensor(rows, device=self.device)
         for name, (_, fill) in self._TABLES.items():
-            table = getattr(self, name)
-            if name in ("h", "c"):
-                table[:, rt] = fill
-            else:
-                table[rt] = fill
+            self._put(name, rt, fill)
         if state is None:
             return []
-        shapes = self._shapes()
-        misfit = [k for k, shape in shapes.items() if k not in state or state[k].shape != (len(rows), *shape)]
+        misfit = [k for k, shape in self._shapes().items() if k not in state or state[k].shape != (len(rows), *shape)]
         if misfit:  # another model's state (window, layers or features differ): the streams start fresh
             return misfit
-        for name in shapes:
-            table = getattr(self, name)
-            value = torch.as_tensor(state[name], device=self.device).to(table.dtype)
-            if name in ("h", "c"):
-                table[:, rt] = value.transpose(0, 1)
-            else:
-                table[rt] = value
+        for name, (dtype, _) in self._TABLES.items():
+            self._put(name, rt, torch.as_tensor(state[name], device=self.device).to(dtype))
         return []
 
     # ----- scoring ---------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from detector.artifact import Artifact, Manifest  # noqa: E402
 from detector.config import Config  # noqa: E402
 from detector.decode import Readings  # noqa: E402
 from detector.engine import PRECISIONS, Engine, pick_device  # noqa: E402
+from detector.loadgen import columnar  # noqa: E402
 from detector.model import LSTMAutoencoder  # noqa: E402
 from detector.pipeline import Pipeline  # noqa: E402
 from detector.train import CALIBRATION_LEVELS  # noqa: E402
@@ -92,8 +93,9 @@ def as_records(batches: list[Readings], first_offset: int = 0, form: str = "sing
             order = np.lexsort((r.ts, r.streams))
             for s, idx in zip(*np.unique(r.streams[order], return_index=True), strict=True):
                 rows = order[idx : idx + HOP]
-                body = orjson.dumps({"stream": s, "readings": {"ts": r.ts[rows].tolist(), "values": {
-                    f: r.values[rows, i].tolist() for i, f in enumerate(FEATURES)}}})
+                held = [{"ts": t, "values": dict(zip(FEATURES, v, strict=True))}
+                        for t, v in zip(r.ts[rows].tolist(), r.values[rows].tolist(), strict=True)]
+                body = orjson.dumps({"stream": s, "readings": columnar(held, FEATURES)})
                 recs.append(Record("in", 0, offset, s.encode(), body, 0))
                 offset += 1
         else:

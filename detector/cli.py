@@ -65,7 +65,8 @@ def _train(args: argparse.Namespace) -> int:
              sum(len(v) for v in series.values), ",".join(series.features))
     params = TrainParams(window=args.window, hop=args.hop, hidden_size=args.hidden, num_layers=args.layers,
                          epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed,
-                         score_aggregate=args.score, corrupt=args.corrupt, name=args.name or Path(args.out).name)
+                         score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale,
+                         name=args.name or Path(args.out).name)
     model, manifest = train_model(series, params, progress=not args.quiet)
     out = save_artifact(args.out, model, manifest)
     print(f"model written to {out}/ ({manifest.training['epochs_run']} epochs, best validation loss "
@@ -93,7 +94,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         files = files[: args.limit]
     cfg = load_config(args.config) if args.config else Config()
     params = replace(EVAL_PARAMS, window=args.window, hop=args.hop, hidden_size=args.hidden, epochs=args.epochs,
-                     seed=args.seed, score_aggregate=args.score, corrupt=args.corrupt)
+                     seed=args.seed, score_aggregate=args.score, corrupt=args.corrupt,
+                     error_scale=args.error_scale)
     logging.getLogger("detector.daemon").setLevel(logging.ERROR)  # alerts and rejects are in the report
     pretrain = None
     if args.train_protocol == "anomaly-free":
@@ -309,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoising: share of training chunks given a synthetic fault (0 = off)")
     t.add_argument("--score", choices=["max", "mean"], default="max",
                    help="window score: the largest normalised error (default) or the mean over the window's tail")
+    t.add_argument("--error-scale", choices=["calibration", "input"], default="calibration",
+                   help="calibration: each feature's error standardised by its spread on validation rows; input: "
+                   "errors in units of the feature's training spread")
     t.add_argument("--name", help="model name carried in alerts (default: the --out folder's name)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
@@ -324,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "from a model first fitted on synthetic signals (no benchmark data, about a minute); "
                    "anomaly-free (skab): train one model on SKAB's anomaly-free.csv and use it for every file "
                    "(a separate variant)")
-    e.add_argument("--config", help="config file whose thresholds and alerts sections apply (default: defaults)")
+    e.add_argument("--config", help="config file whose thresholds, alerts and scoring sections apply "
+                   "(default: defaults)")
     e.add_argument("--match", help="only files whose name (path in the dataset) contains this text")
     e.add_argument("--limit", type=int, help="only the first N files (after --match)")
     e.add_argument("--timestamp-col", default="timestamp", help="csv: the timestamp column")
@@ -337,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--epochs", type=int, default=20)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--score", choices=["max", "mean"], default="max", help="window score (see `train --score`)")
+    e.add_argument("--error-scale", choices=["calibration", "input"], default="calibration",
+                   help="see `train --error-scale`")
     e.add_argument("--corrupt", type=float, default=0.0, help="denoising: share of training chunks given a "
                    "synthetic fault (see `train --corrupt`)")
     e.add_argument("--no-baselines", action="store_true", help="skip river HalfSpaceTrees and PCA")

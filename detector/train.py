@@ -25,9 +25,16 @@ from detector.errors import DataError
 from detector.model import LSTMAutoencoder
 from detector.score import score_windows
 
-__all__ = ["TrainParams", "Series", "load_series", "train_model", "scale_and_fill", "CALIBRATION_LEVELS"]
+__all__ = ["TrainParams", "Series", "load_series", "train_model", "scale_and_fill", "CALIBRATION_LEVELS",
+           "ERROR_SCALES"]
 
 log = logging.getLogger(__name__)
+
+ERROR_SCALES = ("calibration", "input")
+"""The unit of a reconstruction error in the score. `calibration`: each feature's error standardised by its mean
+and spread on the validation rows, so every feature counts alike. `input`: the error as it is, in units of the
+feature's training spread, so a feature the model reproduces closely (a smooth temperature) does not turn a
+small drift into a large score."""
 
 CALIBRATION_LEVELS = sorted(
     set(np.round(np.linspace(0.0, 1.0, 201), 4).tolist())
@@ -51,6 +58,7 @@ class TrainParams:
     patience: int = 4
     corrupt: float = 0.0  # share of training chunks whose input gets a synthetic fault (denoising); 0 = off
     score_aggregate: str = "max"  # see score.AGGREGATES
+    error_scale: str = "calibration"  # see ERROR_SCALES
     val_fraction: float = 0.15
     cal_fraction: float = 0.15
     seed: int = 0
@@ -176,6 +184,8 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
     t0 = time.monotonic()
     if not 0.0 <= params.corrupt <= 1.0:
         raise DataError(f"corrupt must be between 0 and 1 (got {params.corrupt})")
+    if params.error_scale not in ERROR_SCALES:
+        raise DataError(f"error_scale must be one of {', '.join(ERROR_SCALES)} (got {params.error_scale!r})")
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     W, hop, F = params.window, params.hop, len(series.features)
@@ -281,7 +291,7 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
     model.eval()
 
     err_mean, err_std, cal_scores = _calibrate(model, usable, filled, train_end, val_end, W, hop, F,
-                                               params.score_aggregate)
+                                               params.score_aggregate, params.error_scale)
     levels = CALIBRATION_LEVELS
     values = np.quantile(cal_scores, levels).tolist() if len(cal_scores) else [1.0] * len(levels)
     manifest = Manifest(
@@ -318,8 +328,8 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
 def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
                filled: dict[str, tuple[np.ndarray, np.ndarray]], train_end: dict[str, int],
                val_end: dict[str, int], W: int, hop: int, F: int,
-               aggregate: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Error statistics from the validation part, then window scores on the calibration part."""
+               aggregate: str, error_scale: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Error statistics from the validation part (see ERROR_SCALES), then window scores on the calibration part."""
     errs, cal = [], []
     with torch.inference_mode():
         runs = []
@@ -333,9 +343,11 @@ def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
             e = (xw[sel] - recon[sel])[:, -hop:]
             errs.append(torch.where(mw[sel][:, -hop:], e, torch.nan).reshape(-1, F))
         e_all = torch.cat(errs).numpy() if errs else np.zeros((0, F), np.float32)
-        err_mean = np.nan_to_num(np.nanmean(e_all, axis=0)) if len(e_all) else np.zeros(F)
-        err_std = np.nanstd(e_all, axis=0) if len(e_all) else np.ones(F)
-        err_std = np.where(np.isfinite(err_std) & (err_std > 1e-4), err_std, 1e-4)
+        err_mean, err_std = np.zeros(F), np.ones(F)
+        if error_scale == "calibration" and len(e_all):
+            err_mean = np.nan_to_num(np.nanmean(e_all, axis=0))
+            err_std = np.nanstd(e_all, axis=0)
+            err_std = np.where(np.isfinite(err_std) & (err_std > 1e-4), err_std, 1e-4)
         mu, sd = torch.tensor(err_mean, dtype=torch.float32), torch.tensor(err_std, dtype=torch.float32)
         for s, ends, xw, recon, mw in runs:
             sel = ends >= val_end[s]

@@ -108,9 +108,10 @@ def test_evaluate_cli_on_nab_reports_the_three_profiles(tmp_path: Path, capsys: 
     assert (DATA / "NAB" / "data").is_dir(), f"the labelled data is missing: {DATA}"
     rc = main(["evaluate", "--data", str(DATA / "NAB"), "--format", "nab", "--out", str(tmp_path),
                "--match", "artificialWithAnomaly/art_daily_j", "--limit", "2",
-               "--epochs", "2", "--no-plots", "--quiet"])
+               "--epochs", "2", "--error-scale", "input", "--no-plots", "--quiet"])
     assert rc == 0
     saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["detector"]["params"]["error_scale"] == "input"
     assert set(saved["overall"]["nab"]) == {"standard", "reward_low_FP_rate", "reward_low_FN_rate"}
     assert set(saved["baselines"]["pca"]["overall"]["nab"]) == set(saved["overall"]["nab"])
     assert set(saved["overall"]["nab_alerts"]) == set(saved["overall"]["nab"])

@@ -125,6 +125,26 @@ def test_score_aggregate_is_chosen_at_training_and_calibrated_with_it(tmp_path: 
     assert quantiles["max"] > quantiles["mean"], "the largest error in a window exceeds the mean error"
 
 
+def test_error_scale_input_scores_errors_in_units_of_the_training_spread(tmp_path: Path) -> None:
+    data = tmp_path / "hist.csv"
+    write_history(data)
+    arts = {}
+    for scale in ("calibration", "input"):
+        out = tmp_path / scale
+        assert main(["train", "--data", str(data), "--out", str(out), "--timestamp-col", "time", "--stream-col",
+                     "machine", "--error-scale", scale, *SMALL]) == 0
+        arts[scale] = load_artifact(out)
+        assert arts[scale].manifest.training["params"]["error_scale"] == scale
+    cal, inp = arts["calibration"].manifest, arts["input"].manifest
+    assert inp.error_mean == [0.0] * len(FEATURES) and inp.error_std == [1.0] * len(FEATURES)
+    assert all(s < 1.0 for s in cal.error_std), "a fitted model's errors spread less than its inputs"
+    assert cal.error_mean != inp.error_mean
+    assert inp.quantile(0.99) < cal.quantile(0.99), "unstandardised errors of a fitted model are small"
+    with pytest.raises(DataError, match="error_scale must be one of calibration, input"):
+        train_model(Series(FEATURES, ["a"], [sine_values(300, seed=1)]), TrainParams(error_scale="z"),
+                    progress=False)
+
+
 def test_weights_are_not_a_pickle(tmp_path: Path) -> None:
     art = random_artifact()
     folder = save_artifact(tmp_path / "m", art.model, art.manifest)

@@ -124,6 +124,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         profiles = ("standard", "reward_low_FP_rate", "reward_low_FN_rate")
         extra = (" nab=" + "/".join(f"{nab[p]:.1f}" for p in profiles)
                  + " nab_alerts=" + "/".join(f"{ov['nab_alerts'][p]:.1f}" for p in profiles)) if nab else ""
+        if "attribution" in ov:
+            extra += f" attribution={ov['attribution']['right']}/{ov['attribution']['alerts']}"
         print(f"  {name:5s} f1={ov['f1']:.3f} precision={ov['precision']:.3f} recall={ov['recall']:.3f} "
               f"far={ov['far']:.3f} mar={ov['mar']:.3f} event_f1={ov['event_f1']:.3f}{extra}")
     return 0

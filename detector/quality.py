@@ -21,6 +21,10 @@ __all__ = [
     "combine_events",
     "rows_to_windows",
     "windows_to_labels",
+    "MOVED_K",
+    "Attribution",
+    "moved_features",
+    "attribution",
 ]
 
 
@@ -186,3 +190,78 @@ def combine_events(items: list[EventMetrics]) -> EventMetrics:
     """Micro-average of several files' event metrics: sum the counts, pool the delays, recompute the rates."""
     return _events(sum(m.caught for m in items), sum(m.missed for m in items), sum(m.false_events for m in items),
                    [d for m in items for d in m.delays])
+
+
+MOVED_K = 3.0
+"""How far, in standard deviations of the normal rows around it, an anomaly must shift a sensor's mean for the
+sensor to count as moved by it (set before any attribution figure was computed)."""
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Alerts raised inside labelled anomalies, and how many of them name first a sensor the anomaly moved."""
+
+    alerts: int  # raised inside a window that moved at least one sensor
+    right: int  # of those, naming first a sensor the window moved
+    undecided: int = 0  # raised inside a window that moved no sensor measurably: no truth to score them against
+
+    @property
+    def share(self) -> float:
+        """Share of those alerts whose top sensor the anomaly moved (0.0 when there are none)."""
+        return _ratio(self.right, self.alerts)
+
+
+def moved_features(values: np.ndarray, window: tuple[int, int], labels: np.ndarray, k: float = MOVED_K) -> np.ndarray:
+    """Which sensors (F,) an anomaly window moved: its mean lies beyond the normal rows' means on both sides.
+
+    The reference is the normal rows just before the window and just after it, as many on each side as the
+    window has rows (one side when the other has none). A sensor is moved when its mean inside the window lies
+    outside the range of the two sides' means by more than `k` times the normal rows' standard deviation
+    (the pooled spread within each side). A sensor that drifts through the whole recording has its window
+    mean between the two sides' means, so it does not count, however far it moved since training.
+
+    >>> t = np.arange(300.0)
+    >>> x = np.stack([np.sin(t), t / 100, np.cos(t / 3)], axis=1)
+    >>> x[100:200, 0] -= 5.0  # the fault moves sensor 0; sensor 1 drifts throughout
+    >>> y = np.zeros(300, bool); y[100:200] = True
+    >>> moved_features(x, (100, 199), y).tolist()
+    [True, False, False]
+    """
+    a, b = window
+    n = b - a + 1
+    normal = ~_as_bool(labels, "labels")
+    sides = [np.flatnonzero(normal[:a])[-n:], np.flatnonzero(normal[b + 1:])[:n] + b + 1]
+    sides = [values[i] for i in sides if len(i) > 1]
+    if not sides:
+        return np.zeros(values.shape[1], dtype=bool)
+    means = np.stack([np.nanmean(v, axis=0) for v in sides])
+    spread = np.sqrt(np.mean([np.nanvar(v, axis=0) for v in sides], axis=0))
+    inside = np.nanmean(values[a:b + 1], axis=0)
+    beyond = np.maximum(means.min(axis=0) - inside, inside - means.max(axis=0))
+    return np.nan_to_num(beyond) > k * np.maximum(np.nan_to_num(spread), 1e-9)
+
+
+def attribution(raised: list[tuple[int, str]], windows: list[tuple[int, int]], values: np.ndarray,
+                labels: np.ndarray, features: list[str]) -> Attribution:
+    """Score the top sensor of each alert raised inside a labelled window against the sensors that window moved.
+
+    >>> t = np.arange(300.0)
+    >>> x = np.stack([np.sin(t), np.cos(t / 3)], axis=1); x[100:200, 0] -= 5.0
+    >>> y = np.zeros(300, bool); y[100:200] = True
+    >>> attribution([(20, "b"), (120, "a"), (130, "b")], [(100, 199)], x, y, ["a", "b"])
+    Attribution(alerts=2, right=1, undecided=0)
+    """
+    moved: dict[tuple[int, int], np.ndarray] = {}
+    alerts = right = undecided = 0
+    for row, name in raised:
+        w = next((w for w in windows if w[0] <= row <= w[1]), None)
+        if w is None:
+            continue
+        if w not in moved:
+            moved[w] = moved_features(values, w, labels)
+        if not moved[w].any():
+            undecided += 1
+            continue
+        alerts += 1
+        right += bool(name in features and moved[w][features.index(name)])
+    return Attribution(alerts, right, undecided)

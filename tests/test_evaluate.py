@@ -95,6 +95,18 @@ def test_evaluate_writes_summary_scores_and_report(tmp_path: Path) -> None:
         for b in ("hst", "pca"):
             assert key in saved["baselines"][b]["overall"]
     assert saved["overall"] == json.loads(json.dumps(summary["overall"]))
+    att = saved["overall"]["attribution"]  # SKAB has eight sensors: which one an alert names first is scored
+    assert att["alerts"] == sum(f["attribution"]["alerts"] for f in saved["files"])
+    assert 0 <= att["right"] <= att["alerts"] and att["share"] == (round(att["right"] / att["alerts"], 4)
+                                                                   if att["alerts"] else 0.0)
+    for entry, f in zip(saved["files"], files, strict=True):
+        assert len(entry["moved_sensors"]) == len(f.windows)
+        assert set(sum(entry["moved_sensors"], [])) <= set(f.features)
+        inside = [r for r in entry["raised"] if r["row"] >= f.train_rows and any(a <= r["row"] <= b
+                                                                                 for a, b in f.windows)]
+        assert entry["attribution"]["alerts"] + entry["attribution"]["undecided"] == len(inside)
+    assert "attribution" not in saved["baselines"]["pca"]["overall"], "the baselines name no sensor"
+    assert "Attribution: " in (tmp_path / "report.html").read_text()
     scores = sorted((tmp_path / "scores").glob("*.csv"))
     assert len(scores) == 2
     frame = pd.read_csv(scores[0])

@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 
 from detector.quality import (
+    Attribution,
     EventMetrics,
     PointMetrics,
+    attribution,
     combine_events,
     combine_points,
     event_metrics,
+    moved_features,
     point_adjusted,
     point_metrics,
     rows_to_windows,
@@ -191,3 +194,39 @@ def test_point_adjust_fills_detected_windows_only() -> None:
     # a detection on a window's last row fills it too; no windows leaves the prediction as it was
     assert (point_adjusted(b("00010"), [(1, 3)]) == b("01110")).all()
     assert (point_adjusted(b("01001"), []) == b("01001")).all()
+
+
+# --- attribution: which sensors an anomaly moved -----------------------------------------------------------------
+
+
+def sides_and_window(inside: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """30 rows: 10 normal (0, 2, 0, ...: mean 1, sd 1), 10 anomalous at `inside`, 10 normal (10, 12, ...: mean 11)."""
+    alt = np.tile([0.0, 2.0], 5)
+    x = np.stack([np.r_[alt, np.full(10, v), alt + 10] for v in inside], axis=1)
+    y = np.zeros(30, bool)
+    y[10:20] = True
+    return x, y
+
+
+def test_a_sensor_is_moved_when_its_mean_leaves_the_range_of_both_sides_by_k_deviations() -> None:
+    x, y = sides_and_window([15.0, 13.5, 5.0, -2.5])
+    # beyond the sides' means (1 and 11) by 4, 2.5, 0 (between them: a drift) and 3.5 deviations
+    assert moved_features(x, (10, 19), y).tolist() == [True, False, False, True]
+    assert moved_features(x, (10, 19), y, k=2.0).tolist() == [True, True, False, True]
+
+
+def test_moved_features_uses_one_side_when_the_anomaly_ends_the_file_and_skips_missing_values() -> None:
+    x, y = sides_and_window([5.0, 3.5])
+    x[12, 0] = np.nan
+    assert moved_features(x[:20], (10, 19), y[:20]).tolist() == [True, False]  # 4 and 2.5 above mean 1
+    assert moved_features(x[10:20], (0, 9), y[10:20]).tolist() == [False, False], "no normal rows: nothing known"
+
+
+def test_attribution_scores_alerts_inside_windows_against_the_sensors_moved() -> None:
+    x, y = sides_and_window([15.0, 5.0])
+    names = ["flow", "temp"]
+    raised = [(3, "temp"), (11, "flow"), (12, "temp"), (14, "pressure"), (25, "flow")]
+    assert attribution(raised, [(10, 19)], x, y, names) == Attribution(alerts=3, right=1, undecided=0)
+    x, y = sides_and_window([5.0, 5.0])  # the window moved neither sensor: nothing to score against
+    assert attribution(raised, [(10, 19)], x, y, names) == Attribution(alerts=0, right=0, undecided=3)
+    assert Attribution(0, 0).share == 0.0 and Attribution(4, 3).share == 0.75

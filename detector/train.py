@@ -34,7 +34,8 @@ ERROR_SCALES = ("calibration", "input")
 """The unit of a reconstruction error in the score. `calibration`: each feature's error standardised by its mean
 and spread on the validation rows, so every feature counts alike. `input`: the error as it is, in units of the
 feature's training spread, so a feature the model reproduces closely (a smooth temperature) does not turn a
-small drift into a large score."""
+small drift into a large score; with no statistics to fit, the calibration scores then come from the
+validation part as well as the calibration part."""
 
 CALIBRATION_LEVELS = sorted(
     set(np.round(np.linspace(0.0, 1.0, 201), 4).tolist())
@@ -329,7 +330,11 @@ def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
                filled: dict[str, tuple[np.ndarray, np.ndarray]], train_end: dict[str, int],
                val_end: dict[str, int], W: int, hop: int, F: int,
                aggregate: str, error_scale: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Error statistics from the validation part (see ERROR_SCALES), then window scores on the calibration part."""
+    """Error statistics from the validation part (see ERROR_SCALES), then window scores on the rows after it.
+
+    Under `input` no statistics are fitted, so the window scores come from the validation part as well: twice
+    the rows for the calibration quantiles, none of them trained on.
+    """
     errs, cal = [], []
     with torch.inference_mode():
         runs = []
@@ -349,8 +354,9 @@ def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
             err_std = np.nanstd(e_all, axis=0)
             err_std = np.where(np.isfinite(err_std) & (err_std > 1e-4), err_std, 1e-4)
         mu, sd = torch.tensor(err_mean, dtype=torch.float32), torch.tensor(err_std, dtype=torch.float32)
+        first = train_end if error_scale == "input" else val_end
         for s, ends, xw, recon, mw in runs:
-            sel = ends >= val_end[s]
+            sel = ends >= first[s]
             if sel.any():
                 cal.append(score_windows(xw[sel], recon[sel], mw[sel], mu, sd, hop, aggregate)[0].numpy())
     return err_mean.astype(np.float32), err_std.astype(np.float32), (

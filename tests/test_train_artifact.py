@@ -140,6 +140,9 @@ def test_error_scale_input_scores_errors_in_units_of_the_training_spread(tmp_pat
     assert all(s < 1.0 for s in cal.error_std), "a fitted model's errors spread less than its inputs"
     assert cal.error_mean != inp.error_mean
     assert inp.quantile(0.99) < cal.quantile(0.99), "unstandardised errors of a fitted model are small"
+    # with no statistics fitted on the validation part, its windows join the calibration: about twice as many
+    assert 1.8 * cal.training["calibration_windows"] <= inp.training["calibration_windows"] <= (
+        2.2 * cal.training["calibration_windows"])
     with pytest.raises(DataError, match="error_scale must be one of calibration, input"):
         train_model(Series(FEATURES, ["a"], [sine_values(300, seed=1)]), TrainParams(error_scale="z"),
                     progress=False)

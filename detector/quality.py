@@ -7,6 +7,7 @@ are accepted too) and windows as inclusive row ranges ``(first_row, last_row)``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -234,9 +235,11 @@ def moved_features(values: np.ndarray, window: tuple[int, int], labels: np.ndarr
     sides = [values[i] for i in sides if len(i) > 1]
     if not sides:
         return np.zeros(values.shape[1], dtype=bool)
-    means = np.stack([np.nanmean(v, axis=0) for v in sides])
-    spread = np.sqrt(np.mean([np.nanvar(v, axis=0) for v in sides], axis=0))
-    inside = np.nanmean(values[a:b + 1], axis=0)
+    with warnings.catch_warnings():  # a sensor with no value on one side or inside is left NaN: not moved
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.stack([np.nanmean(v, axis=0) for v in sides])
+        spread = np.sqrt(np.mean([np.nanvar(v, axis=0) for v in sides], axis=0))
+        inside = np.nanmean(values[a:b + 1], axis=0)
     beyond = np.maximum(means.min(axis=0) - inside, inside - means.max(axis=0))
     return np.nan_to_num(beyond) > k * np.maximum(np.nan_to_num(spread), 1e-9)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -220,6 +222,11 @@ def test_moved_features_uses_one_side_when_the_anomaly_ends_the_file_and_skips_m
     x[12, 0] = np.nan
     assert moved_features(x[:20], (10, 19), y[:20]).tolist() == [True, False]  # 4 and 2.5 above mean 1
     assert moved_features(x[10:20], (0, 9), y[10:20]).tolist() == [False, False], "no normal rows: nothing known"
+    x, y = sides_and_window([15.0, 15.0])
+    x[10:20, 1] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert moved_features(x, (10, 19), y).tolist() == [True, False], "no value inside: not moved"
 
 
 def test_attribution_scores_alerts_inside_windows_against_the_sensors_moved() -> None:

@@ -340,6 +340,10 @@ def _attribution(f: LabelledFile, r: FileResult) -> Attribution:
                        list(f.features))
 
 
+def _attribution_dict(a: Attribution) -> dict[str, Any]:
+    return {"alerts": a.alerts, "right": a.right, "undecided": a.undecided, "share": round(a.share, 4)}
+
+
 def _run_starts(pred: np.ndarray) -> np.ndarray:
     """Rows where a run of flagged rows starts (for our detector: where an alert was raised)."""
     out = pred.astype(bool).copy()
@@ -386,7 +390,7 @@ def evaluate(files: list[LabelledFile], fmt: str, out_dir: str | Path, cfg: Conf
         if len(f.features) > 1:  # which sensor an alert names first only means something with several
             att = _attribution(f, ours[i])
             attributions.append(att)
-            row["attribution"] = {"alerts": att.alerts, "right": att.right, "undecided": att.undecided}
+            row["attribution"] = _attribution_dict(att)
             row["moved_sensors"] = [[n for n, m in zip(f.features, moved_features(f.values, w, f.labels),
                                                        strict=True) if m] for w in f.windows]
         per_file.append(row)
@@ -399,11 +403,9 @@ def evaluate(files: list[LabelledFile], fmt: str, out_dir: str | Path, cfg: Conf
         "format": fmt,
         "protocol": files[0].protocol,
         "files": per_file,
-        "overall": _overall(files, ours, fmt) | ({"attribution": {
-            "alerts": sum(a.alerts for a in attributions), "right": sum(a.right for a in attributions),
-            "undecided": sum(a.undecided for a in attributions),
-            "share": round(Attribution(sum(a.alerts for a in attributions),
-                                       sum(a.right for a in attributions)).share, 4)}} if attributions else {}),
+        "overall": _overall(files, ours, fmt) | ({"attribution": _attribution_dict(Attribution(
+            *(sum(getattr(a, k) for a in attributions) for k in ("alerts", "right", "undecided"))))}
+            if attributions else {}),
         "baselines": {b: {"overall": _overall(files, base[b], fmt),
                           "rule": f"score above the {BASELINE_QUANTILE} quantile of the training rows' scores"}
                       for b in baselines},

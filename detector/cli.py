@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections import Counter
@@ -79,7 +80,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from detector.config import Config, load_config
     from detector.datasets import load_dataset, load_labelled_csv, load_skab_anomaly_free
-    from detector.evaluate import EVAL_PARAMS, evaluate
+    from detector.evaluate import EVAL_PARAMS, evaluate, seed_spread
     from detector.pretrain import pretrained
 
     if args.format == "csv":
@@ -94,8 +95,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         files = files[: args.limit]
     cfg = load_config(args.config) if args.config else Config()
     params = replace(EVAL_PARAMS, window=args.window, hop=args.hop, hidden_size=args.hidden, epochs=args.epochs,
-                     seed=args.seed, score_aggregate=args.score, corrupt=args.corrupt,
-                     error_scale=args.error_scale)
+                     score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale)
     logging.getLogger("detector.daemon").setLevel(logging.ERROR)  # alerts and rejects are in the report
     pretrain = None
     if args.train_protocol == "anomaly-free":
@@ -104,31 +104,47 @@ def _evaluate(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         pretrain = load_skab_anomaly_free(args.data)
-    init = None
-    if args.train_protocol == "pretrained" and not args.model:
+    pretrain_synthetic = args.train_protocol == "pretrained" and not args.model
+    if pretrain_synthetic:
         widths = {len(f.features) for f in files}
         if len(widths) > 1:
             print(f"error: --train-protocol pretrained needs files of one width; these have {sorted(widths)} "
                   "features", file=sys.stderr)
             return 2
-        init = pretrained(list(files[0].features), params)
-    summary = evaluate(files, args.format, args.out, cfg, params, model_dir=args.model, pretrain=pretrain, init=init,
-                       progress=not args.quiet,
-                       baselines=() if args.no_baselines else ("hst", "pca"), plots=not args.no_plots)
-    o = summary["overall"]
-    print(f"{len(files)} files, {summary['seconds']:.0f} s; written to {args.out}/ "
-          "(summary.json, scores/, report.html)")
-    lines = [("ours", o)] + [(b, v["overall"]) for b, v in summary["baselines"].items()]
-    for name, ov in lines:
-        nab = ov.get("nab")
-        profiles = ("standard", "reward_low_FP_rate", "reward_low_FN_rate")
-        extra = (" nab=" + "/".join(f"{nab[p]:.1f}" for p in profiles)
-                 + " nab_alerts=" + "/".join(f"{ov['nab_alerts'][p]:.1f}" for p in profiles)) if nab else ""
-        if "attribution" in ov:
-            extra += f" attribution={ov['attribution']['right']}/{ov['attribution']['alerts']}"
-        print(f"  {name:5s} f1={ov['f1']:.3f} precision={ov['precision']:.3f} recall={ov['recall']:.3f} "
-              f"far={ov['far']:.3f} mar={ov['mar']:.3f} event_f1={ov['event_f1']:.3f}{extra}")
+    seeds = list(dict.fromkeys(args.seed))
+    summaries = []
+    for seed in seeds:
+        out = args.out if len(seeds) == 1 else str(Path(args.out) / f"seed-{seed}")
+        p = replace(params, seed=seed)
+        init = pretrained(list(files[0].features), p) if pretrain_synthetic else None
+        summary = evaluate(files, args.format, out, cfg, p, model_dir=args.model, pretrain=pretrain, init=init,
+                           progress=not args.quiet,
+                           baselines=() if args.no_baselines else ("hst", "pca"), plots=not args.no_plots)
+        summaries.append(summary)
+        print(f"{len(files)} files, {summary['seconds']:.0f} s; written to {out}/ "
+              "(summary.json, scores/, report.html)" + (f" [seed {seed}]" if len(seeds) > 1 else ""))
+        lines = [("ours", summary["overall"])] + [(b, v["overall"]) for b, v in summary["baselines"].items()]
+        for name, ov in lines:
+            print(f"  {name:5s} {_overall_line(ov)}")
+    if len(seeds) > 1:
+        spread = seed_spread(summaries, seeds)
+        (Path(args.out) / "seeds.json").write_text(json.dumps(spread, indent=2), encoding="utf-8")
+        means = {k: v["mean"] for k, v in spread["ours"].items()}
+        print(f"{len(seeds)} seeds; mean, written to {args.out}/seeds.json: " + " ".join(
+            f"{k}={v:.3f}" if abs(v) < 10 else f"{k}={v:.1f}" for k, v in means.items()))
     return 0
+
+
+def _overall_line(ov: dict) -> str:
+    """One run's overall figures on one line."""
+    nab = ov.get("nab")
+    profiles = ("standard", "reward_low_FP_rate", "reward_low_FN_rate")
+    extra = (" nab=" + "/".join(f"{nab[p]:.1f}" for p in profiles)
+             + " nab_alerts=" + "/".join(f"{ov['nab_alerts'][p]:.1f}" for p in profiles)) if nab else ""
+    if "attribution" in ov:
+        extra += f" attribution={ov['attribution']['right']}/{ov['attribution']['alerts']}"
+    return (f"f1={ov['f1']:.3f} precision={ov['precision']:.3f} recall={ov['recall']:.3f} far={ov['far']:.3f} "
+            f"mar={ov['mar']:.3f} event_f1={ov['event_f1']:.3f}{extra}")
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -343,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--hop", type=int, default=4)
     e.add_argument("--hidden", type=int, default=32)
     e.add_argument("--epochs", type=int, default=20)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, nargs="+", default=[0], help="training seed; several (e.g. --seed 0 1 2) "
+                   "run the whole evaluation once per seed into DIR/seed-N/ and write the spread to DIR/seeds.json")
     e.add_argument("--score", choices=["max", "mean"], default="max", help="window score (see `train --score`)")
     e.add_argument("--error-scale", choices=["calibration", "input"], default="calibration",
                    help="see `train --error-scale`")

@@ -54,7 +54,7 @@ from detector.quality import (
 from detector.train import Series, TrainParams, scale_and_fill, train_model
 
 __all__ = ["FileResult", "EVAL_PARAMS", "PUBLISHED", "run_file", "baseline_scores", "likelihood", "onset",
-           "onset_rows", "nab_score", "evaluate"]
+           "onset_rows", "nab_score", "evaluate", "seed_spread"]
 
 log = logging.getLogger(__name__)
 
@@ -415,6 +415,32 @@ def evaluate(files: list[LabelledFile], fmt: str, out_dir: str | Path, cfg: Conf
     (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     _report(out / "report.html", summary, files, ours, base, plots)
     return summary
+
+
+SPREAD_KEYS = ("f1", "precision", "recall", "far", "mar", "event_f1", "mean_delay")
+"""The overall figures whose spread over training seeds `seed_spread` reports (with NAB's and attribution's)."""
+
+
+def seed_spread(summaries: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """Mean, least and greatest of our overall figures over runs that differ only in the training seed.
+
+    >>> runs = [{"overall": {"f1": 0.7, "nab": {"standard": 50.0}}},
+    ...         {"overall": {"f1": 0.8, "nab": {"standard": 56.0}}}]
+    >>> seed_spread(runs, [0, 1])["ours"]["nab_standard"]
+    {'mean': 53.0, 'min': 50.0, 'max': 56.0, 'values': [50.0, 56.0]}
+    """
+    def flat(ov: dict[str, Any]) -> dict[str, float]:
+        out = {k: float(ov[k]) for k in SPREAD_KEYS if ov.get(k) is not None}
+        out |= {f"nab_{p}": float(v) for p, v in ov.get("nab", {}).items()}
+        if "attribution" in ov:
+            out["attribution_share"] = float(ov["attribution"]["share"])
+        return out
+
+    rows = [flat(s["overall"]) for s in summaries]
+    keys = [k for k in rows[0] if all(k in r for r in rows)]
+    return {"seeds": list(seeds), "ours": {k: {"mean": round(float(np.mean([r[k] for r in rows])), 4),
+                                              "min": min(r[k] for r in rows), "max": max(r[k] for r in rows),
+                                              "values": [r[k] for r in rows]} for k in keys}}
 
 
 def _write_scores(path: Path, f: LabelledFile, r: FileResult, base: dict[str, list[FileResult]], i: int) -> None:

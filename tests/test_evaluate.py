@@ -184,6 +184,24 @@ def test_pretrained_protocol_needs_files_of_one_width(tmp_path: Path, capsys: py
         capsys.readouterr().err)
 
 
+def test_several_seeds_run_once_each_and_report_the_spread(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["evaluate", "--data", str(DATA / "NAB"), "--format", "nab", "--out", str(tmp_path),
+               "--match", "artificialWithAnomaly/art_daily_j", "--limit", "1", "--epochs", "1", "--seed", "3", "4",
+               "--no-baselines", "--no-plots", "--quiet"])
+    assert rc == 0
+    runs = {seed: json.loads((tmp_path / f"seed-{seed}" / "summary.json").read_text()) for seed in (3, 4)}
+    assert {seed: r["detector"]["params"]["seed"] for seed, r in runs.items()} == {3: 3, 4: 4}
+    spread = json.loads((tmp_path / "seeds.json").read_text())
+    assert spread["seeds"] == [3, 4]
+    for key in ("f1", "far", "event_f1", "nab_standard", "nab_reward_low_FN_rate"):
+        v = spread["ours"][key]
+        assert v["values"] == [r["overall"][key] if not key.startswith("nab_") else
+                               r["overall"]["nab"][key.removeprefix("nab_")] for r in runs.values()]
+        assert v["min"] <= v["mean"] <= v["max"] and v["mean"] == pytest.approx(np.mean(v["values"]), abs=1e-4)
+    out = capsys.readouterr().out
+    assert "[seed 3]" in out and "2 seeds; mean, written to" in out
+
+
 def test_anomaly_free_protocol_is_for_skab_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rc = main(["evaluate", "--data", str(DATA / "NAB"), "--format", "nab", "--out", str(tmp_path),
                "--train-protocol", "anomaly-free", "--limit", "1", "--quiet"])

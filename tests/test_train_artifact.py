@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from detector.artifact import load_artifact, save_artifact
+from detector.artifact import Artifact, load_artifact, save_artifact
 from detector.cli import main
 from detector.engine import Engine
 from detector.errors import DataError, ModelError
@@ -111,30 +111,31 @@ def test_model_folder_errors(tmp_path: Path) -> None:
         load_artifact(folder)
 
 
-def test_score_aggregate_is_chosen_at_training_and_calibrated_with_it(tmp_path: Path) -> None:
+def train_each(tmp_path: Path, flag: str, values: tuple[str, ...]) -> dict[str, Artifact]:
+    """Train one small model from the CLI per value of `flag`, on the same history; load each."""
     data = tmp_path / "hist.csv"
     write_history(data)
-    quantiles = {}
-    for how in ("max", "mean"):
-        out = tmp_path / how
+    arts = {}
+    for v in values:
+        out = tmp_path / v
         assert main(["train", "--data", str(data), "--out", str(out), "--timestamp-col", "time", "--stream-col",
-                     "machine", "--score", how, *SMALL]) == 0
-        art = load_artifact(out)
+                     "machine", flag, v, *SMALL]) == 0
+        arts[v] = load_artifact(out)
+    return arts
+
+
+def test_score_aggregate_is_chosen_at_training_and_calibrated_with_it(tmp_path: Path) -> None:
+    quantiles = {}
+    for how, art in train_each(tmp_path, "--score", ("max", "mean")).items():
         assert art.manifest.score_aggregate == how
         quantiles[how] = art.manifest.quantile(0.99)
     assert quantiles["max"] > quantiles["mean"], "the largest error in a window exceeds the mean error"
 
 
 def test_error_scale_input_scores_errors_in_units_of_the_training_spread(tmp_path: Path) -> None:
-    data = tmp_path / "hist.csv"
-    write_history(data)
-    arts = {}
-    for scale in ("calibration", "input"):
-        out = tmp_path / scale
-        assert main(["train", "--data", str(data), "--out", str(out), "--timestamp-col", "time", "--stream-col",
-                     "machine", "--error-scale", scale, *SMALL]) == 0
-        arts[scale] = load_artifact(out)
-        assert arts[scale].manifest.training["params"]["error_scale"] == scale
+    arts = train_each(tmp_path, "--error-scale", ("calibration", "input"))
+    for scale, art in arts.items():
+        assert art.manifest.training["params"]["error_scale"] == scale
     cal, inp = arts["calibration"].manifest, arts["input"].manifest
     assert inp.error_mean == [0.0] * len(FEATURES) and inp.error_std == [1.0] * len(FEATURES)
     assert all(s < 1.0 for s in cal.error_std), "a fitted model's errors spread less than its inputs"

@@ -353,6 +353,23 @@ class KafkaSink(Sink):
             self._producer._closed = True
 
 
+CREATED_TOPIC_WAIT_S = 10.0
+"""How long a topic just created may take to be described without error by the broker asked (its metadata
+reaches the other brokers of a cluster after the create returns)."""
+
+
+def _describe(admin: KafkaAdminClient, topic: str, wait_s: float = 0.0) -> dict[str, Any] | None:
+    """The topic's description, or None when it does not exist (or not yet, after `wait_s` seconds of asking)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = {t["name"]: t for t in admin.describe_topics([topic])}.get(topic)
+        if found is not None and not found.get("error_code") and found.get("partitions"):
+            return found
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
+
+
 class StateTopicError(Exception):
     """The checkpoint topic cannot serve (partitions or cleanup policy wrong); the message says why.
 
@@ -384,13 +401,13 @@ class StateTopic:
                     "the input topics must all have the same number of partitions to share a state topic "
                     "(input.topics); found " + ", ".join(f"{t}: {n}" for t, n in counts.items()))
             want = next(iter(counts.values()))
-            found = {t["name"]: t for t in admin.describe_topics([self.topic])}.get(self.topic)
-            if found is None or found.get("error_code"):
+            found = _describe(admin, self.topic)
+            if found is None:
                 log.info("creating state topic %s: %d partitions, cleanup.policy=compact", self.topic, want)
                 admin.create_topics({self.topic: {"num_partitions": want, "replication_factor": replication,
                                                   "configs": {"cleanup.policy": "compact"}}},
                                     raise_errors=False, wait_for_metadata=True)
-                found = {t["name"]: t for t in admin.describe_topics([self.topic])}.get(self.topic)
+                found = _describe(admin, self.topic, CREATED_TOPIC_WAIT_S)
             have = len(found["partitions"]) if found else 0
             configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, self.topic, None)],
                                              config_filter="all")
@@ -456,14 +473,14 @@ class ControlTopic(Source):
         """Create the topic (one partition, compacted) or check its cleanup policy; return its partitions."""
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, **self.client)
         try:
-            found = {t["name"]: t for t in admin.describe_topics([self.topic])}.get(self.topic)
-            if found is None or found.get("error_code"):
+            found = _describe(admin, self.topic)
+            if found is None:
                 log.info("creating control topic %s: 1 partition, cleanup.policy=compact", self.topic)
                 admin.create_topics({self.topic: {"num_partitions": 1, "replication_factor": replication,
                                                   "configs": {"cleanup.policy": "compact"}}},
                                     raise_errors=False, wait_for_metadata=True)
-                found = {t["name"]: t for t in admin.describe_topics([self.topic])}.get(self.topic)
-            if found is None or found.get("error_code"):
+                found = _describe(admin, self.topic, CREATED_TOPIC_WAIT_S)
+            if found is None:
                 raise ControlTopicError(f"control topic {self.topic} does not exist and could not be created "
                                         "(create it: 1 partition, cleanup.policy=compact; or set control.topic)")
             configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, self.topic, None)],

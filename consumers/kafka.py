@@ -370,6 +370,23 @@ def _describe(admin: KafkaAdminClient, topic: str, wait_s: float = 0.0) -> dict[
         time.sleep(0.2)
 
 
+def _compacted_topic(admin: KafkaAdminClient, topic: str, partitions: int, replication: int,
+                     what: str) -> tuple[dict[str, Any] | None, str]:
+    """Describe the topic, creating it compacted when it does not exist; return it (None: absent) and its policy."""
+    found = _describe(admin, topic)
+    if found is None:
+        log.info("creating %s topic %s: %d partition%s, cleanup.policy=compact", what, topic, partitions,
+                 "" if partitions == 1 else "s")
+        admin.create_topics({topic: {"num_partitions": partitions, "replication_factor": replication,
+                                     "configs": {"cleanup.policy": "compact"}}},
+                            raise_errors=False, wait_for_metadata=True)
+        found = _describe(admin, topic, CREATED_TOPIC_WAIT_S)
+    if found is None:
+        return None, ""
+    configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, None)], config_filter="all")
+    return found, configs.get("topic", {}).get(topic, {}).get("cleanup.policy", {}).get("value", "")
+
+
 class StateTopicError(Exception):
     """The checkpoint topic cannot serve (partitions or cleanup policy wrong); the message says why.
 
@@ -401,17 +418,8 @@ class StateTopic:
                     "the input topics must all have the same number of partitions to share a state topic "
                     "(input.topics); found " + ", ".join(f"{t}: {n}" for t, n in counts.items()))
             want = next(iter(counts.values()))
-            found = _describe(admin, self.topic)
-            if found is None:
-                log.info("creating state topic %s: %d partitions, cleanup.policy=compact", self.topic, want)
-                admin.create_topics({self.topic: {"num_partitions": want, "replication_factor": replication,
-                                                  "configs": {"cleanup.policy": "compact"}}},
-                                    raise_errors=False, wait_for_metadata=True)
-                found = _describe(admin, self.topic, CREATED_TOPIC_WAIT_S)
+            found, policy = _compacted_topic(admin, self.topic, want, replication, "state")
             have = len(found["partitions"]) if found else 0
-            configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, self.topic, None)],
-                                             config_filter="all")
-            policy = configs.get("topic", {}).get(self.topic, {}).get("cleanup.policy", {}).get("value", "")
         finally:
             admin.close()
         if have != want:
@@ -473,19 +481,10 @@ class ControlTopic(Source):
         """Create the topic (one partition, compacted) or check its cleanup policy; return its partitions."""
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, **self.client)
         try:
-            found = _describe(admin, self.topic)
-            if found is None:
-                log.info("creating control topic %s: 1 partition, cleanup.policy=compact", self.topic)
-                admin.create_topics({self.topic: {"num_partitions": 1, "replication_factor": replication,
-                                                  "configs": {"cleanup.policy": "compact"}}},
-                                    raise_errors=False, wait_for_metadata=True)
-                found = _describe(admin, self.topic, CREATED_TOPIC_WAIT_S)
+            found, policy = _compacted_topic(admin, self.topic, 1, replication, "control")
             if found is None:
                 raise ControlTopicError(f"control topic {self.topic} does not exist and could not be created "
                                         "(create it: 1 partition, cleanup.policy=compact; or set control.topic)")
-            configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, self.topic, None)],
-                                             config_filter="all")
-            policy = configs.get("topic", {}).get(self.topic, {}).get("cleanup.policy", {}).get("value", "")
         finally:
             admin.close()
         if "compact" not in policy.split(","):

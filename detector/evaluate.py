@@ -334,12 +334,6 @@ def _overall(files: list[LabelledFile], results: list[FileResult], fmt: str) -> 
     return out
 
 
-def _attribution(f: LabelledFile, r: FileResult) -> Attribution:
-    """Our alerts raised in the test rows, scored by whether their top sensor is one the anomaly moved."""
-    return attribution([(row, n) for row, n in r.raised if row >= f.train_rows], f.windows, f.values, f.labels,
-                       list(f.features))
-
-
 def _attribution_dict(a: Attribution) -> dict[str, Any]:
     return {"alerts": a.alerts, "right": a.right, "undecided": a.undecided, "share": round(a.share, 4)}
 
@@ -388,11 +382,12 @@ def evaluate(files: list[LabelledFile], fmt: str, out_dir: str | Path, cfg: Conf
                "raised": [{"row": r, "top_feature": n} for r, n in ours[i].raised],
                "baselines": {b: _metrics(f, base[b][i])[2] for b in baselines}}
         if len(f.features) > 1:  # which sensor an alert names first only means something with several
-            att = _attribution(f, ours[i])
+            moved = [moved_features(f.values, w, f.labels) for w in f.windows]
+            att = attribution([(r, n) for r, n in ours[i].raised if r >= f.train_rows], f.windows, moved,
+                              list(f.features))  # alerts raised in the test rows
             attributions.append(att)
             row["attribution"] = _attribution_dict(att)
-            row["moved_sensors"] = [[n for n, m in zip(f.features, moved_features(f.values, w, f.labels),
-                                                       strict=True) if m] for w in f.windows]
+            row["moved_sensors"] = [[n for n, m in zip(f.features, mv, strict=True) if m] for mv in moved]
         per_file.append(row)
         _write_scores(out / "scores" / (f.name.replace("/", "__").removesuffix(".csv") + ".csv"), f, ours[i], base, i)
     summary = {

@@ -244,27 +244,26 @@ def moved_features(values: np.ndarray, window: tuple[int, int], labels: np.ndarr
     return np.nan_to_num(beyond) > k * np.maximum(np.nan_to_num(spread), 1e-9)
 
 
-def attribution(raised: list[tuple[int, str]], windows: list[tuple[int, int]], values: np.ndarray,
-                labels: np.ndarray, features: list[str]) -> Attribution:
+def attribution(raised: list[tuple[int, str]], windows: list[tuple[int, int]], moved: list[np.ndarray],
+                features: list[str]) -> Attribution:
     """Score the top sensor of each alert raised inside a labelled window against the sensors that window moved.
+
+    `moved` holds, per window, the sensors it moved (`moved_features`).
 
     >>> t = np.arange(300.0)
     >>> x = np.stack([np.sin(t), np.cos(t / 3)], axis=1); x[100:200, 0] -= 5.0
     >>> y = np.zeros(300, bool); y[100:200] = True
-    >>> attribution([(20, "b"), (120, "a"), (130, "b")], [(100, 199)], x, y, ["a", "b"])
+    >>> attribution([(20, "b"), (120, "a"), (130, "b")], [(100, 199)], [moved_features(x, (100, 199), y)], ["a", "b"])
     Attribution(alerts=2, right=1, undecided=0)
     """
-    moved: dict[tuple[int, int], np.ndarray] = {}
     alerts = right = undecided = 0
     for row, name in raised:
-        w = next((w for w in windows if w[0] <= row <= w[1]), None)
-        if w is None:
+        i = next((i for i, (a, b) in enumerate(windows) if a <= row <= b), None)
+        if i is None:
             continue
-        if w not in moved:
-            moved[w] = moved_features(values, w, labels)
-        if not moved[w].any():
+        if not moved[i].any():
             undecided += 1
             continue
         alerts += 1
-        right += bool(name in features and moved[w][features.index(name)])
+        right += bool(name in features and moved[i][features.index(name)])
     return Attribution(alerts, right, undecided)

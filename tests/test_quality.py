@@ -233,7 +233,9 @@ def test_attribution_scores_alerts_inside_windows_against_the_sensors_moved() ->
     x, y = sides_and_window([15.0, 5.0])
     names = ["flow", "temp"]
     raised = [(3, "temp"), (11, "flow"), (12, "temp"), (14, "pressure"), (25, "flow")]
-    assert attribution(raised, [(10, 19)], x, y, names) == Attribution(alerts=3, right=1, undecided=0)
+    moved = [moved_features(x, (10, 19), y)]
+    assert attribution(raised, [(10, 19)], moved, names) == Attribution(alerts=3, right=1, undecided=0)
     x, y = sides_and_window([5.0, 5.0])  # the window moved neither sensor: nothing to score against
-    assert attribution(raised, [(10, 19)], x, y, names) == Attribution(alerts=0, right=0, undecided=3)
+    moved = [moved_features(x, (10, 19), y)]
+    assert attribution(raised, [(10, 19)], moved, names) == Attribution(alerts=0, right=0, undecided=3)
     assert Attribution(0, 0).share == 0.0 and Attribution(4, 3).share == 0.75

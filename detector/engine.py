@@ -11,6 +11,7 @@ of CHUNK streams per LSTM call.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -111,7 +112,8 @@ class Engine:
         self.device = torch.device(device)
         check_precision(precision, self.device)
         self._autocast = PRECISIONS[precision]  # the state table stays float32 whatever the model computes in
-        self.model = artifact.model.to(self.device).eval()
+        # its own copy: moving the artifact's module in place would move it under any other user of the artifact
+        self.model = copy.deepcopy(artifact.model).to(self.device).eval()
         self.manifest = m
         self.window, self.hop, self.n_features = m.window, m.hop, len(m.features)
         self.max_gap_s = max_gap_s

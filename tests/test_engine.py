@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from detector.decode import Readings
 from detector.engine import Engine
@@ -177,6 +178,16 @@ def test_bfloat16_scores_close_to_float32_and_keeps_the_state_in_float32() -> No
     rel = np.abs(a.score - b.score) / np.maximum(np.abs(a.score), 1e-6)
     assert 0 < np.median(rel) < 0.05, "bfloat16 computes differently (8-bit mantissa), yet scores nearly agree"
     assert mixed.h.dtype == mixed.c.dtype == mixed.buf.dtype == torch.float32
+
+
+def test_an_engine_owns_its_model_and_leaves_the_artifacts_alone() -> None:
+    art = random_artifact()
+    art.model.train()
+    eng = Engine(art)
+    assert art.model.training and not eng.model.training
+    with torch.no_grad():
+        next(eng.model.parameters()).add_(1.0)
+    assert not torch.equal(next(eng.model.parameters()), next(art.model.parameters()))
 
 
 def test_float16_needs_a_cuda_device_and_says_so() -> None:

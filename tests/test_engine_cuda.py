@@ -41,8 +41,9 @@ def feed(seed: int = 0) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
 
 def test_cuda_engine_scores_like_the_cpu_engine(monkeypatch) -> None:
     monkeypatch.setattr(engine_mod, "CHUNK", 7)  # several chunked LSTM calls per batch
-    engines = {d: Engine(random_artifact(window=8, hop=4, hidden=16, layers=2), device=d, capacity=4,
-                         adapt_halflife=20) for d in ("cpu", "cuda")}  # one model each: Engine moves it
+    art = random_artifact(window=8, hop=4, hidden=16, layers=2)
+    engines = {d: Engine(art, device=d, capacity=4, adapt_halflife=20) for d in ("cpu", "cuda")}
+    assert next(art.model.parameters()).device.type == "cpu"  # each engine moved its own copy
     n_windows = 0
     for streams, ts, values in feed():
         out = {d: e.score_batch(readings(streams, ts, values)) for d, e in engines.items()}

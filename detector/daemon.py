@@ -661,7 +661,7 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
     device = pick_device(cfg.model.device)
     check_precision(cfg.model.precision, device)
     threads = use_threads(cfg.model.threads)
-    artifact = load_artifact(cfg.model.path, device)
+    artifact = load_artifact(cfg.model.path)  # on the CPU: the engine takes its own copy to the device
     check_features(artifact, cfg.model.features)
     log.info("model %s (%s) on %s (%d CPU thread%s, %s): %d features, window %d, hop %d; config %s",
              artifact.manifest.name, artifact.manifest.model_version, device, threads, "" if threads == 1 else "s",

@@ -67,8 +67,10 @@ PUBLISHED = {
         "ARTime": {"standard": 74.9, "reward_low_FP_rate": 65.1, "reward_low_FN_rate": 80.4},
         "Numenta HTM": {"standard": 70.5, "reward_low_FP_rate": 62.6, "reward_low_FN_rate": 75.2},
         "CAD OSE": {"standard": 69.9, "reward_low_FP_rate": 67.0, "reward_low_FN_rate": 73.2},
+        "KNN CAD": {"standard": 58.0, "reward_low_FP_rate": 43.4, "reward_low_FN_rate": 64.8},
         "Random Cut Forest": {"standard": 51.7, "reward_low_FP_rate": 38.4, "reward_low_FN_rate": 59.8},
         "Windowed Gaussian": {"standard": 39.6, "reward_low_FP_rate": 20.9, "reward_low_FN_rate": 47.4},
+        "random": {"standard": 11.0, "reward_low_FP_rate": 1.2, "reward_low_FN_rate": 19.5},
     },
     "skab": {
         "Conv-AE": {"f1": 0.78, "far": 0.136, "mar": 0.280},

@@ -129,6 +129,7 @@ def test_evaluate_cli_on_nab_reports_the_three_profiles(tmp_path: Path, capsys: 
     assert set(saved["overall"]["nab_alerts"]) == set(saved["overall"]["nab"])
     assert all(v <= 100 for v in saved["overall"]["nab_alerts"].values())
     assert "ours, the alerts as raised" in (tmp_path / "report.html").read_text()
+    assert saved["published"]["KNN CAD"] == {"standard": 58.0, "reward_low_FP_rate": 43.4, "reward_low_FN_rate": 64.8}
     assert "nab=" in capsys.readouterr().out
     # the per-row CSVs hold every digit: NAB's sweep over their nab_score gives the summary's figures again
     files = [f for f in load_nab(DATA / "NAB") if "artificialWithAnomaly/art_daily_j" in f.name][:2]

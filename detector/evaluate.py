@@ -44,6 +44,7 @@ from detector.quality import (
     EventMetrics,
     PointMetrics,
     attribution,
+    combine_attribution,
     combine_events,
     combine_points,
     event_metrics,
@@ -400,9 +401,8 @@ def evaluate(files: list[LabelledFile], fmt: str, out_dir: str | Path, cfg: Conf
         "format": fmt,
         "protocol": files[0].protocol,
         "files": per_file,
-        "overall": _overall(files, ours, fmt) | ({"attribution": _attribution_dict(Attribution(
-            *(sum(getattr(a, k) for a in attributions) for k in ("alerts", "right", "undecided"))))}
-            if attributions else {}),
+        "overall": _overall(files, ours, fmt) | ({"attribution": _attribution_dict(combine_attribution(attributions))}
+                                                  if attributions else {}),
         "baselines": {b: {"overall": _overall(files, base[b], fmt),
                           "rule": f"score above the {BASELINE_QUANTILE} quantile of the training rows' scores"}
                       for b in baselines},

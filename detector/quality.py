@@ -26,6 +26,7 @@ __all__ = [
     "Attribution",
     "moved_features",
     "attribution",
+    "combine_attribution",
 ]
 
 
@@ -242,6 +243,11 @@ def moved_features(values: np.ndarray, window: tuple[int, int], labels: np.ndarr
         inside = np.nanmean(values[a:b + 1], axis=0)
     beyond = np.maximum(means.min(axis=0) - inside, inside - means.max(axis=0))
     return np.nan_to_num(beyond) > k * np.maximum(np.nan_to_num(spread), 1e-9)
+
+
+def combine_attribution(items: list[Attribution]) -> Attribution:
+    """Several files' attribution together: the counts summed."""
+    return Attribution(sum(a.alerts for a in items), sum(a.right for a in items), sum(a.undecided for a in items))
 
 
 def attribution(raised: list[tuple[int, str]], windows: list[tuple[int, int]], moved: list[np.ndarray],

@@ -12,6 +12,7 @@ from detector.quality import (
     EventMetrics,
     PointMetrics,
     attribution,
+    combine_attribution,
     combine_events,
     combine_points,
     event_metrics,
@@ -239,3 +240,4 @@ def test_attribution_scores_alerts_inside_windows_against_the_sensors_moved() ->
     moved = [moved_features(x, (10, 19), y)]
     assert attribution(raised, [(10, 19)], moved, names) == Attribution(alerts=0, right=0, undecided=3)
     assert Attribution(0, 0).share == 0.0 and Attribution(4, 3).share == 0.75
+    assert combine_attribution([Attribution(3, 1), Attribution(0, 0, 3), Attribution(4, 3, 1)]) == Attribution(7, 4, 4)

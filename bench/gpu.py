@@ -11,7 +11,8 @@ rows are resolved once (`Engine.rows_for`, timed on its own as "id lookup") and 
 keeps its streams' rows would. Beside each engine figure it times the model alone on the same shapes
 (encode 16 readings of S streams, decode S windows, in the engine's chunks of CHUNK streams per LSTM call):
 the ceiling under which the engine's bookkeeping runs. One untimed batch first (allocator, cuDNN plans), then
---batches timed ones (one on the CPU at 1,000,000 streams); fleets above --cpu-max are left out on the CPU.
+--batches timed ones (one on the CPU at 1,000,000 streams); fleets above --cpu-max are left out on the CPU, and
+so is a precision a device cannot run (the engine's test pass of the model fails), with why in the output.
 Results go to bench/results/gpu.json (the CUDA rows under `results`, the CPU rows under `cpu_results`); with
 --out the table replaces the section between the markers in that file.
 """
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.throughput import HIDDEN, HOP, WINDOW, F, artifact  # noqa: E402
+from bench.throughput import HIDDEN, HOP, WINDOW, F, artifact, runnable  # noqa: E402
 from detector.decode import Readings  # noqa: E402
 from detector.engine import PRECISIONS, Engine  # noqa: E402
 
@@ -129,10 +130,10 @@ def main() -> int:
     ap.add_argument("--streams", type=int, nargs="+", default=[10000, 100000, 1000000])
     ap.add_argument("--devices", nargs="+", help="devices to time, in order (default: cuda then cpu; cpu alone "
                                                  "where torch sees no GPU)")
-    ap.add_argument("--precision", nargs="+", default=["float32", "bfloat16"], choices=list(PRECISIONS))
+    ap.add_argument("--precision", nargs="+", default=["float32", "bfloat16"], choices=[*PRECISIONS, "auto"])
     ap.add_argument("--batches", type=int, default=3, help="timed poll batches per case (best one counts)")
     ap.add_argument("--cpu-max", type=int, default=1_000_000, help="largest fleet timed on the CPU")
-    ap.add_argument("--cpu-precision", nargs="+", choices=list(PRECISIONS),
+    ap.add_argument("--cpu-precision", nargs="+", choices=[*PRECISIONS, "auto"],
                     help="precisions timed on the CPU (default: those of --precision; float16 is CUDA only)")
     ap.add_argument("--engine-only", action="store_true", help="leave out the model-alone timing")
     ap.add_argument("--profile", action="store_true",
@@ -142,13 +143,19 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     args.devices = args.devices or (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
-    rows, results = [], []
+    rows, results, skipped = [], [], []
+    plan = {}  # per device: the precisions it runs (float16 is never tried on a CPU)
+    for dev in args.devices:
+        device = torch.device(dev)
+        wanted = [p for p in (args.cpu_precision or args.precision) if p != "float16"] if device.type == "cpu" \
+            else args.precision
+        plan[dev], refused = runnable(wanted, device)
+        skipped += refused
     for s in args.streams:
         for dev in args.devices:
             device = torch.device(dev)
-            for precision in args.precision:
-                if device.type == "cpu" and (s > args.cpu_max or precision == "float16"
-                                             or precision not in (args.cpu_precision or args.precision)):
+            for precision in plan[dev]:
+                if device.type == "cpu" and s > args.cpu_max:
                     continue
                 r = one(s, device, precision, args.batches if device.type == "cuda" or s < 1_000_000 else 1,
                         with_model=not args.engine_only)
@@ -178,15 +185,17 @@ def main() -> int:
         "id lookup, ms |",
         "|---|---|---|---|---|---|---|",
         *rows,
+        *([""] if skipped else []),
+        *(f"Not timed: `{k['precision']}` on {k['device']}: {k['reason']}." for k in skipped),
         END,
     ])
     print(table)
-    if args.profile:
-        one(max(args.streams), torch.device(args.devices[0]), args.precision[0], 1, profile=True)
+    if args.profile and plan[args.devices[0]]:
+        one(max(args.streams), torch.device(args.devices[0]), plan[args.devices[0]][0], 1, profile=True)
     result = {"machine": machine, "date": datetime.now(UTC).strftime("%Y-%m-%d"), "devices": args.devices,
               "model": f"{F} features, window {WINDOW}, hop {HOP}, hidden {HIDDEN}, 1 layer",
               "results": [r for r in results if r["device"] == "cuda"], "cpu_results": [
-                  r for r in results if r["device"] == "cpu"]}
+                  r for r in results if r["device"] == "cpu"], "skipped": skipped}
     Path(args.results or Path(__file__).resolve().parent / "results" / "gpu.json").write_text(
         json.dumps(result, indent=2) + "\n")
     if args.out:

@@ -15,8 +15,10 @@ untrained: speed does not depend on the weights), warms every stream up to a ful
   with --form columns each stream's readings of a batch in one message of the columnar batched form.
 
 Rates are readings per second, best of three repetitions; the ratio batched / stream by stream is measured in
-the same run. With several --precision values (model.precision: float32, bfloat16, float16 on CUDA) each fleet
-size is timed in each, one after the other in the same run. Large fleets time fewer batches (about 2 million
+the same run. With several --precision values (model.precision: float32, bfloat16, float16 on CUDA, auto) each
+fleet size is timed in each, one after the other in the same run; a precision the device cannot run (the
+engine's test pass of the model fails: bfloat16 on a CPU without bfloat16 LSTM, float16 off CUDA) is not timed,
+and the output says so and why. Large fleets time fewer batches (about 2 million
 readings per repetition at most), and the pipeline is timed only up to --pipeline-max streams (its JSON records
 of a 100,000-stream batch alone take gigabytes). Results go to bench/results/throughput.json
 (throughput_cuda.json with --device cuda: bench/gpu.py writes gpu.json); with --out the table replaces the
@@ -45,6 +47,7 @@ from detector.artifact import Artifact, Manifest  # noqa: E402
 from detector.config import Config  # noqa: E402
 from detector.decode import Readings  # noqa: E402
 from detector.engine import PRECISIONS, Engine, pick_device  # noqa: E402
+from detector.errors import ModelError  # noqa: E402
 from detector.loadgen import columnar  # noqa: E402
 from detector.model import LSTMAutoencoder  # noqa: E402
 from detector.pipeline import Pipeline  # noqa: E402
@@ -65,6 +68,22 @@ def artifact() -> Artifact:
                         calibration_levels=list(CALIBRATION_LEVELS),
                         calibration_scores=list(np.linspace(0.5, 50.0, n)), name="bench", model_version="bench-1")
     return Artifact(LSTMAutoencoder(F, HIDDEN, 1, WINDOW).eval(), manifest, Path("."))
+
+
+def runnable(precisions: list[str], device: torch.device) -> tuple[list[str], list[dict[str, str]]]:
+    """The precisions to time on `device` (auto resolved, each once), and those it cannot run, with why."""
+    run: list[str] = []
+    skipped = []
+    for p in precisions:
+        try:
+            got = Engine(artifact(), device=device, capacity=1, precision=p).precision
+        except ModelError as exc:
+            skipped.append({"precision": p, "device": str(device), "reason": str(exc)})
+            print(f"not timed: {p} on {device}: {exc}", flush=True)
+            continue
+        if got not in run:
+            run.append(got)
+    return run, skipped
 
 
 def batches(streams: int, n: int, start: float = 1.7e9) -> list[Readings]:
@@ -186,8 +205,9 @@ def main() -> int:
                     help="the pipeline's records: one reading per message, or each stream's readings of a batch "
                          "in one message of the columnar batched form")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", nargs="+", default=["float32"], choices=list(PRECISIONS),
-                    help="model.precision values to time, side by side (float16 needs CUDA)")
+    ap.add_argument("--precision", nargs="+", default=["float32"], choices=[*PRECISIONS, "auto"],
+                    help="model.precision values to time, side by side (float16 needs CUDA; one the device "
+                         "cannot run is left out, with why)")
     ap.add_argument("--out", help="markdown file whose throughput section is replaced by the results")
     ap.add_argument("--results", help="JSON file for the results (default bench/results/throughput.json, or "
                                       "throughput_cuda.json on CUDA)")
@@ -197,9 +217,10 @@ def main() -> int:
     device = pick_device(args.device)
     torch.set_num_threads(os.cpu_count() or 1)
     rows, results = [], []
+    precisions, skipped = runnable(args.precision, device)
     for s in args.streams:
         n = max(2, min(args.batches, 2_000_000 // (s * HOP)))
-        for precision in args.precision:
+        for precision in precisions:
             r = bench(s, n, device, with_pipeline=s <= args.pipeline_max, precision=precision, form=args.form)
             results.append({"streams": s, "precision": precision, "batches": n,
                             "engine_batched_readings_per_s": round(r["batched"]),
@@ -226,12 +247,14 @@ def main() -> int:
         "alerts), batched |",
         "|---|---|---|---|---|---|",
         *rows,
+        *([""] if skipped else []),
+        *(f"Not timed: `{k['precision']}` on {k['device']}: {k['reason']}." for k in skipped),
         END,
     ])
     print(table)
     result = {"machine": machine, "date": datetime.now(UTC).strftime("%Y-%m-%d"), "device": str(device),
               "model": f"{F} features, window {WINDOW}, hop {HOP}, hidden {HIDDEN}, 1 layer", "form": args.form,
-              "results": results}
+              "results": results, "skipped": skipped}
     name = "throughput_cuda.json" if device.type == "cuda" else "throughput.json"
     Path(args.results or Path(__file__).resolve().parent / "results" / name).write_text(
         json.dumps(result, indent=2) + "\n")

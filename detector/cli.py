@@ -160,12 +160,14 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"{args.config}: valid")
     if args.model:
         from detector.artifact import check_features, load_artifact
-        from detector.engine import check_precision, pick_device
+        from detector.engine import Engine, pick_device
 
-        check_precision(cfg.model.precision, pick_device(cfg.model.device))
         art = load_artifact(cfg.model.path)
         check_features(art, cfg.model.features)
-        print(f"{cfg.model.path}: model {art.manifest.name} with features {','.join(art.manifest.features)}")
+        device = pick_device(cfg.model.device)
+        engine = Engine(art, device=device, capacity=1, precision=cfg.model.precision)  # runs the model once there
+        print(f"{cfg.model.path}: model {art.manifest.name} with features {','.join(art.manifest.features)}; "
+              f"runs on {device} in {engine.precision}")
     if args.kafka:
         from kafka import KafkaAdminClient
         from kafka.errors import KafkaError

@@ -169,7 +169,8 @@ class ModelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     features: list[str] | None = None  # when set, the model must have exactly these features, in this order
     threads: int = Field(1, ge=0, le=1024)  # torch's CPU threads; 0: its default (one per core)
-    precision: Literal["float32", "bfloat16", "float16"] = "float32"  # the model's arithmetic (autocast)
+    # the model's arithmetic (autocast); auto: bfloat16 where a test pass of the model runs in it, else float32
+    precision: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
 
 
 class ScoringConfig(_Section):

@@ -47,7 +47,7 @@ from detector.artifact import check_features, load_artifact
 from detector.checkpoint import restore, snapshot
 from detector.config import Config, config_hash, load_config
 from detector.control import BadCommand, deleted, parse_command
-from detector.engine import check_precision, pick_device, use_threads
+from detector.engine import pick_device, use_threads
 from detector.errors import ConfigError, DetectorError
 from detector.logs import OncePerKind
 from detector.metrics import HealthServer, Metrics
@@ -659,19 +659,20 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
     With `config_path`, edits of that file (or SIGHUP) reload its thresholds, alerts and sensors sections.
     """
     device = pick_device(cfg.model.device)
-    check_precision(cfg.model.precision, device)
     threads = use_threads(cfg.model.threads)
     artifact = load_artifact(cfg.model.path)  # on the CPU: the engine takes its own copy to the device
     check_features(artifact, cfg.model.features)
-    log.info("model %s (%s) on %s (%d CPU thread%s, %s): %d features, window %d, hop %d; config %s",
+    pipeline = Pipeline(cfg, artifact, str(device))  # its engine refuses a model.precision the device cannot run
+    precision = pipeline.engine.precision  # in use: auto resolved
+    log.info("model %s (%s) on %s (%d CPU thread%s, %s%s): %d features, window %d, hop %d; config %s",
              artifact.manifest.name, artifact.manifest.model_version, device, threads, "" if threads == 1 else "s",
-             cfg.model.precision,
+             precision, ", from model.precision auto" if cfg.model.precision == "auto" else "",
              len(artifact.manifest.features), artifact.manifest.window, artifact.manifest.hop, config_hash(cfg))
     log.info("effective config: %s", cfg.masked())
     state = StateTopic(cfg.kafka.bootstrap_servers, cfg.state_topic(), client=kafka_client_settings(cfg))
     control = ControlTopic(cfg.kafka.bootstrap_servers, cfg.control_topic(), client=kafka_client_settings(cfg)) \
         if cfg.control.enabled else None
-    daemon = Daemon(cfg, Pipeline(cfg, artifact, str(device)), state=state, control=control)
+    daemon = Daemon(cfg, pipeline, state=state, control=control)
     daemon.metrics.ready.set_function(lambda: float(daemon.is_ready()))
     # what start-up built (modules, the model) lives as long as the process: keep the cyclic garbage collector
     # from scanning it again and again (each full collection then stalled the loop for 0.1-0.4 s)

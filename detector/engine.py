@@ -23,17 +23,23 @@ import torch
 from detector.artifact import Artifact
 from detector.decode import Readings
 from detector.errors import ModelError
+from detector.model import LSTMAutoencoder
 from detector.rows import step as next_capacity
 from detector.score import score_windows
 
-__all__ = ["Engine", "WindowScores", "EngineResult", "pick_device", "use_threads", "check_precision", "PRECISIONS"]
+__all__ = ["Engine", "WindowScores", "EngineResult", "pick_device", "use_threads", "check_precision", "probe_model",
+           "PRECISIONS"]
 
 CHUNK = 32768
 """Most streams (or windows) per LSTM call: bounds the cuDNN workspace, which for one call decoding a million
 windows asked for 255 GiB (H200, float32)."""
 
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-"""The model's arithmetic by config name: None runs in float32, the others under torch autocast."""
+"""The model's arithmetic by config name: None runs in float32, the others under torch autocast. model.precision
+may also be `auto`: bfloat16 where the model runs in it on its device, float32 elsewhere."""
+
+_PROBED: dict[tuple[object, ...], str | None] = {}
+"""What probing a precision on a device with a model of one shape found: None where it ran, else torch's error."""
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -43,11 +49,53 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse a model.precision the device cannot run (float16 is for CUDA only)."""
+def _mixed(device: torch.device, precision: str) -> torch.autocast:
+    """The autocast context the model runs in at `precision` on `device` (a no-op for float32)."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def probe_model(model: LSTMAutoencoder, device: torch.device, precision: str) -> None:
+    """Run `model` (already on `device`) once at `precision` as the engine does: 2 streams, 3 steps; raise on failure.
+
+    The encoder runs once with both streams the same length and once with different lengths (the LSTM runs
+    unpacked in the first case and packed in the second: different kernels), then the decoder.
+    """
+    with torch.inference_mode(), _mixed(device, precision):
+        x = torch.zeros((2, 3, model.n_features), device=device)
+        state = model.zero_state(2, device)
+        for lengths in ([3, 3], [3, 2]):
+            out, _ = model.encode(x, torch.tensor(lengths, device=device), state)
+        model.decode(out[:, -1]).float()
+
+
+def _probe_error(model: LSTMAutoencoder, device: torch.device, precision: str) -> str | None:
+    """Why `model` cannot run at `precision` on `device` (None: it can); probed once per device, precision and
+    model shape."""
+    key = (str(device), precision, model.n_features, model.hidden_size, model.num_layers, model.window)
+    if key not in _PROBED:
+        try:
+            probe_model(model, device, precision)
+            _PROBED[key] = None
+        except RuntimeError as exc:  # oneDNN or cuDNN without the kernel (a CPU without bfloat16 LSTM)
+            _PROBED[key] = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". Run workload")[0]
+    return _PROBED[key]
+
+
+def check_precision(precision: str, device: torch.device, model: LSTMAutoencoder) -> str:
+    """The precision `model` (on `device`) computes in for model.precision `precision` (auto resolved); ModelError
+    when it cannot run in it there."""
+    if precision != "auto" and precision not in PRECISIONS:
+        raise ModelError(f"model.precision {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bfloat16" if _probe_error(model, device, "bfloat16") is None else "float32"
     if precision == "float16" and device.type != "cuda":
-        raise ModelError(f"model.precision float16 needs a CUDA device, and the model runs on {device.type}: "
-                         "use bfloat16 or float32 there")
+        raise ModelError(f"model.precision float16 needs a CUDA device, and the model runs on {device}: "
+                         "use float32 (or auto) there")
+    if precision != "float32" and (why := _probe_error(model, device, precision)) is not None:
+        raise ModelError(f"model.precision {precision} does not run on {device} here (a test pass of the model "
+                         f"failed: {why}): use float32 there (or auto: bfloat16 where it runs, float32 elsewhere)")
+    return precision
 
 
 def use_threads(n: int) -> int:
@@ -110,10 +158,10 @@ class Engine:
                  capacity: int = 256, adapt_halflife: float = 0.0, precision: str = "float32") -> None:
         m = artifact.manifest
         self.device = torch.device(device)
-        check_precision(precision, self.device)
-        self._autocast = PRECISIONS[precision]  # the state table stays float32 whatever the model computes in
         # its own copy: moving the artifact's module in place would move it under any other user of the artifact
         self.model = copy.deepcopy(artifact.model).to(self.device).eval()
+        self.precision = check_precision(precision, self.device, self.model)  # in use: auto resolved
+        # the state table stays float32 whatever the model computes in
         self.manifest = m
         self.window, self.hop, self.n_features = m.window, m.hop, len(m.features)
         self.max_gap_s = max_gap_s
@@ -369,9 +417,8 @@ class Engine:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _mixed(self) -> torch.autocast:
-        """The autocast context of model.precision (a no-op for float32)."""
-        return torch.autocast(self.device.type, dtype=self._autocast or torch.bfloat16,
-                              enabled=self._autocast is not None)
+        """The autocast context of the precision in use (a no-op for float32)."""
+        return _mixed(self.device, self.precision)
 
     def _adapt(self, rows: torch.Tensor, level: torch.Tensor) -> None:
         """Move each stream's per-feature error level towards what its windows show, never below 1.

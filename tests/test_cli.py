@@ -62,14 +62,89 @@ def test_run_names_a_missing_model_folder(tmp_path: Path) -> None:
 
 
 def test_run_refuses_float16_on_a_cpu_before_touching_kafka(tmp_path: Path) -> None:
+    art = random_artifact()
+    folder = save_artifact(tmp_path / "m", art.model, art.manifest)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("model: {device: cpu, precision: float16}\nkafka: {bootstrap_servers: '127.0.0.1:1'}\n"
-                   "metrics: {enabled: false}\n")
+    cfg.write_text(f"model: {{path: {folder}, device: cpu, precision: float16}}\n"
+                   "kafka: {bootstrap_servers: '127.0.0.1:1'}\nmetrics: {enabled: false}\n")
     proc = subprocess.run([sys.executable, "-m", "detector", "run", "--config", str(cfg)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.splitlines()[0] == ("error: model.precision float16 needs a CUDA device, and the model runs "
-                                           "on cpu: use bfloat16 or float32 there")
+    assert proc.stderr.splitlines() == ["error: model.precision float16 needs a CUDA device, and the model runs "
+                                        "on cpu: use float32 (or auto) there"]
+
+
+@pytest.fixture
+def failing_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's test pass of the model fails as it does on a CPU without bfloat16 LSTM, on every machine."""
+    import detector.engine as engine_mod
+
+    def fails(model, device, precision) -> None:
+        raise RuntimeError("could not create a primitive descriptor for the LSTM forward propagation primitive. "
+                           "Run workload with environment variable ONEDNN_VERBOSE=all to get additional "
+                           "diagnostic information.")
+
+    monkeypatch.setattr(engine_mod, "probe_model", fails)
+    monkeypatch.setattr(engine_mod, "_PROBED", {})
+
+
+BF16_REFUSED = ("model.precision bfloat16 does not run on cpu here (a test pass of the model failed: could not create "
+                "a primitive descriptor for the LSTM forward propagation primitive): use float32 there (or auto: "
+                "bfloat16 where it runs, float32 elsewhere)")
+
+
+def test_check_config_refuses_a_precision_the_device_cannot_run_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture, failing_probe: None) -> None:
+    art = random_artifact()
+    folder = save_artifact(tmp_path / "m", art.model, art.manifest)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{path: {folder}, device: cpu, precision: bfloat16}}\n")
+    assert main(["check-config", str(cfg), "--model"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {BF16_REFUSED}"]
+    cfg.write_text(f"model: {{path: {folder}, device: cpu, precision: auto}}\n")
+    assert main(["check-config", str(cfg), "--model"]) == 0
+    assert f"{folder}: model test with features temp,vibration,pressure; runs on cpu in float32" in \
+        capsys.readouterr().out
+
+
+def test_check_config_says_auto_takes_bfloat16_where_the_model_runs_in_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import detector.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "probe_model", lambda model, device, precision: None)  # it runs, everywhere
+    monkeypatch.setattr(engine_mod, "_PROBED", {})
+    art = random_artifact()
+    folder = save_artifact(tmp_path / "m", art.model, art.manifest)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{path: {folder}, device: cpu, precision: auto}}\n")
+    assert main(["check-config", str(cfg), "--model"]) == 0
+    assert "runs on cpu in bfloat16" in capsys.readouterr().out
+
+
+def test_the_daemon_refuses_a_precision_the_device_cannot_run_before_touching_kafka(
+        tmp_path: Path, failing_probe: None) -> None:
+    import threading
+
+    import torch
+
+    from detector.config import load_config
+    from detector.daemon import run_daemon
+    from detector.errors import ModelError
+
+    art = random_artifact()
+    folder = save_artifact(tmp_path / "m", art.model, art.manifest)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{path: {folder}, device: cpu, precision: bfloat16}}\n"
+                   "kafka: {bootstrap_servers: '127.0.0.1:1'}\nmetrics: {enabled: false}\n")
+    stopped = threading.Event()
+    stopped.set()  # were it not refused, the daemon would stop before connecting and return 0
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(ModelError) as err:
+            run_daemon(load_config(cfg), stop=stopped)
+    finally:
+        torch.set_num_threads(threads)  # model.threads
+    assert str(err.value) == BF16_REFUSED
 
 
 def test_run_names_an_unset_password_variable(tmp_path: Path) -> None:
@@ -90,7 +165,9 @@ def test_check_config_with_model_flag(tmp_path: Path, capsys: pytest.CaptureFixt
     cfg.write_text(f"model: {{path: {tmp_path / 'nope'}}}\n")
     assert main(["check-config", str(cfg), "--model"]) == 2
     assert "model folder not found" in capsys.readouterr().err
-    cfg.write_text(f"model: {{path: {tmp_path / 'nope'}, device: cpu, precision: float16}}\n")
+    art = random_artifact()
+    folder = save_artifact(tmp_path / "m", art.model, art.manifest)
+    cfg.write_text(f"model: {{path: {folder}, device: cpu, precision: float16}}\n")
     assert main(["check-config", str(cfg), "--model"]) == 2
     assert "model.precision float16 needs a CUDA device" in capsys.readouterr().err
 

@@ -62,7 +62,8 @@ def test_root_config_yaml_lists_every_key_with_its_default() -> None:
         ({"metrics": {"port": 70000}}, "metrics.port: Input should be less than or equal to 65535"),
         ({"model": {"device": "tpu"}}, "model.device: Input should be 'auto', 'cpu' or 'cuda'"),
         ({"model": {"threads": -1}}, "model.threads: Input should be greater than or equal to 0"),
-        ({"model": {"precision": "fp16"}}, "model.precision: Input should be 'float32', 'bfloat16' or 'float16'"),
+        ({"model": {"precision": "fp16"}},
+         "model.precision: Input should be 'float32', 'bfloat16', 'float16' or 'auto'"),
         ({"output": {"batch_bytes": 1000}}, "output.batch_bytes: Input should be greater than or equal to 16384"),
         ({"output": {"batch_bytes": 2 << 20}}, "output.batch_bytes: Input should be less than or equal to 1048576"),
         ({"runtime": {"log_format": "xml"}}, "runtime.log_format"),
@@ -97,6 +98,11 @@ def test_invalid_values_name_the_key_and_what_is_right(data: dict, expected: str
         parse_config(data, "my.yaml")
     assert expected in str(err.value)
     assert str(err.value).startswith("my.yaml: ")
+
+
+def test_model_precision_takes_auto_and_defaults_to_float32() -> None:
+    assert Config().model.precision == "float32"
+    assert parse_config({"model": {"precision": "auto"}}).model.precision == "auto"
 
 
 def test_every_problem_is_reported_at_once() -> None:

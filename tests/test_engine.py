@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+import detector.engine as engine_mod
 from detector.decode import Readings
 from detector.engine import Engine
-from tests.helpers import random_artifact, readings, sine_values
+from detector.errors import ModelError
+from tests.helpers import bfloat16_error, needs_bfloat16, random_artifact, readings, sine_values
 
 T0 = 1_700_000_000.0
 
@@ -164,9 +166,8 @@ def test_use_threads_sets_torchs_cpu_threads_and_zero_keeps_its_default() -> Non
         torch.set_num_threads(before)
 
 
+@needs_bfloat16
 def test_bfloat16_scores_close_to_float32_and_keeps_the_state_in_float32() -> None:
-    import torch
-
     art = random_artifact(window=8, hop=4, hidden=16)
     streams = [f"m{i % 20}" for i in range(20 * 40)]
     ts = T0 + 60.0 * np.repeat(np.arange(40), 20)
@@ -191,10 +192,65 @@ def test_an_engine_owns_its_model_and_leaves_the_artifacts_alone() -> None:
 
 
 def test_float16_needs_a_cuda_device_and_says_so() -> None:
-    from detector.errors import ModelError
-
-    with pytest.raises(ModelError, match="model.precision float16 needs a CUDA device.*use bfloat16 or float32"):
+    with pytest.raises(ModelError, match=r"model.precision float16 needs a CUDA device.*use float32 \(or auto\)"):
         Engine(random_artifact(), device="cpu", precision="float16")
+
+
+ONEDNN = ("could not create a primitive descriptor for the LSTM forward propagation primitive. Run workload with "
+          "environment variable ONEDNN_VERBOSE=all to get additional diagnostic information.")
+
+
+@pytest.fixture
+def probe(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """The engine's test pass of the model, forced: set ["fails"] to make it raise as oneDNN does; counts calls."""
+    seen: dict[str, object] = {"fails": False, "calls": []}
+
+    def fake(model, device, precision) -> None:
+        seen["calls"].append((str(device), precision, model.hidden_size))  # type: ignore[attr-defined]
+        if seen["fails"]:
+            raise RuntimeError(ONEDNN)
+
+    monkeypatch.setattr(engine_mod, "probe_model", fake)
+    monkeypatch.setattr(engine_mod, "_PROBED", {})
+    return seen
+
+
+def test_a_precision_the_device_cannot_run_is_refused_in_one_line(probe: dict) -> None:
+    probe["fails"] = True
+    with pytest.raises(ModelError) as err:
+        Engine(random_artifact(), device="cpu", precision="bfloat16")
+    assert str(err.value) == (
+        "model.precision bfloat16 does not run on cpu here (a test pass of the model failed: could not create a "
+        "primitive descriptor for the LSTM forward propagation primitive): use float32 there (or auto: bfloat16 "
+        "where it runs, float32 elsewhere)")
+    assert Engine(random_artifact(), device="cpu").precision == "float32"  # float32 is never probed
+    assert probe["calls"] == [("cpu", "bfloat16", 16)]
+
+
+def test_auto_takes_bfloat16_where_the_model_runs_in_it_and_float32_elsewhere(probe: dict) -> None:
+    assert Engine(random_artifact(), precision="auto").precision == "bfloat16"
+    assert Engine(random_artifact(), precision="bfloat16").precision == "bfloat16"
+    probe["fails"] = True
+    assert Engine(random_artifact(), precision="auto").precision == "bfloat16", "cached per device and shape"
+    auto = Engine(random_artifact(hidden=12), precision="auto")  # another shape: probed again, and it fails
+    assert auto.precision == "float32" and not auto._mixed()._enabled
+    assert probe["calls"] == [("cpu", "bfloat16", 16), ("cpu", "bfloat16", 12)]
+
+
+def test_the_probe_fails_exactly_where_scoring_in_bfloat16_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test pass takes the engine's own paths: where it fails, a bfloat16 engine let through crashes."""
+    why = bfloat16_error()  # the real test pass, on this machine
+    monkeypatch.setattr(engine_mod, "probe_model", lambda model, device, precision: None)  # let it through
+    monkeypatch.setattr(engine_mod, "_PROBED", {})
+    eng = Engine(random_artifact(window=8, hop=4, hidden=16), precision="bfloat16")
+    ts = T0 + 60.0 * np.repeat(np.arange(12), 2)
+    vals = np.stack([sine_values(12, seed=0), sine_values(12, seed=1)], axis=1).reshape(24, -1)
+    batch = readings(["a", "b"] * 12, ts, vals)  # both streams the same length: the LSTM runs unpacked
+    if why is None:
+        assert len(eng.score_batch(batch).windows) == 2 * 2
+    else:
+        with pytest.raises(RuntimeError, match="primitive descriptor"):
+            eng.score_batch(batch)
 
 
 def test_chunked_model_calls_score_like_one_call_and_the_host_views_follow_the_table(monkeypatch) -> None:

@@ -339,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", help="score the detector and baselines on labelled data (NAB, SKAB, CSV)")
-    e.add_argument("--data", required=True, help="the dataset folder (nab, skab), or a CSV file or folder (csv)")
+    e.add_argument("--data", required=True, help="the dataset folder (nab, skab), or a CSV file or folder (csv); "
+                   "skab: one folder of experiments (e.g. SKAB/valve1) or the SKAB folder for all of them "
+                   "(valve1, valve2, other; not anomaly-free)")
     e.add_argument("--format", required=True, choices=["nab", "skab", "csv"])
     e.add_argument("--out", required=True, help="folder for summary.json, scores/ and report.html")
     e.add_argument("--model", help="a trained model folder to use for every file (default: train one per file "

@@ -32,6 +32,7 @@ NAB_PROTOCOL = "nab: probationary period min(floor(0.15*T), 750)"
 SKAB_PROTOCOL = "skab: first 400 rows"
 SKAB_TRAIN_ROWS = 400
 _SKAB_TS, _SKAB_LABEL, _SKAB_EXTRA = "datetime", "anomaly", "changepoint"
+SKAB_NORMAL = "anomaly-free"  # the folder of normal operation: training data, not a labelled test folder
 
 
 @dataclass(frozen=True)
@@ -217,23 +218,48 @@ def _skab_file(p: Path, name: str, labelled: bool) -> LabelledFile:
                         rows_to_windows(labels), train_rows, protocol)
 
 
-def load_skab(root: str | Path, subsets: tuple[str, ...] = ("valve1",), limit: int | None = None) -> list[LabelledFile]:
-    """The SKAB experiments of the given subsets (files in numeric order, at most `limit`), first 400 rows train."""
-    base = _find_root(root, "SKAB", subsets[0] if subsets else "valve1")
+def _skab_folders(root: str | Path) -> list[Path]:
+    """The labelled SKAB folders `root` names: itself when it holds the .csv files (e.g. valve2/), else every
+    subfolder that does (the whole data folder, or the folder above it), in name order, without anomaly-free/."""
+    p = Path(root)
+    if p.is_dir() and any(p.glob("*.csv")):
+        if p.resolve().name == SKAB_NORMAL:
+            raise DataError(f"{p}: SKAB's anomaly-free recording has no labelled anomalies to score (point --data "
+                            "at valve1/, valve2/, other/ or the SKAB folder that holds them; --train-protocol "
+                            "anomaly-free trains on it)")
+        return [p]
+    base = p / "SKAB" if (p / "SKAB").is_dir() else p
+    subs = sorted((d for d in base.iterdir() if d.is_dir() and d.name != SKAB_NORMAL
+                   and not d.name.startswith(".") and any(d.glob("*.csv"))),
+                  key=lambda d: d.name) if base.is_dir() else []
+    if subs:
+        return subs
+    raise DataError(f"{p}: not a SKAB folder (expected ';'-separated .csv files in it, as in valve1/, or "
+                    "subfolders of them such as valve1/, valve2/, other/, or a SKAB/ folder that has them)")
+
+
+def load_skab(root: str | Path, limit: int | None = None) -> list[LabelledFile]:
+    """SKAB experiments named by their folder ("valve2/3.csv"), the first 400 rows of each for training.
+
+    `root` is one folder of experiments (valve1/, valve2/, other/) or the data folder (or the folder above it),
+    whose subfolders are read in name order, anomaly-free/ left out; files in numeric order, at most `limit`.
+    """
     paths: list[tuple[Path, str]] = []
-    for sub in subsets:
-        folder = base / sub
-        files = sorted(folder.glob("*.csv"), key=_skab_order)
-        if not files:
-            raise DataError(f"{folder}: no SKAB files (expected a folder of ';'-separated .csv files, e.g. valve1/)")
-        paths += [(q, f"{sub}/{q.name}") for q in files]
+    for folder in _skab_folders(root):
+        sub = folder.resolve().name  # the real name, also for "." or a path ending in "/"
+        paths += [(q, f"{sub}/{q.name}") for q in sorted(folder.glob("*.csv"), key=_skab_order)]
     return [_skab_file(q, name, True) for q, name in paths[:limit]]
 
 
 def load_skab_anomaly_free(root: str | Path) -> LabelledFile:
     """SKAB's anomaly-free recording: every row normal and available for training."""
-    base = _find_root(root, "SKAB", "anomaly-free/anomaly-free.csv")
-    return _skab_file(base / "anomaly-free" / "anomaly-free.csv", "anomaly-free/anomaly-free.csv", False)
+    marker = f"{SKAB_NORMAL}/{SKAB_NORMAL}.csv"
+    p = Path(root)
+    for base in (p, p / "SKAB", p.resolve().parent):  # the data folder, the one above, or one of its subfolders
+        if (base / marker).is_file():
+            return _skab_file(base / marker, marker, False)
+    raise DataError(f"{p}: no SKAB {marker} (expected it in this folder, in a SKAB/ folder inside it, or beside "
+                    "this folder when it is one of SKAB's subfolders such as valve1/)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

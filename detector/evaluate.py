@@ -55,7 +55,7 @@ from detector.quality import (
 from detector.train import Series, TrainParams, scale_and_fill, train_model
 
 __all__ = ["FileResult", "EVAL_PARAMS", "PUBLISHED", "run_file", "baseline_scores", "likelihood", "onset",
-           "onset_rows", "nab_score", "evaluate", "seed_spread"]
+           "onset_rows", "nab_score", "evaluate", "seed_spread", "signal_figure"]
 
 log = logging.getLogger(__name__)
 
@@ -499,36 +499,94 @@ def _report(path: Path, summary: dict[str, Any], files: list[LabelledFile], ours
     path.write_text("\n".join(parts), encoding="utf-8")
 
 
-def _plot(f: LabelledFile, r: FileResult, base: dict[str, list[FileResult]], i: int) -> str:
+SENSOR_PANEL_INCHES = 0.7  # height of one sensor's panel in the report's figure ...
+SENSOR_PANELS_MAX_INCHES = 14.0  # ... until the sensors' panels together reach this: then they share it
+
+
+def _plain_number(v: float, _pos: int | None = None) -> str:
+    """A tick value written out in full, never as a power of ten ("0.000123", "1047", "1.047")."""
+    if v == 0 or not np.isfinite(v):
+        return "0" if v == 0 else str(v)
+    return np.format_float_positional(v, precision=4, unique=True, fractional=False, trim="-")
+
+
+def _plain_ticks(ax: Any) -> None:
+    """Tick labels as plain numbers on both axes: no offset, no scientific notation, no minor labels."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter, ScalarFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        if axis.get_scale() == "linear":
+            fmt = ScalarFormatter(useOffset=False, useMathText=False)
+            fmt.set_scientific(False)
+            axis.set_major_formatter(fmt)
+        else:  # symlog / log: their own formatters write 1.04678x10^0
+            axis.set_major_formatter(FuncFormatter(_plain_number))
+        axis.set_minor_formatter(NullFormatter())
+
+
+def _spans_decades(score: np.ndarray) -> bool:
+    """The scores reach more than 30 times their low level (5th percentile of the positive ones, at least 1)."""
+    pos = score[np.isfinite(score) & (score > 0)]
+    return bool(len(pos)) and float(pos.max()) > 30 * max(float(np.percentile(pos, 5)), 1.0)
+
+
+def signal_figure(f: LabelledFile, r: FileResult, base: dict[str, list[FileResult]], i: int) -> Any:
+    """The report's figure of one file: a panel per sensor, then our score and each baseline's, on one row axis.
+
+    Labelled windows are shaded green in every panel, flagged rows red in the score panels, and the end of the
+    training rows is a blue line. The sensors' panels share a bounded height, so a file with many sensors
+    gives a figure of bounded size.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     x = np.arange(len(f.labels))
-    fig, axes = plt.subplots(2 + len(base), 1, figsize=(12, 2.2 * (2 + len(base))), sharex=True)
-    v = f.values
-    sd = np.nanstd(v, axis=0)
-    z = (v - np.nanmean(v, axis=0)) / np.where(sd > 0, sd, 1.0)
-    for j, name in enumerate(f.features):
-        axes[0].plot(x, z[:, j], lw=0.6, label=name)
-    axes[0].set_ylabel("signals (z)")
-    if len(f.features) <= 8:
-        axes[0].legend(fontsize=6, ncol=4, loc="upper left")
+    n_sensors = len(f.features)
     panels = [("ours: score", r)] + [(f"{b}: score", res[i]) for b, res in base.items()]
-    for ax, (label, res) in zip(axes[1:], panels, strict=True):
+    sensor_h = min(SENSOR_PANEL_INCHES, SENSOR_PANELS_MAX_INCHES / max(n_sensors, 1))
+    score_h = 1.6
+    heights = [sensor_h] * n_sensors + [score_h] * len(panels)
+    fig, axes = plt.subplots(len(heights), 1, figsize=(12, sum(heights) + 0.8), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": heights, "hspace": 0.12})
+    axes = list(axes[:, 0])
+    label_size = 7 if sensor_h >= 0.4 else 6
+    for ax, name, col in zip(axes[:n_sensors], f.features, f.values.T, strict=True):
+        ax.plot(x, col, lw=0.6, color="tab:blue")
+        ax.text(0.003, 0.92, name, transform=ax.transAxes, va="top", fontsize=label_size,
+                bbox={"facecolor": "white", "alpha": 0.7, "pad": 1, "lw": 0})
+        ax.tick_params(axis="y", labelsize=7)
+        if sensor_h >= 0.4:
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=2))
+        else:  # too small for readable values: the shape is what such a panel can show
+            ax.set_yticks([])
+    for ax, (label, res) in zip(axes[n_sensors:], panels, strict=True):
         ax.plot(x, res.score, lw=0.6, color="k")
         if np.isfinite(res.threshold):
             ax.axhline(res.threshold, color="tab:orange", lw=0.8, ls="--")
         ax.fill_between(x, 0, 1, where=res.pred, color="tab:red", alpha=0.25, transform=ax.get_xaxis_transform())
-        ax.set_ylabel(label)
-        ax.set_yscale("symlog")
+        ax.set_ylabel(label, fontsize=8)
+        if _spans_decades(res.score):  # ours often does; HalfSpaceTrees' scores near 1 stay linear
+            ax.set_yscale("symlog")
+        ax.tick_params(axis="y", labelsize=7)
     for ax in axes:
         for a, b in f.windows:
-            ax.axvspan(a, b, color="tab:green", alpha=0.12)
+            ax.axvspan(a, b, color="tab:green", alpha=0.15)
         ax.axvline(f.train_rows, color="tab:blue", lw=0.8)
+        _plain_ticks(ax)
     axes[-1].set_xlabel("row (green: labelled windows, red: flagged, blue line: end of training rows)")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.99, top=1 - 0.25 / fig.get_figheight(),
+                        bottom=0.55 / fig.get_figheight())
+    return fig
+
+
+def _plot(f: LabelledFile, r: FileResult, base: dict[str, list[FileResult]], i: int) -> str:
+    """The file's figure as a base64 PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = signal_figure(f, r, base, i)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=70)
     plt.close(fig)

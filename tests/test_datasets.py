@@ -19,6 +19,7 @@ from detector.datasets import (
     load_skab_anomaly_free,
 )
 from detector.errors import DataError
+from tests.helpers import SKAB_SLICES, skab_layout
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NAB, SKAB = DATA / "NAB", DATA / "SKAB"
@@ -139,6 +140,29 @@ def test_skab_anomaly_free(data: Path) -> None:
     check_shape(f)
     assert f.name == "anomaly-free/anomaly-free.csv" and f.features == SENSORS
     assert len(f.labels) == 9405 and f.train_rows == 9405 and not f.labels.any() and f.windows == []
+
+
+def test_skab_reads_every_labelled_folder_and_names_files_by_folder(tmp_path: Path) -> None:
+    root = skab_layout(tmp_path)  # valve1/0.csv, valve2/0.csv (the same name), other/9.csv, anomaly-free/
+    for where in (root, tmp_path):  # the data folder, or the folder above it
+        files = load_skab(where)
+        assert [f.name for f in files] == ["other/9.csv", "valve1/0.csv", "valve2/0.csv"]  # no anomaly-free
+        for f in files:  # each name holds its own file's rows, not those of a namesake in another folder
+            raw = pd.read_csv(SKAB / SKAB_SLICES[f.name], sep=";", nrows=700)
+            assert np.allclose(f.values, raw[SENSORS].to_numpy(), rtol=1e-6)
+            assert (f.labels == (raw["anomaly"].to_numpy() == 1)).all() and f.train_rows == 400
+    assert [f.name for f in load_dataset(root, "skab", limit=2)] == ["other/9.csv", "valve1/0.csv"]
+
+
+def test_skab_one_subfolder_reads_just_that_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = skab_layout(tmp_path)
+    assert [f.name for f in load_skab(root / "valve2")] == ["valve2/0.csv"]
+    assert [f.name for f in load_skab(f"{root / 'other'}/")] == ["other/9.csv"]
+    monkeypatch.chdir(root / "valve2")
+    assert [f.name for f in load_dataset(".", "skab")] == ["valve2/0.csv"]  # the folder's real name
+    assert load_skab_anomaly_free(".").name == "anomaly-free/anomaly-free.csv"  # found beside the subfolder
+    with pytest.raises(DataError, match="anomaly-free: SKAB's anomaly-free recording has no labelled anomalies"):
+        load_skab(root / "anomaly-free")
 
 
 # --- generic CSV --------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,8 @@ from detector.config import Config
 from detector.datasets import LabelledFile, load_nab, load_skab
 from detector.evaluate import (
     EVAL_PARAMS,
+    SENSOR_PANELS_MAX_INCHES,
+    FileResult,
     _run_starts,
     baseline_scores,
     evaluate,
@@ -23,8 +26,10 @@ from detector.evaluate import (
     onset,
     onset_rows,
     run_file,
+    signal_figure,
 )
 from detector.nab import PROFILES, NabFile, file_score, nab_scores
+from tests.helpers import skab_layout
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAST = replace(EVAL_PARAMS, epochs=3, steps_per_epoch=10)
@@ -114,6 +119,75 @@ def test_evaluate_writes_summary_scores_and_report(tmp_path: Path) -> None:
     assert len(frame) == len(files[0].labels)
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "published: Conv-AE" in html
+
+
+def test_evaluate_cli_reads_every_skab_folder_or_one(tmp_path: Path) -> None:
+    root = skab_layout(tmp_path / "data", rows=600)  # valve1/0.csv and valve2/0.csv: one name, two folders
+    out = tmp_path / "all"
+    assert main(["evaluate", "--data", str(root), "--format", "skab", "--out", str(out), "--epochs", "1",
+                 "--no-baselines", "--quiet"]) == 0  # test_evaluate_writes_summary_scores_and_report has them
+    saved = json.loads((out / "summary.json").read_text())
+    names = ["other/9.csv", "valve1/0.csv", "valve2/0.csv"]
+    assert [e["file"] for e in saved["files"]] == names
+    for name in names:  # each file's scores under its own folder's name, with that file's labels
+        frame = pd.read_csv(out / "scores" / name.replace("/", "__"))
+        raw = pd.read_csv(root / name, sep=";")
+        assert np.array_equal(frame["label"].to_numpy(), raw["anomaly"].to_numpy().astype(int))
+        assert {"score", "nab_score", "alert"} <= set(frame.columns) and len(frame) == len(raw)
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and all(f"<h3>{n}</h3>" in html for n in names)
+    one = tmp_path / "one"  # one folder; anomaly-free/ is found beside it for the anomaly-free protocol
+    assert main(["evaluate", "--data", str(root / "valve2"), "--format", "skab", "--out", str(one), "--epochs",
+                 "1", "--train-protocol", "anomaly-free", "--no-baselines", "--no-plots", "--quiet"]) == 0
+    saved = json.loads((one / "summary.json").read_text())
+    assert [e["file"] for e in saved["files"]] == ["valve2/0.csv"]
+    assert saved["detector"]["model"].startswith("trained once on anomaly-free/anomaly-free.csv (500 rows)")
+
+
+def _tick_texts(fig: Any) -> tuple[list[str], list[str]]:
+    """Every tick label (major and minor) and every offset text of the figure's axes, as drawn."""
+    fig.canvas.draw()
+    axes = [a for ax in fig.axes for a in (ax.xaxis, ax.yaxis)]
+    ticks = [t.get_text() for a in axes for t in a.get_ticklabels(which="both") if t.get_text()]
+    return ticks, [a.get_offset_text().get_text() for a in axes]
+
+
+def test_report_figure_has_a_panel_per_sensor_and_plain_tick_labels() -> None:
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    n = 300
+    values = np.stack([1e6 + rng.normal(0, 0.01, n), 1e-4 * rng.random(n), rng.normal(0, 1, n),
+                       230 + rng.normal(0, 0.05, n)], 1).astype(np.float32)  # offsets tempt a default axis
+    f = LabelledFile("valve2/3.csv", 1.6e9 + np.arange(n), values, ["big", "tiny", "plain", "volts"],
+                     (np.arange(n) >= 200) & (np.arange(n) < 250), [(200, 249)], 100, "test")
+
+    def result(score: np.ndarray, thr: float) -> FileResult:
+        return FileResult(f.name, score, np.full(n, 0.5), score > thr, thr)
+
+    ours = result(np.geomspace(1, 5000, n), 4000.0)  # spans decades: a symlog axis
+    hst = result(1.04 + 0.02 * rng.random(n), 1.055)  # HalfSpaceTrees-like: near 1
+    pca = result(10.4 + 0.3 * rng.random(n), 10.6)
+    fig = signal_figure(f, ours, {"hst": [hst], "pca": [pca]}, 0)
+    assert [ax.get_yscale() for ax in fig.axes[4:]] == ["symlog", "linear", "linear"]
+    assert len(fig.axes) == 4 + 3 and all(ax.get_shared_x_axes().joined(fig.axes[0], ax) for ax in fig.axes)
+    for ax in fig.axes:  # the labelled window shaded in every panel
+        assert [(p.get_x(), p.get_width()) for p in ax.patches] == [(200, 49)]
+    for ax in fig.axes[4:]:  # flagged rows marked in the score panels
+        assert ax.collections, "fill_between of the flagged rows"
+    ticks, offsets = _tick_texts(fig)
+    plt.close(fig)
+    assert offsets == [""] * len(offsets), offsets
+    assert len(ticks) >= 2 * len(fig.axes)
+    for t in ticks:  # each label is the number itself: no 1.04678x10^0, 1e+06, or +1e6 offset
+        float(t.replace("\u2212", "-"))
+    wide = replace(f, values=np.tile(values, (1, 10)), features=[f"s{j}" for j in range(40)])
+    fig = signal_figure(wide, ours, {"hst": [hst], "pca": [pca]}, 0)
+    assert len(fig.axes) == 40 + 3
+    assert fig.get_figheight() <= SENSOR_PANELS_MAX_INCHES + 3 * 1.6 + 1  # bounded, however many sensors
+    ticks, offsets = _tick_texts(fig)
+    plt.close(fig)
+    assert all(o == "" for o in offsets) and all(float(t.replace("\u2212", "-")) is not None for t in ticks)
 
 
 def test_evaluate_cli_on_nab_reports_the_three_profiles(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

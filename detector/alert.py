@@ -1,7 +1,9 @@
 """The per-stream alert state machine, as arrays with one row per stream.
 
 A stream raises after k of its last n windows reach the warning level, escalates once k of the last n
-reach critical, and clears after `clear_after` windows in a row below `clear_ratio` x warning (hysteresis).
+reach critical (or at once, escalated, when one window reaches `immediate` x critical: a fault far past the
+critical level, such as a short spike, is not made to wait for k windows), and clears after `clear_after`
+windows in a row below `clear_ratio` x warning (hysteresis).
 An episode lasts at least `min_duration_windows` windows (a blip that fires and clears at once is held
 open that long, so it reads as one alert, not a flapping pair). After a clear, `cooldown_windows`
 windows pass before it can raise again. The alert id is derived from the
@@ -151,8 +153,9 @@ class AlertMachine(RowState):
             st = self.state[r].copy()
             self.below[r] = np.where((st > NORMAL) & (s < cfg.clear_ratio * warning[w]), self.below[r] + 1, 0)
 
-            raise_ = (st == NORMAL) & (self.cooldown[r] == 0) & (n_warn >= cfg.k)
-            escalate = (st == RAISED) & (n_crit >= cfg.k)
+            extreme = (s >= cfg.immediate * critical[w]) if cfg.immediate > 0 else np.zeros(len(w), bool)
+            raise_ = (st == NORMAL) & (self.cooldown[r] == 0) & ((n_warn >= cfg.k) | extreme)
+            escalate = (st == RAISED) & ((n_crit >= cfg.k) | extreme)
             self.age[r] = np.where(st > NORMAL, self.age[r] + 1, 0)
             clear = (st > NORMAL) & (self.below[r] >= cfg.clear_after) & (self.age[r] >= cfg.min_duration_windows)
             self.cooldown[r] = np.where(st == NORMAL, np.maximum(self.cooldown[r] - 1, 0), self.cooldown[r])
@@ -162,7 +165,7 @@ class AlertMachine(RowState):
                 self.raised_at[rr] = end_ts[w[raise_]]
                 self.raised_wall[rr] = now
                 self.acked[rr] = 0
-                new_state = np.where(n_crit[raise_] >= cfg.k, ESCALATED, RAISED).astype(np.int8)
+                new_state = np.where((n_crit[raise_] >= cfg.k) | extreme[raise_], ESCALATED, RAISED).astype(np.int8)
                 self.state[rr] = new_state
                 parts.append((w[raise_], EVENT_RAISED, self.raised_at[rr], new_state))
             if escalate.any():

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from detector import __version__
 from detector.errors import ModelError
 from detector.model import LSTMAutoencoder
-from detector.score import AGGREGATES
+from detector.score import AGGREGATES, COVARIANCES
 
 __all__ = ["Manifest", "Artifact", "save_artifact", "load_artifact", "check_features", "FORMAT_VERSION"]
 
@@ -44,6 +44,22 @@ class Manifest:
     detector_version: str = __version__
     training: dict[str, Any] = field(default_factory=dict)
     score_aggregate: str = "max"  # one of score.AGGREGATES; the calibration scores were computed with it
+    # per feature, the longest run of equal consecutive values in the training rows (-1: held at one value all
+    # through a stream's rows); the stuck-sensor check allows twice that (sensors.longest_runs); [] for older models
+    longest_runs: list[int] = field(default_factory=list)
+    # how a reading's error vector becomes one number (score.COVARIANCES); with "full", error_precision holds
+    # the inverse correlation (F x F) of the standardised calibration errors
+    covariance: str = "diagonal"
+    error_precision: list[list[float]] = field(default_factory=list)
+    # features held at one value all through the training rows: the model sees them at that value, and each
+    # reading where one changes scores constant_z2 (twice the largest calibration window score)
+    constant_features: list[str] = field(default_factory=list)
+    constant_z2: float = 0.0
+    # the smoothed score (score.smooth_update): half-life in readings (0: off), the smoothed errors' spread in
+    # calibration (F) and the weight that puts its 0.99 calibration quantile on the window score's
+    smooth_halflife: float = 0.0
+    smooth_std: list[float] = field(default_factory=list)
+    smooth_weight: float = 1.0
 
     def quantile(self, q: float) -> float:
         """The calibrated window score at quantile q (interpolated between the stored levels)."""
@@ -93,6 +109,16 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
         manifest = Manifest(**{k: v for k, v in raw.items() if k in known})
     except TypeError as exc:
         raise ModelError(f"{mpath}: incomplete manifest ({exc})") from None
+    if manifest.longest_runs and len(manifest.longest_runs) != len(manifest.features):
+        raise ModelError(f"{mpath}: longest_runs has {len(manifest.longest_runs)} entries for "
+                         f"{len(manifest.features)} features")
+    if manifest.covariance not in COVARIANCES:
+        raise ModelError(f"{mpath}: covariance {manifest.covariance!r} is not one of {', '.join(COVARIANCES)}")
+    F = len(manifest.features)
+    if manifest.covariance == "full" and np.shape(manifest.error_precision) != (F, F):
+        raise ModelError(f"{mpath}: error_precision must be a {F} x {F} matrix with covariance full")
+    if not set(manifest.constant_features) <= set(manifest.features):
+        raise ModelError(f"{mpath}: constant_features names features the model does not have")
     if manifest.score_aggregate not in AGGREGATES:
         raise ModelError(f"{mpath}: score_aggregate {manifest.score_aggregate!r} is not one of {', '.join(AGGREGATES)}")
     model = LSTMAutoencoder(len(manifest.features), manifest.hidden_size, manifest.num_layers, manifest.window)

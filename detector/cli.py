@@ -67,6 +67,7 @@ def _train(args: argparse.Namespace) -> int:
     params = TrainParams(window=args.window, hop=args.hop, hidden_size=args.hidden, num_layers=args.layers,
                          epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed,
                          score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale,
+                         covariance=args.covariance, smooth_halflife=args.smooth_halflife,
                          name=args.name or Path(args.out).name)
     model, manifest = train_model(series, params, progress=not args.quiet)
     out = save_artifact(args.out, model, manifest)
@@ -95,7 +96,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         files = files[: args.limit]
     cfg = load_config(args.config) if args.config else Config()
     params = replace(EVAL_PARAMS, window=args.window, hop=args.hop, hidden_size=args.hidden, epochs=args.epochs,
-                     score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale)
+                     score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale,
+                     covariance=args.covariance, smooth_halflife=args.smooth_halflife)
     logging.getLogger("detector.daemon").setLevel(logging.ERROR)  # alerts and rejects are in the report
     pretrain = None
     if args.train_protocol == "anomaly-free":
@@ -334,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--error-scale", choices=["calibration", "input"], default="calibration",
                    help="calibration: each feature's error standardised by its spread on validation rows; input: "
                    "errors in units of the feature's training spread")
+    t.add_argument("--covariance", choices=["diagonal", "full"], default="diagonal",
+                   help="diagonal: a reading's score is its largest squared standardised error; full: the "
+                   "Mahalanobis distance of its error vector under the calibration errors' correlation")
+    t.add_argument("--smooth-halflife", type=float, default=0.0,
+                   help="readings; > 0: a smoothed score (exponentially weighted mean of each sensor's error) beside "
+                   "the window's own, for small lasting faults (0: off)")
     t.add_argument("--name", help="model name carried in alerts (default: the --out folder's name)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
@@ -368,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--score", choices=["max", "mean"], default="max", help="window score (see `train --score`)")
     e.add_argument("--error-scale", choices=["calibration", "input"], default="calibration",
                    help="see `train --error-scale`")
+    e.add_argument("--covariance", choices=["diagonal", "full"], default="diagonal",
+                   help="see `train --covariance`")
+    e.add_argument("--smooth-halflife", type=float, default=0.0, help="see `train --smooth-halflife`")
     e.add_argument("--corrupt", type=float, default=0.0, help="denoising: share of training chunks given a "
                    "synthetic fault (see `train --corrupt`)")
     e.add_argument("--no-baselines", action="store_true", help="skip river HalfSpaceTrees and PCA")

@@ -335,6 +335,9 @@ class AlertConfig(_Section):
     min_duration_windows: int = Field(0, ge=0)
     warmup_readings: int = Field(0, ge=0)
     top_features: int = Field(3, ge=1)
+    # one window at or above this multiple of the critical level raises (escalated) at once, without waiting
+    # for k of n (0: off)
+    immediate: float = Field(0.0, ge=0)
     regime: RegimeConfig = RegimeConfig()
     maintenance: list[MaintenanceWindow] = Field(default_factory=list)
 

@@ -20,15 +20,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from detector.artifact import Artifact
+from detector.artifact import Artifact, Manifest
 from detector.decode import Readings
 from detector.errors import ModelError
 from detector.model import LSTMAutoencoder
 from detector.rows import step as next_capacity
-from detector.score import score_windows
+from detector.score import ScoreSpec, score_windows, smooth_decay, smooth_score, smooth_update
 
 __all__ = ["Engine", "WindowScores", "EngineResult", "pick_device", "use_threads", "check_precision", "probe_model",
-           "PRECISIONS"]
+           "PRECISIONS", "score_spec"]
 
 CHUNK = 32768
 """Most streams (or windows) per LSTM call: bounds the cuDNN workspace, which for one call decoding a million
@@ -170,7 +170,9 @@ class Engine:
         with torch.inference_mode():
             as_t = partial(torch.tensor, dtype=torch.float32, device=self.device)
             self._mean, self._std = as_t(m.scaler_mean), as_t(m.scaler_std)
-            self._err_mean, self._err_std = as_t(m.error_mean), as_t(m.error_std)
+            self.spec = score_spec(m, self.device)
+            # the model sees a feature that was constant in training at that value (it never learnt its variation)
+            self._model_sees = ~self.spec.constant if self.spec.constant is not None else None
         self.streams: list[str] = []
         self._index = pd.Index([], dtype=object)
         self.capacity = 0
@@ -179,14 +181,17 @@ class Engine:
     # ----- the state table: one row per stream, on the model's device ------------------------------------
     _TABLES = {"h": (torch.float32, 0.0), "c": (torch.float32, 0.0), "buf": (torch.float32, 0.0),
                "bmask": (torch.bool, False), "bts": (torch.float64, 0.0), "count": (torch.int64, 0),
-               "last_ts": (torch.float64, -math.inf), "last_val": (torch.float32, 0.0), "level": (torch.float32, 1.0)}
+               "last_ts": (torch.float64, -math.inf), "last_val": (torch.float32, 0.0), "level": (torch.float32, 1.0),
+               "ewma": (torch.float32, 0.0)}
     """Every per-stream table: dtype and the value of a fresh row. h and c hold the layer first, then the row."""
+    _ADDED = ("ewma",)
+    """Tables added after the first checkpoint format: a checkpoint without one restores it fresh."""
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         """Each table's shape per stream (h and c: per layer)."""
         L, H, W, F = self.model.num_layers, self.model.hidden_size, self.window, self.n_features
         return {"h": (L, H), "c": (L, H), "buf": (W, F), "bmask": (W, F), "bts": (W,), "count": (),
-                "last_ts": (), "last_val": (F,), "level": (F,)}
+                "last_ts": (), "last_val": (F,), "level": (F,), "ewma": (F,)}
 
     @torch.inference_mode()
     def _grow(self, capacity: int) -> None:
@@ -264,11 +269,13 @@ class Engine:
             self._put(name, rt, fill)
         if state is None:
             return []
-        misfit = [k for k, shape in self._shapes().items() if k not in state or state[k].shape != (len(rows), *shape)]
+        misfit = [k for k, shape in self._shapes().items()
+                  if (k in state or k not in self._ADDED) and (k not in state or state[k].shape != (len(rows), *shape))]
         if misfit:  # another model's state (window, layers or features differ): the streams start fresh
             return misfit
         for name, (dtype, _) in self._TABLES.items():
-            self._put(name, rt, torch.as_tensor(state[name], device=self.device).to(dtype))
+            if name in state:
+                self._put(name, rt, torch.as_tensor(state[name], device=self.device).to(dtype))
         return []
 
     # ----- scoring ---------------------------------------------------------------------------------------
@@ -359,7 +366,7 @@ class Engine:
         ts_pad[gid, j] = t
 
         x, m = filled[:, 1:], present[:, 1:]
-        out, hn, cn = self._encode(x, counts, u)
+        out, hn, cn = self._encode(x if self._model_sees is None else x * self._model_sees, counts, u)
         ext = torch.cat([self.buf[u], x], dim=1)
         mext = torch.cat([self.bmask[u], m], dim=1)
         text = torch.cat([self.bts[u], ts_pad], dim=1)
@@ -372,9 +379,9 @@ class Engine:
             wmask = mext.unfold(1, W, 1)[gi, gj + 1].transpose(1, 2)
             recon = self._decode(out[gi, gj])
             scale = self.level[u[gi]] if self.adapt_rate else None
-            score, per_feature, share, direction = score_windows(
-                win, recon, wmask, self._err_mean, self._err_std, hop, self.manifest.score_aggregate, scale
-            )
+            score, per_feature, share, direction, zmean = score_windows(win, recon, wmask, self.spec, hop, scale)
+            if self.spec.smooth_decay > 0:
+                score, share = self._smooth(u[gi], zmean, score, share)
             if self.adapt_rate:
                 self._adapt(u[gi], per_feature * scale)
             fields = {"rows": u[gi], "score": score.double(), "feature_score": per_feature, "share": share,
@@ -420,6 +427,23 @@ class Engine:
         """The autocast context of the precision in use (a no-op for float32)."""
         return _mixed(self.device, self.precision)
 
+    def _smooth(self, rows: torch.Tensor, zmean: torch.Tensor, score: torch.Tensor,
+                share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance each stream's smoothed error over its windows in order; return the windows' scores and shares
+        with the smoothed score taking over wherever it is the larger (score.smooth_score)."""
+        first = _group_starts(rows)
+        rank = torch.arange(len(rows), device=rows.device) - first.nonzero().squeeze(1)[torch.cumsum(first, 0) - 1]
+        ewma = torch.empty_like(zmean)
+        for step in range(int(rank.max()) + 1):
+            w = rank == step
+            r = rows[w]
+            self.ewma[r] = smooth_update(self.ewma[r], zmean[w], self.spec.smooth_decay)
+            ewma[w] = self.ewma[r]
+        sscore, part = smooth_score(ewma, self.spec)
+        wins = sscore > score
+        share = torch.where(wins[:, None], part / part.sum(dim=1, keepdim=True).clamp(min=1e-12), share)
+        return torch.maximum(score, sscore), share
+
     def _adapt(self, rows: torch.Tensor, level: torch.Tensor) -> None:
         """Move each stream's per-feature error level towards what its windows show, never below 1.
 
@@ -436,6 +460,19 @@ class Engine:
             r = rows[w]
             cur = self.level[r]
             self.level[r] = torch.clamp(cur + a * (torch.minimum(level[w], 4.0 * cur) - cur), min=1.0)
+
+
+def score_spec(m: Manifest, device: torch.device | str = "cpu") -> ScoreSpec:
+    """The scoring statistics and options of a model's manifest, as tensors on `device`."""
+    as_t = partial(torch.tensor, dtype=torch.float32, device=device)
+    const = None
+    if m.constant_features:
+        const = torch.tensor([f in m.constant_features for f in m.features], dtype=torch.bool, device=device)
+    precision = as_t(m.error_precision) if m.covariance == "full" else None
+    smooth = m.smooth_halflife > 0 and len(m.smooth_std) == len(m.features)
+    return ScoreSpec(as_t(m.error_mean), as_t(m.error_std), m.score_aggregate, precision, const, m.constant_z2,
+                     smooth_decay(m.hop, m.smooth_halflife) if smooth else 0.0,
+                     as_t(m.smooth_std) if smooth else None, m.smooth_weight)
 
 
 def _group_starts(r: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ from detector import __version__
 from detector.artifact import Manifest
 from detector.errors import DataError
 from detector.model import LSTMAutoencoder
-from detector.score import score_windows
+from detector.score import COVARIANCES, ScoreSpec, precision_matrix, score_windows, smooth_decay
+from detector.sensors import longest_runs
 
 __all__ = ["TrainParams", "Series", "load_series", "train_model", "scale_and_fill", "CALIBRATION_LEVELS",
            "ERROR_SCALES"]
@@ -36,6 +37,9 @@ and spread on the validation rows, so every feature counts alike. `input`: the e
 feature's training spread, so a feature the model reproduces closely (a smooth temperature) does not turn a
 small drift into a large score; with no statistics to fit, the calibration scores then come from the
 validation part as well as the calibration part."""
+
+ERROR_STD_FLOOR = 0.01
+"""The least error spread of a feature, in units of its training spread (see `_calibrate`)."""
 
 CALIBRATION_LEVELS = sorted(
     set(np.round(np.linspace(0.0, 1.0, 201), 4).tolist())
@@ -60,6 +64,8 @@ class TrainParams:
     corrupt: float = 0.0  # share of training chunks whose input gets a synthetic fault (denoising); 0 = off
     score_aggregate: str = "max"  # see score.AGGREGATES
     error_scale: str = "calibration"  # see ERROR_SCALES
+    covariance: str = "diagonal"  # see score.COVARIANCES
+    smooth_halflife: float = 0.0  # readings; > 0: a smoothed score beside the window's own (score.smooth_update)
     val_fraction: float = 0.15
     cal_fraction: float = 0.15
     seed: int = 0
@@ -187,6 +193,8 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
         raise DataError(f"corrupt must be between 0 and 1 (got {params.corrupt})")
     if params.error_scale not in ERROR_SCALES:
         raise DataError(f"error_scale must be one of {', '.join(ERROR_SCALES)} (got {params.error_scale!r})")
+    if params.covariance not in COVARIANCES:
+        raise DataError(f"covariance must be one of {', '.join(COVARIANCES)} (got {params.covariance!r})")
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     W, hop, F = params.window, params.hop, len(series.features)
@@ -202,7 +210,15 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
     if np.isnan(mean).any():
         bad = [series.features[i] for i in np.flatnonzero(np.isnan(mean))]
         raise DataError(f"feature(s) {', '.join(bad)} have no values in the training part of the data")
-    std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
+    every = np.concatenate([v for _, v in usable])
+    with np.errstate(invalid="ignore"):
+        constant = np.nanmax(every, axis=0) == np.nanmin(every, axis=0)  # one value through all training rows
+    if constant.any():
+        log.info("feature(s) %s held one value all through the training rows: a change of one is scored as an "
+                 "event, not by the model", ", ".join(f for f, c in zip(series.features, constant, strict=True) if c))
+    # a spread of at least 0.1 % of the feature's magnitude: a nearly constant sensor does not turn its last
+    # digit into a large error
+    std = np.where(constant, 1.0, np.maximum(std, np.maximum(1e-3 * np.abs(mean), 1e-6))).astype(np.float32)
     mean = mean.astype(np.float32)
     filled = {s: scale_and_fill(v, mean, std) for s, v in usable}
 
@@ -291,8 +307,9 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
     model.load_state_dict(best_state)
     model.eval()
 
-    err_mean, err_std, cal_scores = _calibrate(model, usable, filled, train_end, val_end, W, hop, F,
-                                               params.score_aggregate, params.error_scale)
+    const_t = torch.from_numpy(constant) if constant.any() else None
+    spec, cal_scores = _calibrate(model, usable, filled, train_end, val_end, W, hop, F, params.score_aggregate,
+                                  params.error_scale, params.covariance, const_t, params.smooth_halflife)
     levels = CALIBRATION_LEVELS
     values = np.quantile(cal_scores, levels).tolist() if len(cal_scores) else [1.0] * len(levels)
     manifest = Manifest(
@@ -303,8 +320,15 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
         hop=hop,
         hidden_size=params.hidden_size,
         num_layers=params.num_layers,
-        error_mean=err_mean.tolist(),
-        error_std=err_std.tolist(),
+        error_mean=spec.err_mean.tolist(),
+        error_std=spec.err_std.tolist(),
+        covariance=params.covariance,
+        error_precision=spec.precision.tolist() if spec.precision is not None else [],
+        constant_features=[f for f, c in zip(series.features, constant, strict=True) if c],
+        constant_z2=2.0 * float(cal_scores.max()) if len(cal_scores) and constant.any() else 0.0,
+        smooth_halflife=params.smooth_halflife if spec.smooth_std is not None else 0.0,
+        smooth_std=spec.smooth_std.tolist() if spec.smooth_std is not None else [],
+        smooth_weight=spec.smooth_weight,
         calibration_levels=list(levels),
         calibration_scores=values,
         score_aggregate=params.score_aggregate,
@@ -328,19 +352,26 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
 
 def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
                filled: dict[str, tuple[np.ndarray, np.ndarray]], train_end: dict[str, int],
-               val_end: dict[str, int], W: int, hop: int, F: int,
-               aggregate: str, error_scale: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               val_end: dict[str, int], W: int, hop: int, F: int, aggregate: str, error_scale: str,
+               covariance: str = "diagonal", constant: torch.Tensor | None = None,
+               smooth_halflife: float = 0.0) -> tuple[ScoreSpec, np.ndarray]:
     """Error statistics from the validation part (see ERROR_SCALES), then window scores on the rows after it.
 
     Under `input` no statistics are fitted, so the window scores come from the validation part as well: twice
-    the rows for the calibration quantiles, none of them trained on.
+    the rows for the calibration quantiles, none of them trained on. With covariance `full` the standardised
+    errors' correlation is fitted on the validation part too. Each feature's error spread is at least 1 % of
+    its training spread (ERROR_STD_FLOOR): a sensor the model rebuilds almost exactly does not turn a last
+    digit into a large score. With a smoothed score, each stream's smoothed errors run over all its windows
+    in order, as in the engine; their spread and the weight that puts the smoothed score's 0.99 quantile on the
+    window score's come from the validation part, and the calibration scores are the larger of the two.
     """
     errs, cal = [], []
     with torch.inference_mode():
         runs = []
         for s, _ in usable:
             x, m = (torch.from_numpy(a) for a in filled[s])
-            ends, recon = _continuous(model, x, hop, W)
+            seen = x if constant is None else x * ~constant
+            ends, recon = _continuous(model, seen, hop, W)
             idx = ends[:, None] - W + 1 + torch.arange(W)[None, :]
             runs.append((s, ends, x[idx], recon, m[idx]))
         for s, ends, xw, recon, mw in runs:
@@ -352,12 +383,47 @@ def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
         if error_scale == "calibration" and len(e_all):
             err_mean = np.nan_to_num(np.nanmean(e_all, axis=0))
             err_std = np.nanstd(e_all, axis=0)
-            err_std = np.where(np.isfinite(err_std) & (err_std > 1e-4), err_std, 1e-4)
-        mu, sd = torch.tensor(err_mean, dtype=torch.float32), torch.tensor(err_std, dtype=torch.float32)
+            err_std = np.where(np.isfinite(err_std), np.maximum(err_std, ERROR_STD_FLOOR), ERROR_STD_FLOOR)
+        if constant is not None:
+            err_mean, err_std = np.where(constant.numpy(), 0.0, err_mean), np.where(constant.numpy(), 1.0, err_std)
+        precision = None
+        if covariance == "full":
+            z = (e_all - err_mean) / err_std
+            if constant is not None:
+                z[:, constant.numpy()] = 0.0
+            precision = torch.tensor(precision_matrix(z), dtype=torch.float32)
+        spec = ScoreSpec(torch.tensor(err_mean, dtype=torch.float32), torch.tensor(err_std, dtype=torch.float32),
+                         aggregate, precision, constant, 0.0)
         first = train_end if error_scale == "input" else val_end
-        for s, ends, xw, recon, mw in runs:
-            sel = ends >= first[s]
+        scored = [(s, ends, *score_windows(xw, recon, mw, spec, hop)) for s, ends, xw, recon, mw in runs]
+        decay = smooth_decay(hop, smooth_halflife)
+        smoothed = [_ewma(zmean.numpy(), decay) for *_, zmean in scored] if decay > 0 else []
+        if smoothed:
+            val = [(s, ends, score) for s, ends, score, *_ in scored]
+            in_val = [(ends >= train_end[s]) & (ends < val_end[s]) for s, ends, _ in val]
+            ew_val = np.concatenate([e[v.numpy()] for e, v in zip(smoothed, in_val, strict=True)])
+            if len(ew_val) >= 2:
+                sd = np.maximum(np.std(ew_val, axis=0), 1e-3)
+                point = np.concatenate([sc.numpy()[v.numpy()] for (_, _, sc), v in zip(val, in_val, strict=True)])
+                raw = ((ew_val / sd) ** 2).max(axis=1)
+                weight = float(np.quantile(point, 0.99) / max(np.quantile(raw, 0.99), 1e-9))
+                spec = replace(spec, smooth_decay=decay, smooth_std=torch.tensor(sd, dtype=torch.float32),
+                               smooth_weight=weight)
+        for i, (s, ends, score, *_) in enumerate(scored):
+            sel = (ends >= first[s]).numpy()
             if sel.any():
-                cal.append(score_windows(xw[sel], recon[sel], mw[sel], mu, sd, hop, aggregate)[0].numpy())
-    return err_mean.astype(np.float32), err_std.astype(np.float32), (
-        np.concatenate(cal) if cal else np.zeros(0))
+                sc = score.numpy()
+                if spec.smooth_std is not None:
+                    sc = np.maximum(sc, ((smoothed[i] / spec.smooth_std.numpy()) ** 2).max(axis=1) * spec.smooth_weight)
+                cal.append(sc[sel])
+    return spec, (np.concatenate(cal) if cal else np.zeros(0))
+
+
+def _ewma(zmean: np.ndarray, decay: float) -> np.ndarray:
+    """The smoothed errors (K, F) after each of one stream's windows in order, from zero (score.smooth_update)."""
+    out = np.empty_like(zmean)
+    acc = np.zeros(zmean.shape[1], zmean.dtype)
+    for k in range(len(zmean)):
+        acc = decay * acc + (1.0 - decay) * zmean[k]
+        out[k] = acc
+    return out

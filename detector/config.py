@@ -351,7 +351,8 @@ class AlertConfig(_Section):
 class SensorConfig(_Section):
     """The data-quality gate before the model: stuck sensors and impossible values become sensor faults."""
 
-    flatline_readings: int = Field(0, ge=0, le=100000)
+    # equal values in a row that make a sensor stuck, at least twice its longest run in training (0: off)
+    flatline_readings: int = Field(10, ge=0, le=100000)
     limits: dict[str, tuple[float, float]] = Field(default_factory=dict)
     silent_after_s: float = Field(0.0, ge=0)
     missing: dict[str, Literal["hold", "zero", "anomalous", "interpolate"]] = Field(default_factory=dict)

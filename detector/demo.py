@@ -37,9 +37,9 @@ __all__ = ["DemoResult", "run_demo", "match_alerts", "match_regimes", "fleet_to_
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIG = parse_config({"sensors": {"flatline_readings": 10}, "alerts": {"regime": {"enabled": True}}})
-"""The defaults, plus the stuck-sensor check (the simulated sensors are noisy, so ten equal values are a fault)
-and regime-change events (some streams change their operating point for good)."""
+DEMO_CONFIG = parse_config({"alerts": {"regime": {"enabled": True}}})
+"""The defaults (the stuck-sensor check among them), plus regime-change events (some streams change their
+operating point for good)."""
 
 
 @dataclass(frozen=True)

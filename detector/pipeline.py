@@ -87,7 +87,7 @@ class Pipeline(RowState):
         rc = cfg.alerts.regime
         self.regime = RegimeDetector(rc.delta, rc.threshold, rc.min_windows) if rc.enabled else None
         self.gate = SensorGate(m.features, cfg.sensors.flatline_readings, dict(cfg.sensors.limits),
-                               dict(cfg.sensors.missing))
+                               dict(cfg.sensors.missing), m.longest_runs)
         self.interp = build_interpolator(m.features, dict(cfg.sensors.missing), cfg.sensors.interpolate_max_readings)
         self.silence = SilenceWatch(cfg.sensors.silent_after_s) if cfg.sensors.silent_after_s > 0 else None
         self.order = OrderWatch()  # late and repeated readings per stream (sensors.timestamp_faults)
@@ -236,7 +236,7 @@ class Pipeline(RowState):
                 regime.import_rows(every, self.regime.export_rows(every))
         if cfg.sensors != old.sensors:
             sc = cfg.sensors
-            gate = SensorGate(m.features, sc.flatline_readings, dict(sc.limits), dict(sc.missing))
+            gate = SensorGate(m.features, sc.flatline_readings, dict(sc.limits), dict(sc.missing), m.longest_runs)
             gate.adopt(self.gate)  # open episodes go on, and clear once the new rules no longer flag them
             silence = SilenceWatch(sc.silent_after_s) if sc.silent_after_s > 0 else None
             if silence is not None and self.silence is not None:

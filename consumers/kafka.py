@@ -18,27 +18,40 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import (
+    BrokerResponseError,
     CommitFailedError,
     IllegalGenerationError,
     InvalidProducerEpochError,
     KafkaError,
     KafkaTimeoutError,
+    MessageSizeTooLargeError,
     ProducerFencedError,
     RebalanceInProgressError,
     UnknownMemberIdError,
 )
 from kafka.structs import OffsetAndMetadata
 
-from consumers.base import Offsets, RebalanceError, Record, Sink, SinkError, SinkFenced, SinkTimeout, Source
+from consumers.base import (
+    Offsets,
+    RebalanceError,
+    Record,
+    Sink,
+    SinkError,
+    SinkFenced,
+    SinkTimeout,
+    Source,
+    Stopped,
+)
 
 __all__ = ["KafkaSource", "KafkaSink", "RebalanceEvents", "StateTopic", "StateTopicError", "ControlTopic",
-           "ControlTopicError"]
+           "ControlTopicError", "max_message_bytes"]
 
 _GROUP_MOVED = (CommitFailedError, IllegalGenerationError, RebalanceInProgressError, UnknownMemberIdError)
 _FENCED = (ProducerFencedError, InvalidProducerEpochError)
@@ -210,6 +223,17 @@ def to_kafka_offsets(offsets: Offsets) -> dict[TopicPartition, OffsetAndMetadata
     return {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
 
 
+@dataclass(slots=True, frozen=True)
+class _Side:
+    """A record sent with send_side, kept until acknowledged: it may have to be sent again."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    tag: object
+
+
 class KafkaSink(Sink):
     """An idempotent acks=all producer; flush() waits for every acknowledgement and reports failures.
 
@@ -219,14 +243,15 @@ class KafkaSink(Sink):
     """
 
     def __init__(self, bootstrap: str, *, client: dict[str, Any], linger_ms: int = 5, batch_bytes: int = 262144,
-                 transactional_id: str | None = None, transaction_timeout_ms: int = 60000,
-                 on_error: Callable[[str, Exception], None] | None = None) -> None:
+                 transactional_id: str | None = None, transaction_timeout_ms: int = 60000) -> None:
         tx = {"transactional_id": transactional_id, "transaction_timeout_ms": transaction_timeout_ms} \
             if transactional_id else {}
         self.transactional = bool(transactional_id)
         # a transactional request unanswered this long is lost: a request timeout, and a little more
         self.stuck_s = client.get("request_timeout_ms", 30000) / 1000 + 5
-        self._producer = KafkaProducer(
+        self._side_sent: list[tuple[Any, _Side]] = []  # send_side's records not yet acknowledged or reported
+        self._side: KafkaProducer | None = None
+        self._settings = dict(
             bootstrap_servers=bootstrap,
             acks="all",
             enable_idempotence=True,
@@ -240,8 +265,23 @@ class KafkaSink(Sink):
             **tx,
             **client,
         )
+        self._producer = KafkaProducer(**self._settings)
         if self.transactional:
             self._producer.init_transactions()
+        else:
+            # outside a transaction, side records (dead letters) go through a producer of their own, without
+            # idempotence: kafka-python's idempotent producer turns fatal when the broker refuses one record for
+            # good (a compacted topic refuses a null key), and then fails every alert and checkpoint after it
+            try:
+                self._side = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False,
+                                           linger_ms=linger_ms, batch_size=batch_bytes, retries=2147483647,
+                                           max_in_flight_requests_per_connection=1, delivery_timeout_ms=120000,
+                                           compression_type=None, max_block_ms=30000, **client)
+            except Exception:
+                self._producer.close(timeout=0)
+                raise
+        self.max_request_bytes = int(self._producer.config["max_request_size"])
+        """The largest record this sink can send, framing included (kafka-python's max_request_size)."""
         self._futures: list[Any] = []
         self.in_transaction = False
 
@@ -252,19 +292,85 @@ class KafkaSink(Sink):
             self._futures.append(self._producer.send(topic, key=key, value=value, headers=headers or [],
                                                      partition=partition))
         except KafkaError as exc:  # e.g. no metadata for the topic within max_block_ms
+            self._raise_if_abortable(exc)
             raise SinkError(f"cannot send to topic {topic!r}: {exc}") from exc
+
+    def _raise_if_abortable(self, exc: KafkaError) -> None:
+        """RebalanceError when the open transaction failed (a record refused, say) and can only be aborted."""
+        if self.transactional and self._producer._transaction_manager.has_abortable_error():
+            self._report_refused()
+            raise RebalanceError(f"transaction must be aborted: {exc}") from exc
+
+    def send_side(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]],
+                  tag: object = None) -> None:
+        """Queue a record that must not stop the work (a dead letter); Kafka's refusal goes to `on_refused`."""
+        producer = self._side or self._producer
+        try:
+            future = producer.send(topic, key=key, value=value, headers=headers)
+        except MessageSizeTooLargeError as exc:  # above max_request_size: refused before it was sent
+            self._refused(tag, exc)
+            return
+        except KafkaError as exc:
+            self._raise_if_abortable(exc)
+            raise SinkError(f"cannot send to topic {topic!r}: {exc}") from exc
+        self._side_sent.append((future, _Side(topic, key, value, headers, tag)))
+
+    def _refused(self, tag: object, exc: Exception) -> None:
+        if self.on_refused is not None:
+            self.on_refused(tag, exc)
+        else:
+            log.warning("record refused by Kafka and dropped: %s", exc)
+
+    def _flush_side(self, deadline: float) -> None:
+        """Wait for the side producer; report what Kafka refused, and send again what failed only beside it.
+
+        The broker refuses a whole batch when one of its records is invalid; kafka-python then fails the others
+        with a plain KafkaError. They are sent again (a few rounds: each one leaves the refused records out).
+        """
+        assert self._side is not None
+        for last in (False, False, True):
+            self._side.flush(timeout=max(deadline - time.monotonic(), 0.0))
+            if not all(future.is_done for future, _ in self._side_sent):
+                raise SinkTimeout("producer flush returned before every record was acknowledged")
+            sent, self._side_sent = self._side_sent, []
+            again: list[_Side] = []
+            for future, side in sent:
+                exc = future.exception if future.failed() else None
+                if exc is None:
+                    continue
+                if getattr(exc, "retriable", False):  # e.g. not delivered within delivery_timeout_ms
+                    raise SinkError(f"record not acknowledged: {exc}") from exc
+                if isinstance(exc, BrokerResponseError) or last:
+                    self._refused(side.tag, exc)
+                else:
+                    again.append(side)
+            if not again:
+                return
+            for side in again:
+                self.send_side(side.topic, side.key, side.value, side.headers, side.tag)
+
+    def _report_refused(self) -> None:
+        """In a failed transaction: report the side records the broker refused (not those aborted with them)."""
+        sent, self._side_sent = self._side_sent, []
+        for future, side in sent:
+            exc = future.exception if future.is_done and future.failed() else None
+            if isinstance(exc, BrokerResponseError) and not exc.retriable:
+                self._refused(side.tag, exc)
 
     def flush(self, timeout_s: float) -> None:
         """Wait until every queued record is acknowledged by all in-sync replicas.
 
         SinkTimeout when some are still in flight after timeout_s (call again to go on waiting), SinkError
-        when one failed for good.
+        when one failed for good. A side record (send_side) refused for good is reported to `on_refused` instead.
         """
+        deadline = time.monotonic() + timeout_s
         try:
             self._producer.flush(timeout=timeout_s)
+            if self._side is not None:
+                self._flush_side(deadline)
         except KafkaTimeoutError as exc:
-            raise SinkTimeout(f"{sum(not f.is_done for f in self._futures)} records not yet acknowledged "
-                              f"after {timeout_s:g} s") from exc
+            waiting = sum(not f.is_done for f in self._futures) + sum(not f.is_done for f, _ in self._side_sent)
+            raise SinkTimeout(f"{waiting} records not yet acknowledged after {timeout_s:g} s") from exc
         except KafkaError as exc:
             raise SinkError(f"producer flush failed: {exc}") from exc
         futures, self._futures = self._futures, []
@@ -305,10 +411,12 @@ class KafkaSink(Sink):
             if isinstance(exc, _FENCED) or tm.has_fatal_error():
                 raise SinkFenced(f"producer fenced: {exc}") from exc
             if tm.has_abortable_error():
+                self._report_refused()  # a refused dead letter, say: the owner leaves it out when it goes again
                 raise RebalanceError(f"transaction must be aborted: {exc}") from exc
             raise SinkError(f"transaction not committed: {type(exc).__name__}: {exc}") from exc
         self.in_transaction = False
         self._futures = []
+        self._side_sent = []
 
     def _await(self, result: Any) -> None:
         """Wait for a transactional request, giving up when the producer turns fatal or the request is lost.
@@ -329,6 +437,7 @@ class KafkaSink(Sink):
 
     def abort(self) -> None:
         """Abort the open transaction (its records are never seen by read_committed readers)."""
+        failed = self._producer._transaction_manager.has_abortable_error()
         try:
             self._producer.abort_transaction()
         except _FENCED as exc:
@@ -338,9 +447,34 @@ class KafkaSink(Sink):
         finally:
             self.in_transaction = False
             self._futures = []
+            self._side_sent = []
+        if failed:
+            self._renew()
+
+    def _renew(self) -> None:
+        """Replace the producer by a new one with the same transactional id, after a batch the broker refused.
+
+        kafka-python 3.0.12 keeps counting sequence numbers past the refused batch: the next transaction's
+        batch to that partition fails with OutOfOrderSequenceNumber, and the producer is lost. A new producer
+        (init_transactions: a new epoch) starts its sequences afresh.
+        """
+        try:
+            self._producer.close(timeout=5)
+        except KafkaError as exc:
+            log.warning("producer closed with records unacknowledged (%s); its transaction was aborted", exc)
+        try:
+            self._producer = KafkaProducer(**self._settings)
+            self._producer.init_transactions()
+        except KafkaError as exc:
+            raise SinkError(f"no new producer after an aborted transaction: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
-        """Flush and close the producer (what is still unacknowledged after 5 s is given up: never committed)."""
+        """Flush and close the producers (what is still unacknowledged after 5 s is given up: never committed)."""
+        if self._side is not None:
+            try:
+                self._side.close(timeout=5)
+            except KafkaError as exc:
+                log.warning("dead-letter producer closed with records unacknowledged (%s)", exc)
         try:
             self._producer.close(timeout=5)
         except KafkaError as exc:
@@ -351,6 +485,17 @@ class KafkaSink(Sink):
             if sender is not None and sender.is_alive():
                 sender.force_close()
             self._producer._closed = True
+
+
+def max_message_bytes(bootstrap: str, topic: str, *, client: dict[str, Any]) -> int | None:
+    """The largest record batch the topic takes (its max.message.bytes, or the broker's default); None: no topic."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **client)
+    try:
+        configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, None)], config_filter="all")
+    finally:
+        admin.close()
+    value = configs.get("topic", {}).get(topic, {}).get("max.message.bytes", {}).get("value")
+    return int(value) if value else None
 
 
 CREATED_TOPIC_WAIT_S = 10.0
@@ -430,8 +575,11 @@ class StateTopic:
                                   f"(kafka-configs --alter --add-config cleanup.policy=compact)")
         return have
 
-    def read(self, partitions: set[int], timeout_s: float) -> list[bytes]:
-        """The newest committed checkpoint of every stream on these partitions (read to their end)."""
+    def read(self, partitions: set[int], timeout_s: float, stop: threading.Event | None = None) -> list[bytes]:
+        """The newest committed checkpoint of every stream on these partitions (read to their end).
+
+        Stopped when `stop` is set before the end is reached (checked between fetches).
+        """
         if not partitions:
             return []
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
@@ -446,6 +594,8 @@ class StateTopic:
             deadline = time.monotonic() + timeout_s
             todo = {tp for tp in tps if ends[tp] > 0}
             while todo:
+                if stop is not None and stop.is_set():
+                    raise Stopped(f"reading the state topic {self.topic} ({len(latest)} streams read)")
                 if time.monotonic() > deadline:
                     raise KafkaTimeoutError(f"state topic {self.topic}: not read to its end within {timeout_s:g} s "
                                             f"(delivery.restore_timeout_s)")
@@ -494,10 +644,12 @@ class ControlTopic(Source):
                                     f"control.topic to a new name)")
         return len(found["partitions"])
 
-    def open(self, partitions: int, timeout_s: float) -> tuple[list[Record], bool]:
+    def open(self, partitions: int, timeout_s: float, stop: threading.Event | None = None
+             ) -> tuple[list[Record], bool]:
         """Start reading every partition (as `ensure` counted them) from the beginning; return what is there now.
 
-        The flag is False when the end was not reached within `timeout_s` (the rest comes with poll_batch).
+        The flag is False when the end was not reached within `timeout_s`, or before `stop` was set (the rest
+        comes with poll_batch).
         """
         if self._consumer is None:
             self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
@@ -512,7 +664,7 @@ class ControlTopic(Source):
         out: list[Record] = []
         deadline = time.monotonic() + timeout_s
         todo = {tp for tp in tps if ends[tp] > 0}
-        while todo and time.monotonic() < deadline:
+        while todo and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             out += self.poll_batch(0.2)
             todo = {tp for tp in todo if consumer.position(tp) < ends[tp]}
         return out, not todo

@@ -245,13 +245,21 @@ def _control(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import threading
+
+    from detector.signals import install_signals
+
+    stop, reload = threading.Event(), threading.Event()
+    install_signals(stop, reload)  # before torch loads (seconds): a SIGTERM meanwhile still exits 0
     from detector.config import load_config
-    from detector.daemon import run_daemon
     from detector.logs import setup_logging
 
     cfg = load_config(args.config)
     setup_logging(cfg.runtime.log_level, cfg.runtime.log_format)
-    return run_daemon(cfg, config_path=args.config)
+    logging.getLogger("detector.cli").info("detector %s starting, config %s", __version__, args.config)
+    from detector.daemon import run_daemon
+
+    return run_daemon(cfg, stop=stop, config_path=args.config, reload=reload)
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -109,6 +109,7 @@ class InputConfig(_Section):
     max_message_bytes: int = Field(1_048_576, ge=64)
     max_future_s: float = Field(86400.0, ge=0)
     require_stream_key: bool = True
+    max_stream_id_bytes: int = Field(256, ge=1, le=1_048_576)  # longer stream ids are rejected
 
 
 class OutputConfig(_Section):

@@ -10,6 +10,10 @@ dead letters are sent at once. Every `delivery.commit_interval_ms` (0: every bat
 A failure before the commit commits nothing: the input is read again. A checkpoint may then be ahead of the
 committed offsets (at_least_once); the pipeline skips readings its restored state already holds.
 
+No single record stops the daemon: a dead letter is cut to fit the dead-letter topic (detector/deadletter.py),
+and one that Kafka still refuses for good is counted and logged, not retried (exactly_once: the transaction
+it failed is aborted and done again without it).
+
 Partition assignment (start-up, a peer joining or leaving) is noticed after a poll: the open transaction is
 aborted, every stream's state is dropped, the state of the streams of the partitions now assigned is
 restored from the state topic, and the consumer goes back to their committed offsets. Only then is
@@ -19,7 +23,9 @@ processed, so the next owner starts exactly where this member stopped. Where tha
 Kafka is away), the next owner replays at most one commit interval from the last commit.
 
 SIGTERM or SIGINT sets the stop flag: the batch in hand is finished and committed, the consumer leaves the
-group, and the process exits 0. A second SIGINT falls back to Python's default handler. SIGHUP, or an edit
+group, and the process exits 0. The handlers are installed before anything else (detector/signals.py): during
+start-up the daemon stops before connecting, and during a restore it gives the restore up between two fetches
+and exits without committing anything. A second SIGINT falls back to Python's default handler. SIGHUP, or an edit
 of the config file, reloads its thresholds, alerts and sensors sections between two batches, keeping every
 stream's state; an invalid file is rejected with its errors logged.
 """
@@ -29,7 +35,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import signal
 import socket
 import threading
 import time
@@ -41,17 +46,37 @@ import numpy as np
 import orjson
 from kafka.errors import KafkaError, SaslAuthenticationFailedError
 
-from consumers.base import Offsets, RebalanceError, Record, Sink, SinkError, SinkFenced, SinkTimeout, Source
-from consumers.kafka import ControlTopic, ControlTopicError, KafkaSink, KafkaSource, StateTopic, StateTopicError
+from consumers.base import (
+    Offsets,
+    RebalanceError,
+    Record,
+    Sink,
+    SinkError,
+    SinkFenced,
+    SinkTimeout,
+    Source,
+    Stopped,
+)
+from consumers.kafka import (
+    ControlTopic,
+    ControlTopicError,
+    KafkaSink,
+    KafkaSource,
+    StateTopic,
+    StateTopicError,
+    max_message_bytes,
+)
 from detector.artifact import check_features, load_artifact
 from detector.checkpoint import restore, snapshot
 from detector.config import Config, config_hash, load_config
 from detector.control import BadCommand, deleted, parse_command
+from detector.deadletter import dead_letter
 from detector.engine import pick_device, use_threads
 from detector.errors import ConfigError, DetectorError
 from detector.logs import OncePerKind
 from detector.metrics import HealthServer, Metrics
 from detector.pipeline import BatchOutput, Pipeline, encode_alert, iso
+from detector.signals import install_signals
 
 __all__ = ["Daemon", "kafka_client_settings", "run_daemon"]
 
@@ -116,6 +141,8 @@ class Daemon:
         self._io: tuple[Source, Sink] | None = None  # the source and sink of the running loop, for a hand-over
         self._fenced: SinkFenced | None = None  # a hand-over found the producer fenced: the loop deals with it
         self.stall_s = max(cfg.input.session_timeout_ms / 1000, 5.0)
+        self.dead_letter_limit = 1_048_576  # the largest dead letter the sink and topic take (see run_daemon)
+        self._refused: set[tuple[str, int, int]] = set()  # records whose dead letter Kafka refused: not sent again
 
     def is_ready(self) -> bool:
         """Restored and consuming, and the loop is turning (not stuck waiting on Kafka)."""
@@ -147,11 +174,7 @@ class Daemon:
                 continue
             seen.add(rej.index)
             rec = records[rej.index]
-            sink.send(topic_dlq, rec.key, rec.value or b"", [
-                ("reason", rej.reason.encode()),
-                ("detail", rej.detail.encode()[:1000]),
-                ("source", f"{rec.topic}[{rec.partition}]@{rec.offset}".encode()),
-            ])
+            self._dead_letter(sink, rec, rej.reason, rej.detail, (rec.topic, rec.partition, rec.offset))
             self.metrics.rejects.labels(rej.reason).inc()
             if self._once.first(rej.reason):
                 log.warning("rejected record %s[%d]@%d to %s: %s (%s); further '%s' rejects are only counted",
@@ -166,6 +189,36 @@ class Daemon:
         if time.monotonic() - self._last_commit >= self.cfg.delivery.commit_interval_ms / 1000:
             self.commit(source, sink)
         return out
+
+    def _dead_letter(self, sink: Sink, rec: Record, reason: str, detail: str,
+                     tag: tuple[str, int, int] | None) -> None:
+        """Send `rec` to the dead-letter topic, cut to fit it; not again once Kafka refused it (exactly_once)."""
+        if tag is not None and tag in self._refused:
+            return
+        topic = self.cfg.output.dead_letter_topic
+        letter = dead_letter(rec, reason, detail, self.dead_letter_limit)
+        if letter.cut:
+            self.metrics.dead_letters_cut.inc()
+            if self._once.first("dead_letter_cut"):
+                log.warning("dead letter of %s[%d]@%d cut to %d of its %d bytes to fit %s (%d bytes at most); its "
+                            "headers value_bytes and value_sha256 describe the whole value; further cut dead letters "
+                            "are only counted", rec.topic, rec.partition, rec.offset, len(letter.value),
+                            len(rec.value or b""), topic, self.dead_letter_limit,
+                            extra={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset})
+        sink.send_side(topic, letter.key, letter.value, letter.headers, tag)
+
+    def on_refused(self, tag: object, exc: Exception) -> None:
+        """Count and log a dead letter Kafka refused for good; the record is not dead-lettered again."""
+        error = type(exc).__name__
+        self.metrics.dead_letters_refused.labels(error).inc()
+        if isinstance(tag, tuple):
+            self._refused.add(tag)
+        if self._once.first(f"dead_letter_refused:{error}"):
+            where = f"{tag[0]}[{tag[1]}]@{tag[2]}" if isinstance(tag, tuple) else "a control command"
+            log.error("dead letter of %s refused by Kafka (%s): dropped, counted in "
+                      "detector_dead_letters_refused_total; check the dead-letter topic %s (write access, "
+                      "max.message.bytes, and cleanup.policy: a compacted topic refuses records without a key); "
+                      "further '%s' refusals are only counted", where, exc, self.cfg.output.dead_letter_topic, error)
 
     def _send_scores(self, out: BatchOutput, sink: Sink) -> None:
         ws, names, topic = out.windows, self.pipeline.engine.streams, self.cfg.output.scores_topic
@@ -196,6 +249,8 @@ class Daemon:
             source.commit(self.pending)
         self.committed.update(self.pending)
         self.pending = {}
+        if self._refused:  # a refused dead letter is remembered until its record is behind the commit
+            self._refused = {r for r in self._refused if r[2] >= self.committed.get((r[0], r[1]), 0)}
         self._last_commit = time.monotonic()
         m = self.metrics
         m.commits.inc()
@@ -305,7 +360,11 @@ class Daemon:
         pipe.import_rows(np.arange(len(pipe.engine.streams)), None)  # every stream starts over ...
         report = None
         if self.state is not None and assigned:  # ... from the checkpoint of those on our partitions
-            values = self.state.read({p for _, p in assigned}, self.cfg.delivery.restore_timeout_s)
+            log.info("restoring the streams of %d partitions from %s", len(assigned), self.state.topic)
+            values = self.state.read({p for _, p in assigned}, self.cfg.delivery.restore_timeout_s,
+                                     self.stop_event)  # Stopped: half-restored, nothing may be scored or committed
+            if self.stop_event.is_set():
+                raise Stopped(f"restoring from {self.state.topic}")
             report = restore(pipe, values, only=assigned)
             self.metrics.restored_streams.inc(report.restored)
         source.rewind(assigned)
@@ -415,9 +474,7 @@ class Daemon:
                      extra={"stream": alert["stream"]})
         if bad is not None:
             rec, exc = bad
-            sink.send(self.cfg.output.dead_letter_topic, rec.key, rec.value or b"", [
-                ("reason", exc.reason.encode()), ("detail", exc.detail.encode()[:1000]),
-                ("source", f"{rec.topic}[{rec.partition}]@{rec.offset}".encode())])
+            self._dead_letter(sink, rec, exc.reason, exc.detail, None)
             self.metrics.rejects.labels(exc.reason).inc()
         if not self.exactly_once:
             self._flush(sink)  # rare, and tied to no input offset: made durable now, not at the next commit
@@ -481,6 +538,7 @@ class Daemon:
         """Poll and process batches until the stop flag is set."""
         timeout = self.cfg.input.poll_timeout_ms / 1000
         self._io = (source, sink)
+        sink.on_refused = self.on_refused
         source.on_revoke(self.handover)
         try:
             while not self.stop_event.is_set():
@@ -516,7 +574,7 @@ class Daemon:
                     self.commit(source, sink)
                 self._check_contact(source)
         except RebalanceError as exc:
-            log.warning("commit refused, the group has moved on (%s): going back to the last commit", exc)
+            log.warning("commit refused (%s): going back to the last commit", exc)
             self._generation = source.generation
             self.rewind(source, sink, "commit_refused")
         else:
@@ -606,6 +664,24 @@ def producer_settings(cfg: Config) -> dict[str, Any]:
     return {**batching, "transactional_id": tid, "transaction_timeout_ms": cfg.delivery.transaction_timeout_ms}
 
 
+def _dead_letter_limit(cfg: Config, sink: KafkaSink) -> int:
+    """The largest dead letter that both the producer and the dead-letter topic take (larger ones are cut)."""
+    topic = cfg.output.dead_letter_topic
+    try:
+        found = max_message_bytes(cfg.kafka.bootstrap_servers, topic, client=kafka_client_settings(cfg))
+        why = "topic not found"
+    except KafkaError as exc:
+        found, why = None, type(exc).__name__
+    if found is None:
+        log.warning("cannot read max.message.bytes of the dead-letter topic %s (%s); dead letters are cut to fit %d "
+                    "bytes, the producer's limit (output.dead_letter_topic)", topic, why, sink.max_request_bytes)
+        return sink.max_request_bytes
+    limit = min(found, sink.max_request_bytes)
+    log.info("dead-letter topic %s takes records of up to %d bytes; larger dead letters are cut to fit (headers "
+             "value_bytes, value_sha256)", topic, limit)
+    return limit
+
+
 def _ensure_state_topic(cfg: Config, state: StateTopic, stop: threading.Event) -> bool:
     """Create or check the state topic; wait (with backoff) while the input topics do not exist yet."""
     delay = 1.0
@@ -633,7 +709,7 @@ def _start_control(cfg: Config, daemon: Daemon, control: ControlTopic, sink: Sin
     while not daemon.stop_event.is_set():
         try:
             n = control.ensure(cfg.control.replication)
-            history, complete = control.open(n, cfg.delivery.restore_timeout_s)
+            history, complete = control.open(n, cfg.delivery.restore_timeout_s, daemon.stop_event)
             break
         except ControlTopicError as exc:
             log.error("cannot use the control topic %s: %s", control.topic, exc)
@@ -653,11 +729,17 @@ def _start_control(cfg: Config, daemon: Daemon, control: ControlTopic, sink: Sin
     return True
 
 
-def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: str | Path | None = None) -> int:
+def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: str | Path | None = None,
+               reload: threading.Event | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT (or `stop` is set); return the process exit code.
 
-    With `config_path`, edits of that file (or SIGHUP) reload its thresholds, alerts and sensors sections.
+    With `config_path`, edits of that file (or SIGHUP, which sets `reload`) reload its thresholds, alerts and
+    sensors sections.
     """
+    stop = stop if stop is not None else threading.Event()
+    reload = reload if reload is not None else threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        install_signals(stop, reload)  # first: a SIGTERM while the model loads stops cleanly too
     device = pick_device(cfg.model.device)
     threads = use_threads(cfg.model.threads)
     artifact = load_artifact(cfg.model.path)  # on the CPU: the engine takes its own copy to the device
@@ -680,10 +762,10 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
     gc.freeze()
     if config_path is not None:
         daemon.watch(config_path)
-    if stop is not None:
-        daemon.stop_event = stop
-    if threading.current_thread() is threading.main_thread():
-        _install_signals(daemon)
+    daemon.stop_event, daemon.reload_requested = stop, reload
+    if stop.is_set():
+        log.info("stopped before connecting")
+        return 0
     with ExitStack() as stack:
         if cfg.metrics.enabled:
             health = HealthServer(daemon.metrics, cfg.metrics.host, cfg.metrics.port)
@@ -701,6 +783,7 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
         stack.callback(source.close)
         stack.callback(sink.close)
         stack.callback(daemon.ready.clear)
+        daemon.dead_letter_limit = _dead_letter_limit(cfg, sink)
         if not _ensure_state_topic(cfg, state, daemon.stop_event):
             return 2 if not daemon.stop_event.is_set() else 0
         if control is not None:
@@ -729,22 +812,10 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
             log.error("alerts, dead letters or checkpoints were not acknowledged (%s); exiting without committing "
                       "them: what they cover is read again at the next start", exc)
             return 1
+        except Stopped as exc:
+            log.info("stopped while %s: nothing committed since the last commit; what follows it is read again at "
+                     "the next start", exc)
+            return 0
         log.info("stopping: last batch flushed and committed (%s)",
                  ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(daemon.committed.items())) or "nothing read")
     return 0
-
-
-def _install_signals(daemon: Daemon) -> None:
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s: finishing the batch in hand", signal.Signals(signum).name)
-        daemon.stop()
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def on_hup(_signum: int, _frame: object) -> None:
-        daemon.reload_requested.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, on_hup)

@@ -5,13 +5,15 @@ Accepted message forms (field names are mapped in config `input.fields`):
   many readings: {"stream": "pump-17", "readings": [{"ts": ..., "values": {...}}, ...]}
   as columns:    {"stream": "pump-17", "readings": {"ts": [t1, t2, ...], "values": {"temp": [v1, v2, ...], ...}}}
 `ts` is epoch seconds, epoch milliseconds (any number above 1e11) or an RFC 3339 string. A value of null
-is a missing reading value (a gap, imputed downstream with a mask), not bad input.
+is a missing reading value (a gap, imputed downstream with a mask), not bad input. A name given twice in one
+object (a field, or a feature inside `values`, in any form) is ambiguous and rejected (`duplicate_key`).
 """
 
 from __future__ import annotations
 
+import json
 import math
-import re
+import operator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -40,6 +42,8 @@ REASONS = (
     "duplicate_timestamp",
     "duplicate_key",
     "key_mismatch",
+    "missing_key",
+    "stream_id_too_long",
 )
 """Every reason a record can be rejected for; the dead-letter topic's `reason` header is one of these."""
 
@@ -106,6 +110,81 @@ def parse_ts(raw: Any) -> float:
 _NUMERIC = {float, int, type(None)}  # bool is its own type, so True and False are not numbers here
 
 
+def _names(obj: dict[str, Any]) -> int:
+    """How many names the objects of a parsed message hold, nested ones included.
+
+    >>> _names({"stream": "p", "ts": 1, "values": {"temp": 1, "rpm": 2}})
+    5
+    """
+    n = len(obj)
+    values = obj.values()
+    kinds = set(map(type, values))
+    if dict in kinds or list in kinds:
+        for v in values:
+            if type(v) is dict:
+                n += _names(v)
+            elif type(v) is list:
+                n += _names_in(v)
+    return n
+
+
+def _colons(obj: Any) -> int:
+    """How many colons the names and strings of a parsed message hold.
+
+    >>> _colons({"stream": "a:b", "ts": "2023-11-14T22:13:20Z", "values": {"x:y": 1}})
+    4
+    """
+    if type(obj) is dict:
+        return sum(name.count(":") + _colons(v) for name, v in obj.items())
+    if type(obj) is list:
+        return sum(map(_colons, obj))
+    return obj.count(":") if type(obj) is str else 0
+
+
+def _colons_in_times(stamps: Any) -> int:
+    """How many colons the timestamp strings hold: of one timestamp, or of a list or iterator of them."""
+    if type(stamps) is str:
+        return stamps.count(":")
+    if type(stamps) is int or type(stamps) is float:
+        return 0
+    return sum(t.count(":") for t in stamps if type(t) is str)
+
+
+def _names_in(items: list[Any]) -> int:
+    kinds = set(map(type, items))
+    if dict not in kinds and list not in kinds:
+        return 0
+    return sum(_names(v) if type(v) is dict else _names_in(v) if type(v) is list else 0 for v in items)
+
+
+class _Twice(Exception):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> None:
+    if len({name for name, _ in pairs}) < len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _Twice(name)
+            seen.add(name)
+
+
+def _name_given_twice(value: bytes) -> str | None:
+    """The first name given twice in one object of a JSON message, or None.
+
+    >>> _name_given_twice(b'{"a": 1, "b": {"c": 2, "c": 3}}'), _name_given_twice(b'{"a": {"b": 1}, "b": 2}')
+    ('c', None)
+    """
+    try:
+        json.loads(value, object_pairs_hook=_unique)
+    except _Twice as twice:
+        return str(twice.args[0])
+    except ValueError:  # orjson read it, but the standard parser may not: no finding
+        return None
+    return None
+
+
 class Decoder:
     """Turns a batch of raw records into Readings plus Rejects; never raises on bad input."""
 
@@ -120,6 +199,7 @@ class Decoder:
         max_message_bytes: int = 1_048_576,
         max_future_s: float = 86400.0,
         require_stream_key: bool = True,
+        max_stream_id_bytes: int = 256,
     ) -> None:
         self.features = list(features)
         self._col = {f: i for i, f in enumerate(self.features)}
@@ -128,7 +208,10 @@ class Decoder:
         self.max_message_bytes = max_message_bytes
         self.max_future_s = max_future_s
         self.require_stream_key = require_stream_key
-        self._field_bytes = {name: f'"{name}"'.encode() for name in (stream_field, ts_field, values_field)}
+        self.max_stream_id_bytes = max_stream_id_bytes
+        self._values_of, self._ts_of = operator.itemgetter(values_field), operator.itemgetter(ts_field)
+        self._colon_names = any(":" in name for name in [*self.features, stream_field, ts_field, values_field,
+                                                          readings_field])
 
     def decode(self, records: list[Record], now: float) -> tuple[Readings, list[Reject]]:
         """Decode every record; `now` (epoch s) bounds how far in the future an event time may be."""
@@ -145,16 +228,30 @@ class Decoder:
                 stream = msg.get(self._stream)
                 if not isinstance(stream, str) or not stream:
                     raise _Bad("missing_stream", f"field {self._stream!r} must be a non-empty string")
+                if len(stream) * 4 > self.max_stream_id_bytes and len(stream.encode()) > self.max_stream_id_bytes:
+                    raise _Bad("stream_id_too_long", f"stream id {stream[:40]!r}... is {len(stream.encode())} bytes, "
+                                                     f"above input.max_stream_id_bytes ({self.max_stream_id_bytes})")
                 batch = msg.get(self._readings)
+                # the names the message holds as parsed, and its timestamps (a duplicate check counts them):
+                # counted here for the usual shapes, whose values validation has seen; None: counted generically
+                names: int | None = None
                 if isinstance(batch, dict):
                     block = self._columns(batch, horizon)
                     parsed = []
+                    stamps = batch[self._ts]
+                    if len(msg) == 2 and len(batch) == 2:
+                        names = 4 + len(batch[self._values])
                 else:
                     items = batch if isinstance(batch, list) else [msg]
                     if isinstance(batch, list) and not batch:
                         raise _Bad("no_values", f"field {self._readings!r} is an empty list")
                     parsed = [self._reading(item, horizon) for item in items]
-                self._unambiguous(rec, stream, single=not isinstance(batch, list | dict))
+                    stamps = map(self._ts_of, items) if batch is not None else msg[self._ts]
+                    if batch is None and len(msg) == 3:
+                        names = 3 + len(msg[self._values])
+                    elif batch is not None and len(msg) == 2 and sum(map(len, items)) == 2 * len(items):
+                        names = 2 + 2 * len(items) + sum(map(len, map(self._values_of, items)))
+                self._unambiguous(rec, msg, stream, names, stamps)
             except _Bad as bad:
                 rejects.append(Reject(i, bad.reason, bad.detail))
                 continue
@@ -231,14 +328,31 @@ class Decoder:
             out[:, j] = np.array(col, dtype=np.float64)  # null becomes NaN
         return t, out
 
-    def _unambiguous(self, rec: Record, stream: str, single: bool) -> None:
-        """Reject a field given twice (JSON parsers keep one silently) and a key that is not the stream id."""
+    def _unambiguous(self, rec: Record, msg: dict[str, Any], stream: str, names: int | None,
+                     stamps: Any) -> None:
+        """Reject a name given twice in one object (JSON parsers keep one silently), and a missing or wrong key."""
         value = rec.value or b""
-        for name, quoted in self._field_bytes.items():
-            if (single or name == self._stream) and value.count(quoted) > 1 and len(
-                    re.findall(rb'(?<!\\)"' + re.escape(name.encode()) + rb'"\s*:', value)) > 1:
-                raise _Bad("duplicate_key", f"field {name!r} appears more than once in the message")
-        if self.require_stream_key and rec.key is not None and rec.key != stream.encode():
+        # Every name in the raw message is followed by one colon; the other colons are inside strings. So when the
+        # colons are as many as the parsed objects hold names plus the colons of their strings, no name came twice
+        # (without \\u escapes, which hide colons from the raw bytes). Otherwise the message is parsed again.
+        n = value.count(b":")
+        if names is None or self._colon_names:
+            names, colons = _names(msg), _colons(msg)
+        elif n != names:  # strings with colons (RFC 3339 times, stream ids), or a name given twice
+            colons = stream.count(":") + _colons_in_times(stamps)
+        else:
+            colons = 0
+        if n != names + colons or (colons and b"\\u" in value):
+            twice = _name_given_twice(value)
+            if twice is not None:
+                raise _Bad("duplicate_key", f"name {twice[:40]!r} appears more than once in one object of the "
+                                            "message")
+        if not self.require_stream_key:
+            return
+        if rec.key is None:
+            raise _Bad("missing_key", f"record has no key: a stream's readings must carry its id {stream[:40]!r} as "
+                                      "key (input.require_stream_key)")
+        if rec.key != stream.encode():
             raise _Bad("key_mismatch", f"record key {rec.key[:40]!r} is not the stream id {stream[:40]!r}: a "
                                        "stream's readings must carry its id as key (input.require_stream_key)")
 

@@ -23,6 +23,10 @@ class Metrics:
         self.windows = Counter("detector_windows_scored_total", "Windows scored by the model", registry=r)
         self.rejects = Counter("detector_rejected_total", "Records sent to the dead-letter topic",
                                ["reason"], registry=r)
+        self.dead_letters_cut = Counter("detector_dead_letters_cut_total", "Dead letters cut to a prefix to fit the "
+                                        "dead-letter topic (headers value_bytes, value_sha256)", registry=r)
+        self.dead_letters_refused = Counter("detector_dead_letters_refused_total", "Dead letters Kafka refused for "
+                                            "good, by error: dropped", ["error"], registry=r)
         self.alerts = Counter("detector_alerts_total", "Alert transitions published, by kind and state",
                               ["kind", "state"], registry=r)
         self.replayed = Counter("detector_replayed_readings_total",

@@ -77,6 +77,7 @@ class Pipeline(RowState):
             m.features, stream_field=f.stream, ts_field=f.timestamp, values_field=f.values,
             readings_field=f.readings, max_message_bytes=cfg.input.max_message_bytes,
             max_future_s=cfg.input.max_future_s, require_stream_key=cfg.input.require_stream_key,
+            max_stream_id_bytes=cfg.input.max_stream_id_bytes,
         )
         self.engine = Engine(artifact, device=device, max_gap_s=cfg.scoring.max_gap_s,
                              adapt_halflife=cfg.scoring.adapt_halflife_windows, precision=cfg.model.precision)

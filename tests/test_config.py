@@ -59,6 +59,7 @@ def test_root_config_yaml_lists_every_key_with_its_default() -> None:
         ({"output": {"alerts_topic": "a", "dead_letter_topic": "a"}}, "alerts_topic and dead_letter_topic must differ"),
         ({"output": {"scores_topic": "sensor-alerts"}}, "scores_topic must differ from alerts_topic"),
         ({"input": {"require_stream_key": "maybe"}}, "input.require_stream_key: Input should be a valid boolean"),
+        ({"input": {"max_stream_id_bytes": 0}}, "input.max_stream_id_bytes: Input should be greater than or equal"),
         ({"metrics": {"port": 70000}}, "metrics.port: Input should be less than or equal to 65535"),
         ({"model": {"device": "tpu"}}, "model.device: Input should be 'auto', 'cpu' or 'cuda'"),
         ({"model": {"threads": -1}}, "model.threads: Input should be greater than or equal to 0"),

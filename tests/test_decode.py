@@ -65,6 +65,8 @@ GOOD = {"stream": "p1", "ts": NOW - 10, "values": {"temp": 1.0, "vibration": 2, 
         ({"stream": "p", "readings": {"ts": [NOW], "values": {"temp": [False]}}}, "non_numeric_value"),
         ({"stream": "p", "readings": {"ts": [NOW], "values": {"temp": [1e300]}}}, "non_numeric_value"),
         ({"stream": "p", "readings": {"ts": [NOW, NOW - 1], "values": {"temp": [1, None]}}}, "no_values"),
+        ({"stream": "p" * 257, "ts": NOW, "values": {"temp": 1}}, "stream_id_too_long"),
+        ({"stream": "\u00e9" * 129, "ts": NOW, "values": {"temp": 1}}, "stream_id_too_long"),  # 258 bytes of UTF-8
     ],
 )
 def test_bad_records_are_rejected_with_their_reason(decoder: Decoder, value: object, reason: str) -> None:
@@ -136,19 +138,59 @@ def test_a_field_given_twice_is_ambiguous_and_rejected(decoder: Decoder, value: 
     assert [r.reason for r in rejects] == ["duplicate_key"] and len(rd) == 0
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"stream": "p1", "ts": 1699999990, "values": {"temp": 1, "temp": 2}}',
+        b'{"stream": "p1", "ts": 1699999990, "values": {"temp": 1, "pressure": 3, "temp" : 2}}',  # spaced
+        b'{"stream": "p1", "ts": "2023-11-14T22:13:10Z", "values": {"temp": 1, "temp": 2}}',  # colons in strings
+        b'{"stream": "p1", "site": {"a": 1}, "ts": 1699999990, "values": {"temp": 1, "temp": 2}}',  # other fields
+        b'{"stream": "p1", "readings": [{"ts": 1699999990, "values": {"temp": 1}},'
+        b' {"ts": 1699999991, "values": {"pressure": 1, "pressure": 2}}]}',
+        b'{"stream": "p1", "readings": [{"ts": 1699999990, "ts": 1699999991, "values": {"temp": 1}}]}',
+        b'{"stream": "p1", "readings": {"ts": [1699999990, 1699999991], "values": {"temp": [1, 2], "temp": [3, 4]}}}',
+        b'{"stream": "p1", "readings": {"ts": ["2023-11-14T22:13:10Z"], "values": {"temp": [1]}, "values": {}}}',
+        b'{"stream": "p1", "readings": {"ts": [1699999990], "ts": [1699999991], "values": {"temp": [1]}}}',
+        # an escaped colon in the id would hide a colon from a count of the raw bytes
+        b'{"stream": "p1\\u003a", "ts": "2023-11-14T22:13:10Z", "values": {"temp": 1, "temp": 2}}',
+    ],
+)
+def test_a_feature_given_twice_is_rejected_in_every_form(decoder: Decoder, value: bytes) -> None:
+    stream = b"p1:" if b"u003a" in value else b"p1"
+    rd, rejects = decoder.decode([record(GOOD, 0), Record("t", 0, 1, stream, value, 0), record(GOOD, 2)], NOW)
+    assert [(r.index, r.reason) for r in rejects] == [(1, "duplicate_key")], value
+    assert list(rd.source) == [0, 2]
+
+
 def test_repeated_names_that_are_not_keys_are_fine(decoder: Decoder) -> None:
     values = [b'{"stream": "stream", "ts": 1699999990, "values": {"temp": 1}}',  # the id is the field's name
               b'{"stream": "p1", "readings": [{"ts": 1699999990, "values": {"temp": 1}},'
-              b' {"ts": 1699999991, "values": {"temp": 2}}]}']  # the batched form repeats ts and values
-    rd, rejects = decoder.decode([Record("t", 0, i, None, v, 0) for i, v in enumerate(values)], NOW)
-    assert rejects == [] and len(rd) == 3
+              b' {"ts": 1699999991, "values": {"temp": 2}}]}',  # the batched form repeats ts and values
+              b'{"stream": "a:b", "ts": "2023-11-14T22:13:10+00:00", "values": {"temp": 1, "pressure": 2}}',
+              b'{"stream": "p1", "ts": 1699999990, "values": {"temp": 1}, "temp": {"temp": "x:\\"y\\":"}}',
+              b'{"stream" : "p1", "ts" : 1699999992, "values" : {"temp" : 1}}',
+              b'{"stream": "p1", "readings": {"ts": ["2023-11-14T22:13:10Z", 1699999999], "values": {"temp": [1, 2]}}}']
+    keys = [b"stream", b"p1", b"a:b", b"p1", b"p1", b"p1"]
+    recs = [Record("t", 0, i, k, v, 0) for i, (k, v) in enumerate(zip(keys, values, strict=True))]
+    rd, rejects = decoder.decode(recs, NOW)
+    assert rejects == [] and len(rd) == 8
 
 
-def test_a_key_that_is_not_the_stream_id_is_rejected_unless_allowed(decoder: Decoder) -> None:
+def test_a_key_that_is_not_the_stream_id_or_no_key_is_rejected_unless_allowed(decoder: Decoder) -> None:
     body = b'{"stream": "p1", "ts": 1699999990, "values": {"temp": 1}}'
     recs = [Record("t", 0, 0, b"p2", body, 0), Record("t", 0, 1, b"p1", body, 0), Record("t", 0, 2, None, body, 0)]
     rd, rejects = decoder.decode(recs, NOW)
-    assert [(r.index, r.reason) for r in rejects] == [(0, "key_mismatch")] and list(rd.source) == [1, 2]
+    assert [(r.index, r.reason) for r in rejects] == [(0, "key_mismatch"), (2, "missing_key")]
+    assert list(rd.source) == [1] and "input.require_stream_key" in rejects[1].detail
     lenient = Decoder(FEATURES, require_stream_key=False)
     rd, rejects = lenient.decode(recs, NOW)
     assert rejects == [] and len(rd) == 3
+
+
+def test_a_stream_id_may_be_as_long_as_max_stream_id_bytes() -> None:
+    d = Decoder(FEATURES, max_stream_id_bytes=8)
+    ids = ["p" * 8, "p" * 9, "\u00e9" * 4, "\u00e9" * 5]  # 8, 9, 8 and 10 bytes of UTF-8
+    recs = [record({"stream": s, "ts": NOW, "values": {"temp": 1}}, i) for i, s in enumerate(ids)]
+    rd, rejects = d.decode(recs, NOW)
+    assert [(r.index, r.reason) for r in rejects] == [(1, "stream_id_too_long"), (3, "stream_id_too_long")]
+    assert list(rd.source) == [0, 2] and "input.max_stream_id_bytes (8)" in rejects[0].detail

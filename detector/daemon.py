@@ -363,9 +363,7 @@ class Daemon:
             log.info("restoring the streams of %d partitions from %s", len(assigned), self.state.topic)
             values = self.state.read({p for _, p in assigned}, self.cfg.delivery.restore_timeout_s,
                                      self.stop_event)  # Stopped: half-restored, nothing may be scored or committed
-            if self.stop_event.is_set():
-                raise Stopped(f"restoring from {self.state.topic}")
-            report = restore(pipe, values, only=assigned)
+            report = restore(pipe, values, only=assigned, stop=self.stop_event)
             self.metrics.restored_streams.inc(report.restored)
         source.rewind(assigned)
         self._group = source.group_metadata()

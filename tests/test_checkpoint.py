@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import orjson
 import pytest
 from safetensors.numpy import save as st_save
 
-from consumers.base import Record
+from consumers.base import Record, Stopped
 from detector.artifact import Artifact
 from detector.checkpoint import decode, encode, encode_many, restore, snapshot
 from detector.config import Config, parse_config
@@ -108,6 +110,17 @@ def test_checkpoints_follow_the_input_partition(trained: Artifact, cfg: Config) 
     cps = snapshot(pipe, pipe.take_dirty())
     assert {(c.stream, c.topic, c.partition) for c in cps} == {(f"m{s}", "in", s % 3) for s in range(6)}
     assert sorted(pipe.streams_at(pipe.rows_on({("in", 1)}))) == ["m1", "m4"]
+
+
+def test_a_restore_gives_up_when_the_stop_flag_is_set(trained: Artifact, cfg: Config) -> None:  # noqa: F811
+    pipe = Pipeline(cfg, trained)
+    run(pipe, feed(6, 40, {}))
+    values = [c.value for c in snapshot(pipe, pipe.take_dirty())]
+    stop = threading.Event()
+    assert restore(Pipeline(cfg, trained), values, stop=stop).restored == 6
+    stop.set()  # SIGTERM: decoding 100,000 checkpoints takes seconds, and the daemon must exit within a few
+    with pytest.raises(Stopped):
+        restore(Pipeline(cfg, trained), values, stop=stop)
 
 
 def test_a_checkpoint_of_another_model_or_layout_leaves_the_stream_fresh(trained: Artifact, cfg: Config) -> None:  # noqa: F811

@@ -141,8 +141,8 @@ def _colons(obj: Any) -> int:
     return obj.count(":") if type(obj) is str else 0
 
 
-def _colons_in_times(stamps: Any) -> int:
-    """How many colons the timestamp strings hold: of one timestamp, or of a list or iterator of them."""
+def _string_colons(stamps: Any) -> int:
+    """How many colons the strings among `stamps` hold: one timestamp, or a list or iterable of values."""
     if type(stamps) is str:
         return stamps.count(":")
     if type(stamps) is int or type(stamps) is float:
@@ -249,6 +249,11 @@ class Decoder:
                     stamps = map(self._ts_of, items) if batch is not None else msg[self._ts]
                     if batch is None and len(msg) == 3:
                         names = 3 + len(msg[self._values])
+                    elif batch is None:  # more fields: counted here when they are not objects or lists
+                        kinds = list(map(type, msg.values()))
+                        if kinds.count(dict) == 1 and list not in kinds:
+                            names = len(msg) + len(msg[self._values])
+                            stamps = msg  # its strings: the colons of all of them count
                     elif batch is not None and len(msg) == 2 and sum(map(len, items)) == 2 * len(items):
                         names = 2 + 2 * len(items) + sum(map(len, map(self._values_of, items)))
                 self._unambiguous(rec, msg, stream, names, stamps)
@@ -337,9 +342,11 @@ class Decoder:
         # (without \\u escapes, which hide colons from the raw bytes). Otherwise the message is parsed again.
         n = value.count(b":")
         if names is None or self._colon_names:
-            names, colons = _names(msg), _colons(msg)
+            names = _names(msg)
+            colons = 0 if n == names else _colons(msg)
         elif n != names:  # strings with colons (RFC 3339 times, stream ids), or a name given twice
-            colons = stream.count(":") + _colons_in_times(stamps)
+            colons = _string_colons(stamps.values()) if type(stamps) is dict else \
+                stream.count(":") + _string_colons(stamps)
         else:
             colons = 0
         if n != names + colons or (colons and b"\\u" in value):

@@ -64,34 +64,60 @@ def fleet(streams: int, readings: int, seed: int = 0) -> list[tuple[bytes, bytes
 
 
 class Feeder(threading.Thread):
-    """Produces items to a topic at about `rate` records per second; `done` is set when all are acknowledged."""
+    """Produces items to a topic at about `rate` records per second; `done` is set when all are acknowledged.
+
+    `limit` holds it back, so that a test schedules its faults by how much of the input exists rather than by
+    time: it sends items[:limit], flushes them, sets `held` and waits until allow() raises the limit (pacing
+    starts again from there, without a burst to catch up). `sent` bounds what was produced: no item past it has
+    been handed to the producer yet.
+    """
 
     def __init__(self, bootstrap: str, topic: str, items: list[tuple[bytes, bytes | None]], rate: float,
-                 extra: dict | None = None) -> None:
+                 extra: dict | None = None, limit: int | None = None, hold_timeout_s: float = 600.0) -> None:
         super().__init__(daemon=True)
         self.bootstrap, self.topic, self.items, self.rate = bootstrap, topic, items, rate
         self.extra = extra or {}
+        self.limit = len(items) if limit is None else min(limit, len(items))
+        self.hold_timeout_s = hold_timeout_s
         self.done = threading.Event()
+        self.held = threading.Event()
         self.sent = 0
         self.error: BaseException | None = None
+        self._raised = threading.Condition()
+
+    def allow(self, n: int) -> None:
+        """Let it send up to item n (never fewer than already allowed, never past the end)."""
+        with self._raised:
+            self.limit = max(self.limit, min(n, len(self.items)))
+            self.held.clear()
+            self._raised.notify_all()
 
     def run(self) -> None:
-        """Send in slices of 1/20 s, pacing to the rate."""
+        """Send in slices of 1/20 s, pacing to the rate, holding at the limit."""
         try:
             producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
                                      linger_ms=5, **self.extra)
-            t0 = time.monotonic()
             step = max(int(self.rate / 20), 1)
-            for i in range(0, len(self.items), step):
-                for key, value in self.items[i : i + step]:
+            i, t0, first = 0, time.monotonic(), 0
+            while i < len(self.items):
+                if i >= self.limit:
+                    producer.flush()
+                    with self._raised:
+                        if i >= self.limit:  # allow() clears `held` under this lock
+                            self.held.set()
+                        if not self._raised.wait_for(lambda: i < self.limit, self.hold_timeout_s):  # noqa: B023
+                            raise AssertionError(f"feeder held at {i} of {len(self.items)} for "
+                                                 f"{self.hold_timeout_s:g} s")
+                    t0, first = time.monotonic(), i
+                end = self.sent = min(i + step, self.limit)
+                for key, value in self.items[i:end]:
                     producer.send(self.topic, key=key, value=value)
-                self.sent = i + step
-                ahead = t0 + (i + step) / self.rate - time.monotonic()
+                i = end
+                ahead = t0 + (i - first) / self.rate - time.monotonic()
                 if ahead > 0:
                     time.sleep(ahead)
             producer.flush()
             producer.close()
-            self.sent = len(self.items)
         except BaseException as exc:  # reported by the test
             self.error = exc
         finally:
@@ -154,17 +180,26 @@ class DaemonProc:
         return self.log.read_text(errors="replace")
 
 
-def read_all(bootstrap: str, topic: str, isolation: str = "read_committed", idle_s: float = 3.0) -> list:
-    """Every record of a topic, from the beginning, until it has been quiet for idle_s."""
+def read_all(bootstrap: str, topic: str, isolation: str = "read_committed", timeout_s: float = 120.0) -> list:
+    """Every record of a topic, from the beginning up to its end offsets (read_committed: the last stable ones)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                             isolation_level=isolation, consumer_timeout_ms=int(idle_s * 1000))
-    parts = consumer.partitions_for_topic(topic) or set()
-    tps = [TopicPartition(topic, p) for p in parts]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    out = list(consumer)
-    consumer.close()
-    return out
+                             isolation_level=isolation)
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in parts]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        out: list = []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"read {len(out)} records of {topic} in {timeout_s:g} s, not up to {ends}")
+            for batch in consumer.poll(timeout_ms=200).values():
+                out.extend(batch)
+        return out
+    finally:
+        consumer.close()
 
 
 def total_committed(bootstrap: str, group: str, topic: str) -> int:

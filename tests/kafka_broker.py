@@ -72,7 +72,7 @@ class KafkaBroker:
     format (e.g. `--add-scram SCRAM-SHA-512=[name=alice,password=...]`; no whitespace inside an argument).
     """
 
-    def __init__(self, start_timeout: float = 60.0, heap_opts: str = "-Xms256m -Xmx512m",
+    def __init__(self, start_timeout: float = 120.0, heap_opts: str = "-Xms256m -Xmx512m",
                  keep_dir: bool = False, *, extra_listeners: Sequence[str] = (), extra_properties: str = "",
                  format_args: Sequence[str] = ()) -> None:
         self.start_timeout = start_timeout

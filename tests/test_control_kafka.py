@@ -48,6 +48,11 @@ def wait_for(what: str, check: object, proc: subprocess.Popen, log: Path, timeou
     raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-5000:]}")
 
 
+def metrics(port: int) -> str:
+    """The daemon's /metrics page."""
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
 def control(cfg: Path, *args: str) -> str:
     """Run `detector control ...`; return what it printed."""
     proc = subprocess.run([sys.executable, "-m", "detector", "control", *args, "--config", str(cfg)],
@@ -84,8 +89,8 @@ def test_operators_mute_unmute_and_ack_a_running_daemon(kafka_bootstrap: str, to
         producer.close()
         wait_for("the mute", lambda: "control: mute m1 by tester" in log.read_text(), proc, log)
         wait_for("the bad command", lambda: "rejected control command" in log.read_text(), proc, log)
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert "detector_muted_streams 1.0" in metrics, "m1 is muted"
+        # the gauge is set just after the commands are logged, on the daemon's loop: waited for, not raced
+        wait_for("m1 counted as muted", lambda: "detector_muted_streams 1.0" in metrics(port), proc, log)
         produce(kafka_bootstrap, topic, 250, 350)  # m1 still critical, muted: its episode is cleared, then silence
         wait_for("the muted readings", caught_up, proc, log)
 
@@ -93,9 +98,9 @@ def test_operators_mute_unmute_and_ack_a_running_daemon(kafka_bootstrap: str, to
         wait_for("the unmute", lambda: "control: unmute m* by" in log.read_text(), proc, log)
         produce(kafka_bootstrap, topic, 350, 420)  # alerts come back
         wait_for("the last readings", caught_up, proc, log)
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        text = metrics(port)
         for action, n in (("ack", 1), ("mute", 1), ("unmute", 1), ("invalid", 1)):
-            assert f'detector_control_commands_total{{action="{action}"}} {n}.0' in metrics
+            assert f'detector_control_commands_total{{action="{action}"}} {n}.0' in text
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=30)

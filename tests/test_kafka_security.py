@@ -153,6 +153,14 @@ def read_alerts(client: dict[str, Any], topic: str, timeout_s: float = 30) -> li
         consumer.close()
 
 
+def wait_until(predicate: Any, timeout_s: float, text: Any) -> None:
+    """Poll until predicate() holds; fail with text() when time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"gave up after {timeout_s} s:\n{text()}"
+        time.sleep(0.3)
+
+
 def wait_for(predicate: Any, timeout_s: float, proc: subprocess.Popen, log: Path) -> None:
     """Poll until predicate() holds; fail with the daemon's log when it exits first or time runs out."""
     deadline = time.monotonic() + timeout_s
@@ -222,10 +230,14 @@ def test_a_wrong_password_is_retried_without_a_traceback_or_the_password_in_the_
     assert "retrying in" in retry_lines()[0], text
     assert "kafka.sasl_username" in retry_lines()[0] and "kafka.sasl_password" in retry_lines()[0], text
     assert "stopped before connecting" in text, text
-    # TLS and the client certificate were accepted; SASL refused the login.
-    broker_log = secure_kafka.log.read_text(errors="replace")[broker_log_before:]
-    assert "Failed authentication with /127.0.0.1" in broker_log and REFUSED[mechanism] in broker_log, broker_log
-    assert "SSL handshake failed" not in broker_log
+    # TLS and the client certificate were accepted; SASL refused the login (the broker's log may be written after
+    # its answer reached the daemon: waited for).
+    def broker_log() -> str:
+        return secure_kafka.log.read_text(errors="replace")[broker_log_before:]
+
+    wait_until(lambda: REFUSED[mechanism] in broker_log(), 30, broker_log)
+    assert "Failed authentication with /127.0.0.1" in broker_log(), broker_log()
+    assert "SSL handshake failed" not in broker_log()
 
 
 def test_the_listener_requires_tls_and_the_client_certificate(secure_kafka: SecureKafka) -> None:
@@ -235,4 +247,5 @@ def test_the_listener_requires_tls_and_the_client_certificate(secure_kafka: Secu
         before = len(secure_kafka.log.read_text(errors="replace"))
         with pytest.raises(KafkaError):
             KafkaProducer(**settings, bootstrap_timeout_ms=2000)
-        assert "SSL handshake failed" in secure_kafka.log.read_text(errors="replace")[before:]
+        wait_until(lambda: "SSL handshake failed" in secure_kafka.log.read_text(errors="replace")[before:],  # noqa: B023
+                   30, lambda: secure_kafka.log.read_text(errors="replace")[before:])  # noqa: B023

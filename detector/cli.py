@@ -68,7 +68,7 @@ def _train(args: argparse.Namespace) -> int:
                          epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed,
                          score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale,
                          covariance=args.covariance, smooth_halflife=args.smooth_halflife,
-                         name=args.name or Path(args.out).name)
+                         holdout_blocks=args.holdout_blocks, name=args.name or Path(args.out).name)
     model, manifest = train_model(series, params, progress=not args.quiet)
     out = save_artifact(args.out, model, manifest)
     print(f"model written to {out}/ ({manifest.training['epochs_run']} epochs, best validation loss "
@@ -97,7 +97,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config) if args.config else Config()
     params = replace(EVAL_PARAMS, window=args.window, hop=args.hop, hidden_size=args.hidden, epochs=args.epochs,
                      score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale,
-                     covariance=args.covariance, smooth_halflife=args.smooth_halflife)
+                     covariance=args.covariance, smooth_halflife=args.smooth_halflife,
+                     holdout_blocks=args.holdout_blocks)
     logging.getLogger("detector.daemon").setLevel(logging.ERROR)  # alerts and rejects are in the report
     pretrain = None
     if args.train_protocol == "anomaly-free":
@@ -350,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--smooth-halflife", type=float, default=0.0,
                    help="readings; > 0: a smoothed score (exponentially weighted mean of each sensor's error) beside "
                    "the window's own, for small lasting faults (0: off)")
+    t.add_argument("--holdout-blocks", type=int, default=1,
+                   help="cycles of trained-on, validation and calibration rows through each stream's span (1: the "
+                   "last 30%% held back; more, e.g. 4: held-back rows spread over the whole period)")
     t.add_argument("--name", help="model name carried in alerts (default: the --out folder's name)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
@@ -387,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--covariance", choices=["diagonal", "full"], default="diagonal",
                    help="see `train --covariance`")
     e.add_argument("--smooth-halflife", type=float, default=0.0, help="see `train --smooth-halflife`")
+    e.add_argument("--holdout-blocks", type=int, default=1, help="see `train --holdout-blocks`")
     e.add_argument("--corrupt", type=float, default=0.0, help="denoising: share of training chunks given a "
                    "synthetic fault (see `train --corrupt`)")
     e.add_argument("--no-baselines", action="store_true", help="skip river HalfSpaceTrees and PCA")

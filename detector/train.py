@@ -1,9 +1,10 @@
 """Learning a model from normal data: load, scale, fit with early stopping, calibrate, save.
 
-Each stream's series is split in time: windows that end in the first `1 - val - cal` part train the model,
-windows that end in the next part decide early stopping and the error statistics, windows that end in the
-last part give the calibration distribution of window scores. Validation and calibration run the model
-continuously over the whole series, exactly as the engine does at run time.
+Each stream's series is split in time (`holdout_roles`): in each of `holdout_blocks` cycles through the span,
+the first `1 - val - cal` part trains the model, windows that end in the next part decide early stopping and
+the error statistics, windows that end in the last part give the calibration distribution of window scores.
+Validation and calibration run the model continuously over the whole series, exactly as the engine does at
+run time.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ feature's training spread, so a feature the model reproduces closely (a smooth t
 small drift into a large score; with no statistics to fit, the calibration scores then come from the
 validation part as well as the calibration part."""
 
+TRAIN, VAL, CAL = 0, 1, 2
+"""A training row's role (holdout_roles): trained on, held back for validation, held back for calibration."""
+
 ERROR_STD_FLOOR = 0.01
 """The least error spread of a feature, in units of its training spread (see `_calibrate`)."""
 
@@ -68,6 +72,7 @@ class TrainParams:
     smooth_halflife: float = 0.0  # readings; > 0: a smoothed score beside the window's own (score.smooth_update)
     val_fraction: float = 0.15
     cal_fraction: float = 0.15
+    holdout_blocks: int = 1  # cycles of train, validation and calibration rows through the span (holdout_roles)
     seed: int = 0
     name: str = "default"
 
@@ -201,10 +206,10 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
     usable = [(s, v) for s, v in zip(series.streams, series.values, strict=True) if len(v) >= W + 3 * hop]
     if not usable:
         raise DataError(f"no stream has at least window + 3*hop = {W + 3 * hop} readings to learn from")
-    train_end = {s: int(len(v) * (1 - params.val_fraction - params.cal_fraction)) for s, v in usable}
-    val_end = {s: int(len(v) * (1 - params.cal_fraction)) for s, v in usable}
+    chunk_len = W + hop * (params.chunk_windows - 1)
+    role = {s: holdout_roles(len(v), params, chunk_len) for s, v in usable}
 
-    stacked = np.concatenate([v[: train_end[s]] for s, v in usable])
+    stacked = np.concatenate([v[role[s] == TRAIN] for s, v in usable])
     mean = np.nanmean(stacked, axis=0)
     std = np.nanstd(stacked, axis=0)
     if np.isnan(mean).any():
@@ -231,22 +236,21 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
                             f"needs {(F, params.hidden_size, params.num_layers, W)}")
         model = copy.deepcopy(init).train()
     opt = torch.optim.Adam(model.parameters(), lr=params.lr)
-    chunk_len = W + hop * (params.chunk_windows - 1)
-    starts_pool = [(s, st) for s, _ in usable for st in range(0, max(train_end[s] - chunk_len, 0) + 1, hop)]
+    starts_pool = [(s, st, end) for s, _ in usable for st, end in _chunk_starts(role[s] == TRAIN, chunk_len, hop)]
     if not starts_pool:
         raise DataError(f"the training part is shorter than one chunk of {chunk_len} readings: "
                         f"use a smaller --window or more data")
     ends_in_chunk = torch.arange(W - 1, chunk_len, hop)
 
-    noise = _noise_scale(np.concatenate([filled[s][0][: train_end[s]] for s, _ in usable]))
+    noise = _noise_scale(np.concatenate([filled[s][0][role[s] == TRAIN] for s, _ in usable]))
 
     def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pick = rng.integers(0, len(starts_pool), params.batch_size)
         xs, ms = [], []
         for i in pick:
-            s, st = starts_pool[i]
+            s, st, end = starts_pool[i]
             x, m = filled[s]
-            seg_x, seg_m = x[st:st + chunk_len], m[st:st + chunk_len]
+            seg_x, seg_m = x[st:min(st + chunk_len, end)], m[st:min(st + chunk_len, end)]
             if len(seg_x) < chunk_len:  # a stream shorter than a chunk: left-pad by repeating its start
                 need = chunk_len - len(seg_x)
                 seg_x = np.concatenate([np.repeat(seg_x[:1], need, 0), seg_x])
@@ -272,7 +276,7 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
             for s, _ in usable:
                 x, m = (torch.from_numpy(a) for a in filled[s])
                 ends, recon = _continuous(model, x, hop, W)
-                sel = (ends >= train_end[s]) & (ends < val_end[s])
+                sel = torch.from_numpy(role[s][ends.numpy()] == VAL)
                 if not sel.any():
                     continue
                 idx = ends[sel][:, None] - W + 1 + torch.arange(W)[None, :]
@@ -308,7 +312,7 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
     model.eval()
 
     const_t = torch.from_numpy(constant) if constant.any() else None
-    spec, cal_scores = _calibrate(model, usable, filled, train_end, val_end, W, hop, F, params.score_aggregate,
+    spec, cal_scores = _calibrate(model, usable, filled, role, W, hop, F, params.score_aggregate,
                                   params.error_scale, params.covariance, const_t, params.smooth_halflife)
     levels = CALIBRATION_LEVELS
     values = np.quantile(cal_scores, levels).tolist() if len(cal_scores) else [1.0] * len(levels)
@@ -352,8 +356,8 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
 
 
 def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
-               filled: dict[str, tuple[np.ndarray, np.ndarray]], train_end: dict[str, int],
-               val_end: dict[str, int], W: int, hop: int, F: int, aggregate: str, error_scale: str,
+               filled: dict[str, tuple[np.ndarray, np.ndarray]], role: dict[str, np.ndarray],
+               W: int, hop: int, F: int, aggregate: str, error_scale: str,
                covariance: str = "diagonal", constant: torch.Tensor | None = None,
                smooth_halflife: float = 0.0) -> tuple[ScoreSpec, np.ndarray]:
     """Error statistics from the validation part (see ERROR_SCALES), then window scores on the rows after it.
@@ -376,7 +380,7 @@ def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
             idx = ends[:, None] - W + 1 + torch.arange(W)[None, :]
             runs.append((s, ends, x[idx], recon, m[idx]))
         for s, ends, xw, recon, mw in runs:
-            sel = (ends >= train_end[s]) & (ends < val_end[s])
+            sel = torch.from_numpy(role[s][ends.numpy()] == VAL)
             e = (xw[sel] - recon[sel])[:, -hop:]
             errs.append(torch.where(mw[sel][:, -hop:], e, torch.nan).reshape(-1, F))
         e_all = torch.cat(errs).numpy() if errs else np.zeros((0, F), np.float32)
@@ -395,13 +399,13 @@ def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
             precision = torch.tensor(precision_matrix(z), dtype=torch.float32)
         spec = ScoreSpec(torch.tensor(err_mean, dtype=torch.float32), torch.tensor(err_std, dtype=torch.float32),
                          aggregate, precision, constant, 0.0)
-        first = train_end if error_scale == "input" else val_end
+        scored_roles = (VAL, CAL) if error_scale == "input" else (CAL,)
         scored = [(s, ends, *score_windows(xw, recon, mw, spec, hop)) for s, ends, xw, recon, mw in runs]
         decay = smooth_decay(hop, smooth_halflife)
         smoothed = [_ewma(zmean.numpy(), decay) for *_, zmean in scored] if decay > 0 else []
         if smoothed:
             val = [(s, ends, score) for s, ends, score, *_ in scored]
-            in_val = [(ends >= train_end[s]) & (ends < val_end[s]) for s, ends, _ in val]
+            in_val = [torch.from_numpy(role[s][ends.numpy()] == VAL) for s, ends, _ in val]
             ew_val = np.concatenate([e[v.numpy()] for e, v in zip(smoothed, in_val, strict=True)])
             if len(ew_val) >= 2:
                 sd = np.maximum(np.std(ew_val, axis=0), 1e-3)
@@ -411,13 +415,49 @@ def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
                 spec = replace(spec, smooth_decay=decay, smooth_std=torch.tensor(sd, dtype=torch.float32),
                                smooth_weight=weight)
         for i, (s, ends, score, *_) in enumerate(scored):
-            sel = (ends >= first[s]).numpy()
+            sel = np.isin(role[s][ends.numpy()], scored_roles)
             if sel.any():
                 sc = score.numpy()
                 if spec.smooth_std is not None:
                     sc = np.maximum(sc, ((smoothed[i] / spec.smooth_std.numpy()) ** 2).max(axis=1) * spec.smooth_weight)
                 cal.append(sc[sel])
     return spec, (np.concatenate(cal) if cal else np.zeros(0))
+
+
+def holdout_roles(n: int, params: TrainParams, chunk_len: int) -> np.ndarray:
+    """Each of a stream's n training rows as TRAIN, VAL or CAL: `params.holdout_blocks` cycles through the span.
+
+    Each cycle is trained on for its first 1 - val_fraction - cal_fraction, then held back for validation
+    (early stopping, error statistics), then for calibration (window scores). Spread over the whole span, the
+    held-back rows see what the trained-on rows see (a warm-up at the start, a drift through the run), so
+    the calibrated levels fit the whole training period, not only its end. Fewer cycles are used where a
+    cycle's trained part would be shorter than one training chunk; one cycle is the plain split in time.
+
+    >>> p = TrainParams(holdout_blocks=2, val_fraction=0.2, cal_fraction=0.2)
+    >>> "".join("tvc"[r] for r in holdout_roles(20, p, chunk_len=4))
+    'ttttttvvccttttttvvcc'
+    """
+    train_share = 1.0 - params.val_fraction - params.cal_fraction
+    cycles = max(1, min(params.holdout_blocks, int(n * train_share // max(chunk_len, 1))))
+    edges = np.linspace(0, n, cycles + 1)
+    role = np.full(n, TRAIN, np.int8)
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        t = int(round(a + (b - a) * train_share))
+        v = int(round(a + (b - a) * (1.0 - params.cal_fraction)))
+        role[t:v], role[v:int(round(b))] = VAL, CAL
+    return role
+
+
+def _chunk_starts(train: np.ndarray, chunk_len: int, hop: int) -> list[tuple[int, int]]:
+    """(start, end of its run) of every training chunk inside the runs of trained-on rows, every `hop` rows; a
+    stream whose runs are all shorter than a chunk gives its longest run once (the chunk is padded)."""
+    edges = np.flatnonzero(np.diff(np.r_[0, train.astype(np.int8), 0]))
+    runs = list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+    out = [(st, b) for a, b in runs for st in range(a, b - chunk_len + 1, hop)]
+    if not out and runs:
+        a, b = max(runs, key=lambda r: r[1] - r[0])
+        out = [(a, b)]
+    return out
 
 
 def _ewma(zmean: np.ndarray, decay: float) -> np.ndarray:

@@ -157,3 +157,55 @@ def test_training_names_constant_features_floors_error_spreads_and_records_the_s
     assert min(m.error_std) >= ERROR_STD_FLOOR
     assert np.shape(m.error_precision) == (3, 3) and m.covariance == "full"
     assert m.smooth_halflife == 16.0 and len(m.smooth_std) == 3 and m.smooth_weight > 0
+
+
+def test_held_out_rows_cycle_through_the_whole_span_and_no_training_chunk_touches_them() -> None:
+    from detector.train import CAL, TRAIN, VAL, _chunk_starts, holdout_roles
+
+    one = holdout_roles(100, TrainParams(holdout_blocks=1), chunk_len=10)
+    assert (one[:70] == TRAIN).all() and (one[70:85] == VAL).all() and (one[85:] == CAL).all(), "the plain split"
+    four = holdout_roles(400, TrainParams(holdout_blocks=4), chunk_len=20)
+    for a in range(0, 400, 100):  # each quarter: 70 trained on, 15 validation, 15 calibration
+        assert np.bincount(four[a:a + 100], minlength=3).tolist() == [70, 15, 15]
+    assert len(np.unique(holdout_roles(100, TrainParams(holdout_blocks=4), chunk_len=30))) == 3
+    few = holdout_roles(100, TrainParams(holdout_blocks=4), chunk_len=30)  # 70 trained rows hold two chunks
+    assert (np.diff(np.flatnonzero(few == CAL)) > 1).sum() == 1, "two cycles, not four"
+    starts = _chunk_starts(four == TRAIN, 20, 5)
+    assert starts and all((four[st:st + 20] == TRAIN).all() for st, _ in starts)
+    assert {st // 100 for st, _ in starts} == {0, 1, 2, 3}, "chunks come from every cycle"
+    short = np.array([TRAIN] * 6 + [VAL] * 3 + [TRAIN] * 8 + [CAL] * 3)
+    assert _chunk_starts(short == TRAIN, 20, 4) == [(9, 17)], "no full chunk: the longest run, padded"
+
+
+def test_a_normal_stretch_after_a_fault_clears() -> None:
+    from detector.config import Config
+    from detector.datasets import LabelledFile
+    from detector.evaluate import EVAL_PARAMS, run_file
+
+    n, start, end = 1600, 900, 1100
+    values = sine_values(n, seed=5)
+    values[start:end, 2] += 1.0  # pressure (spread 0.35, noise 0.05) jumps by a lasting offset, then comes back
+    labels = np.zeros(n, bool)
+    labels[start:end] = True
+    f = LabelledFile("sine", T0 + 60.0 * np.arange(n), values, ["temp", "vibration", "pressure"], labels,
+                     [(start, end - 1)], 600, "first 600 rows")
+    params = dataclasses.replace(EVAL_PARAMS, epochs=8, steps_per_epoch=20)
+    res = run_file(f, Config(), params)
+    assert res.pred[start:end].mean() > 0.5, "the fault is caught"
+    # the fault leaves the window after `window` rows, the LSTM state settles, then `clear_after` windows pass
+    after = end + 6 * params.window
+    assert not res.pred[after:].any(), "and the same normal operation after it is not flagged"
+    assert not res.pred[params.window:start].any(), "nor before it"
+
+
+def test_a_model_alerts_on_few_of_its_own_training_rows() -> None:
+    """SKAB valve1/0.csv: calibrated on its last 15 % only, 148 of its 400 training rows lay inside an alert;
+    with the held-back rows spread over the span (`holdout_blocks` 4, not the default: docs/evaluation.md), none."""
+    from detector.config import Config
+    from detector.datasets import load_skab
+    from detector.evaluate import EVAL_PARAMS, run_file
+    from tests.helpers import SKAB_DATA
+
+    f = next(x for x in load_skab(SKAB_DATA / "valve1") if x.name == "valve1/0.csv")
+    res = run_file(f, Config(), dataclasses.replace(EVAL_PARAMS, holdout_blocks=4))
+    assert res.pred[: f.train_rows].mean() <= 0.05, "at most 5 % of the rows it learnt from are in an alert"

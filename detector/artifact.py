@@ -60,6 +60,18 @@ class Manifest:
     smooth_halflife: float = 0.0
     smooth_std: list[float] = field(default_factory=list)
     smooth_weight: float = 1.0
+    # the cross-sensor relation score (detector.relations): each training stream's per-feature mean and spread
+    # (streams x F), the fitted predictions (F x F linear and square terms, F biases), the residuals' spread,
+    # which sensors are scored, and the weight (0: off)
+    relation_streams: list[str] = field(default_factory=list)
+    relation_mean: list[list[float]] = field(default_factory=list)
+    relation_std: list[list[float]] = field(default_factory=list)
+    relation_lin: list[list[float]] = field(default_factory=list)
+    relation_quad: list[list[float]] = field(default_factory=list)
+    relation_bias: list[float] = field(default_factory=list)
+    relation_resid_std: list[float] = field(default_factory=list)
+    relation_use: list[bool] = field(default_factory=list)
+    relation_weight: float = 0.0
 
     def quantile(self, q: float) -> float:
         """The calibrated window score at quantile q (interpolated between the stored levels)."""
@@ -119,6 +131,14 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
         raise ModelError(f"{mpath}: error_precision must be a {F} x {F} matrix with covariance full")
     if not set(manifest.constant_features) <= set(manifest.features):
         raise ModelError(f"{mpath}: constant_features names features the model does not have")
+    if manifest.relation_weight > 0 and (
+            np.shape(manifest.relation_lin) != (F, F) or np.shape(manifest.relation_quad) != (F, F)
+            or np.shape(manifest.relation_bias) != (F,) or np.shape(manifest.relation_resid_std) != (F,)
+            or np.shape(manifest.relation_use) != (F,)
+            or np.shape(manifest.relation_mean) != (len(manifest.relation_streams), F)
+            or np.shape(manifest.relation_std) != (len(manifest.relation_streams), F)):
+        raise ModelError(f"{mpath}: the relation_* fields must hold {F} x {F} predictions, {F} biases, spreads and "
+                         f"flags, and a mean and spread of {F} features for each of relation_streams")
     if manifest.score_aggregate not in AGGREGATES:
         raise ModelError(f"{mpath}: score_aggregate {manifest.score_aggregate!r} is not one of {', '.join(AGGREGATES)}")
     model = LSTMAutoencoder(len(manifest.features), manifest.hidden_size, manifest.num_layers, manifest.window)

@@ -68,7 +68,8 @@ def _train(args: argparse.Namespace) -> int:
                          epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed,
                          score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale,
                          covariance=args.covariance, smooth_halflife=args.smooth_halflife,
-                         holdout_blocks=args.holdout_blocks, name=args.name or Path(args.out).name)
+                         holdout_blocks=args.holdout_blocks, relations=args.relations,
+                         name=args.name or Path(args.out).name)
     model, manifest = train_model(series, params, progress=not args.quiet)
     out = save_artifact(args.out, model, manifest)
     print(f"model written to {out}/ ({manifest.training['epochs_run']} epochs, best validation loss "
@@ -98,7 +99,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     params = replace(EVAL_PARAMS, window=args.window, hop=args.hop, hidden_size=args.hidden, epochs=args.epochs,
                      score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale,
                      covariance=args.covariance, smooth_halflife=args.smooth_halflife,
-                     holdout_blocks=args.holdout_blocks)
+                     holdout_blocks=args.holdout_blocks, relations=args.relations)
     logging.getLogger("detector.daemon").setLevel(logging.ERROR)  # alerts and rejects are in the report
     pretrain = None
     if args.train_protocol == "anomaly-free":
@@ -354,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--holdout-blocks", type=int, default=1,
                    help="cycles of trained-on, validation and calibration rows through each stream's span (1: the "
                    "last 30%% held back; more, e.g. 4: held-back rows spread over the whole period)")
+    t.add_argument("--relations", action=argparse.BooleanOptionalAction, default=True,
+                   help="a cross-sensor relation score beside the model's: each sensor predicted from the others "
+                   "on its stream's own scale (streams in the training data only; needs two or more features; "
+                   "on by default, --no-relations turns it off)")
     t.add_argument("--name", help="model name carried in alerts (default: the --out folder's name)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
@@ -392,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="see `train --covariance`")
     e.add_argument("--smooth-halflife", type=float, default=0.0, help="see `train --smooth-halflife`")
     e.add_argument("--holdout-blocks", type=int, default=1, help="see `train --holdout-blocks`")
+    e.add_argument("--relations", action=argparse.BooleanOptionalAction, default=True,
+                   help="see `train --relations`")
     e.add_argument("--corrupt", type=float, default=0.0, help="denoising: share of training chunks given a "
                    "synthetic fault (see `train --corrupt`)")
     e.add_argument("--no-baselines", action="store_true", help="skip river HalfSpaceTrees and PCA")

@@ -24,6 +24,7 @@ from detector.artifact import Artifact, Manifest
 from detector.decode import Readings
 from detector.errors import ModelError
 from detector.model import LSTMAutoencoder
+from detector.relations import Relations, relation_scores
 from detector.rows import step as next_capacity
 from detector.score import ScoreSpec, score_windows, smooth_decay, smooth_score, smooth_update
 
@@ -173,6 +174,10 @@ class Engine:
             self.spec = score_spec(m, self.device)
             # the model sees a feature that was constant in training at that value (it never learnt its variation)
             self._model_sees = ~self.spec.constant if self.spec.constant is not None else None
+            # each training stream's own scale, in the model's standardised units (the relation score's input)
+            self._rel_index = pd.Index(m.relation_streams if self.spec.relations is not None else [], dtype=object)
+            self._rel_shift = (as_t(m.relation_mean).reshape(-1, len(m.features)) - self._mean) / self._std
+            self._rel_scale = as_t(m.relation_std).reshape(-1, len(m.features)) / self._std
         self.streams: list[str] = []
         self._index = pd.Index([], dtype=object)
         self.capacity = 0
@@ -186,6 +191,10 @@ class Engine:
     """Every per-stream table: dtype and the value of a fresh row. h and c hold the layer first, then the row."""
     _ADDED = ("ewma",)
     """Tables added after the first checkpoint format: a checkpoint without one restores it fresh."""
+    _FROM_MODEL = {"rel_shift": (torch.float32, 0.0), "rel_scale": (torch.float32, 1.0),
+                   "rel_known": (torch.bool, False)}
+    """Per-stream tables that come from the model, not from the stream's readings (never checkpointed): the
+    stream's own scale for the relation score, and whether the model knows the stream."""
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         """Each table's shape per stream (h and c: per layer)."""
@@ -196,8 +205,9 @@ class Engine:
     @torch.inference_mode()
     def _grow(self, capacity: int) -> None:
         old = self.capacity
-        for name, shape in self._shapes().items():
-            dtype, fill = self._TABLES[name]
+        F = self.n_features
+        for name, shape in {**self._shapes(), "rel_shift": (F,), "rel_scale": (F,), "rel_known": ()}.items():
+            dtype, fill = self._TABLES.get(name) or self._FROM_MODEL[name]
             layered = name in ("h", "c")
             t = torch.full((shape[0], capacity, *shape[1:]) if layered else (capacity, *shape), fill, dtype=dtype,
                            device=self.device)
@@ -219,7 +229,18 @@ class Engine:
             self._index = pd.Index(self.streams, dtype=object)
             if len(self.streams) > self.capacity:
                 self._grow(max(next_capacity(self.capacity), len(self.streams)))
+            if len(self._rel_index):
+                self._known_scales(rows_u[new], self._rel_index.get_indexer(names))
         return rows_u[codes].astype(np.int64)
+
+    @torch.inference_mode()
+    def _known_scales(self, rows: np.ndarray, at: np.ndarray) -> None:
+        """Give new rows the scale their stream had in training (at: its index there, -1: not in training)."""
+        hit = at >= 0
+        if hit.any():
+            r = torch.as_tensor(rows[hit], device=self.device)
+            i = torch.as_tensor(at[hit], device=self.device)
+            self.rel_shift[r], self.rel_scale[r], self.rel_known[r] = self._rel_shift[i], self._rel_scale[i], True
 
     @torch.inference_mode()
     def last_times(self) -> np.ndarray:
@@ -380,6 +401,9 @@ class Engine:
             recon = self._decode(out[gi, gj])
             scale = self.level[u[gi]] if self.adapt_rate else None
             score, per_feature, share, direction, zmean = score_windows(win, recon, wmask, self.spec, hop, scale)
+            if self.spec.relations is not None:
+                score, share, direction = self._relations(u[gi], win[:, -hop:], wmask[:, -hop:], score, share,
+                                                          direction)
             if self.spec.smooth_decay > 0:
                 score, share = self._smooth(u[gi], zmean, score, share)
             if self.adapt_rate:
@@ -427,6 +451,22 @@ class Engine:
         """The autocast context of the precision in use (a no-op for float32)."""
         return _mixed(self.device, self.precision)
 
+    def _relations(self, rows: torch.Tensor, x: torch.Tensor, present: torch.Tensor, score: torch.Tensor,
+                   share: torch.Tensor, direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The windows' scores, shares and directions with the relation score taking over wherever it is the
+        larger (only streams the model was trained on have a scale for it)."""
+        rel = self.spec.relations
+        assert rel is not None
+        u = (x - self.rel_shift[rows][:, None]) / self.rel_scale[rows][:, None]
+        raw, part, zmean = relation_scores(u, present, rel)
+        rscore = torch.where(self.rel_known[rows], raw * rel.weight, 0.0).to(score.dtype)
+        wins = rscore > score
+        if int(rel.use.sum()) >= 3:  # with two sensors a broken relation does not say which side moved: the
+            # model's own shares and directions stay (each sensor is as far off against the other)
+            share = torch.where(wins[:, None], part / part.sum(dim=1, keepdim=True).clamp(min=1e-12), share)
+            direction = torch.where(wins[:, None], torch.sign(zmean).to(direction.dtype), direction)
+        return torch.maximum(score, rscore), share, direction
+
     def _smooth(self, rows: torch.Tensor, zmean: torch.Tensor, score: torch.Tensor,
                 share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance each stream's smoothed error over its windows in order; return the windows' scores and shares
@@ -470,9 +510,13 @@ def score_spec(m: Manifest, device: torch.device | str = "cpu") -> ScoreSpec:
         const = torch.tensor([f in m.constant_features for f in m.features], dtype=torch.bool, device=device)
     precision = as_t(m.error_precision) if m.covariance == "full" else None
     smooth = m.smooth_halflife > 0 and len(m.smooth_std) == len(m.features)
+    rel = None
+    if m.relation_weight > 0:
+        rel = Relations(as_t(m.relation_lin), as_t(m.relation_quad), as_t(m.relation_bias), as_t(m.relation_resid_std),
+                        torch.tensor(m.relation_use, dtype=torch.bool, device=device), m.relation_weight)
     return ScoreSpec(as_t(m.error_mean), as_t(m.error_std), m.score_aggregate, precision, const, m.constant_z2,
                      smooth_decay(m.hop, m.smooth_halflife) if smooth else 0.0,
-                     as_t(m.smooth_std) if smooth else None, m.smooth_weight)
+                     as_t(m.smooth_std) if smooth else None, m.smooth_weight, rel)
 
 
 def _group_starts(r: torch.Tensor) -> torch.Tensor:

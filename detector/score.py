@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from detector.relations import Relations
+
 __all__ = ["score_windows", "smooth_decay", "smooth_update", "smooth_score", "ScoreSpec", "AGGREGATES", "COVARIANCES",
            "precision_matrix"]
 
@@ -33,7 +35,8 @@ class ScoreSpec:
     through training, scored by `constant_z2` at each reading where they change (None: no such feature).
     smooth_decay: per window, how much of a stream's smoothed error it keeps (0: no smoothed score; see
     `smooth_update`); smooth_std: (F,) the smoothed errors' spread in calibration; smooth_weight: what the
-    smoothed score is multiplied by before it competes with the window's own score.
+    smoothed score is multiplied by before it competes with the window's own score. relations: the cross-sensor
+    relation score beside the model's (None: off; detector.relations).
     """
 
     err_mean: torch.Tensor
@@ -45,6 +48,7 @@ class ScoreSpec:
     smooth_decay: float = 0.0
     smooth_std: torch.Tensor | None = None
     smooth_weight: float = 1.0
+    relations: Relations | None = None
 
     @staticmethod
     def diagonal(err_mean: torch.Tensor, err_std: torch.Tensor, aggregate: str = "max") -> ScoreSpec:

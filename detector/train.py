@@ -24,6 +24,7 @@ from detector import __version__
 from detector.artifact import Manifest
 from detector.errors import DataError
 from detector.model import LSTMAutoencoder
+from detector.relations import Relations, fit_relations, relation_scores, stream_scales
 from detector.score import COVARIANCES, ScoreSpec, precision_matrix, score_windows, smooth_decay
 from detector.sensors import longest_runs
 
@@ -70,6 +71,7 @@ class TrainParams:
     error_scale: str = "calibration"  # see ERROR_SCALES
     covariance: str = "diagonal"  # see score.COVARIANCES
     smooth_halflife: float = 0.0  # readings; > 0: a smoothed score beside the window's own (score.smooth_update)
+    relations: bool = True  # a cross-sensor relation score beside the model's (detector.relations); needs F >= 2
     val_fraction: float = 0.15
     cal_fraction: float = 0.15
     holdout_blocks: int = 1  # cycles of train, validation and calibration rows through the span (holdout_roles)
@@ -312,8 +314,15 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
     model.eval()
 
     const_t = torch.from_numpy(constant) if constant.any() else None
+    rel, scales = _fit_relations(usable, role, constant) if params.relations and F >= 2 else (None, {})
+    if rel is not None and not bool(rel.use.any()):  # every sensor constant: no relation to score
+        rel, scales = None, {}
+    # each stream's scale in the model's standardised units, where the calibration windows are
+    rel_scales = {s: (torch.from_numpy((m - mean) / std).float(), torch.from_numpy(sd / std).float())
+                  for s, (m, sd) in scales.items()}
     spec, cal_scores = _calibrate(model, usable, filled, role, W, hop, F, params.score_aggregate,
-                                  params.error_scale, params.covariance, const_t, params.smooth_halflife)
+                                  params.error_scale, params.covariance, const_t, params.smooth_halflife,
+                                  (rel, rel_scales) if rel is not None else None)
     levels = CALIBRATION_LEVELS
     values = np.quantile(cal_scores, levels).tolist() if len(cal_scores) else [1.0] * len(levels)
     manifest = Manifest(
@@ -333,6 +342,15 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
         smooth_halflife=params.smooth_halflife if spec.smooth_std is not None else 0.0,
         smooth_std=spec.smooth_std.tolist() if spec.smooth_std is not None else [],
         smooth_weight=spec.smooth_weight,
+        relation_streams=list(scales),
+        relation_mean=[m.tolist() for m, _ in scales.values()],
+        relation_std=[sd.tolist() for _, sd in scales.values()],
+        relation_lin=spec.relations.lin.tolist() if spec.relations is not None else [],
+        relation_quad=spec.relations.quad.tolist() if spec.relations is not None else [],
+        relation_bias=spec.relations.bias.tolist() if spec.relations is not None else [],
+        relation_resid_std=spec.relations.resid_std.tolist() if spec.relations is not None else [],
+        relation_use=spec.relations.use.tolist() if spec.relations is not None else [],
+        relation_weight=spec.relations.weight if spec.relations is not None else 0.0,
         calibration_levels=list(levels),
         calibration_scores=values,
         score_aggregate=params.score_aggregate,
@@ -359,7 +377,9 @@ def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
                filled: dict[str, tuple[np.ndarray, np.ndarray]], role: dict[str, np.ndarray],
                W: int, hop: int, F: int, aggregate: str, error_scale: str,
                covariance: str = "diagonal", constant: torch.Tensor | None = None,
-               smooth_halflife: float = 0.0) -> tuple[ScoreSpec, np.ndarray]:
+               smooth_halflife: float = 0.0,
+               relations: tuple[Relations, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
+               ) -> tuple[ScoreSpec, np.ndarray]:
     """Error statistics from the validation part (see ERROR_SCALES), then window scores on the rows after it.
 
     Under `input` no statistics are fitted, so the window scores come from the validation part as well: twice
@@ -368,7 +388,9 @@ def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
     its training spread (ERROR_STD_FLOOR): a sensor the model rebuilds almost exactly does not turn a last
     digit into a large score. With a smoothed score, each stream's smoothed errors run over all its windows
     in order, as in the engine; their spread and the weight that puts the smoothed score's 0.99 quantile on the
-    window score's come from the validation part, and the calibration scores are the larger of the two.
+    window score's come from the validation part, and the calibration scores are the larger of the two. With
+    `relations` (the fitted relations and each stream's scale), the relation score's weight comes from the
+    validation part the same way, and it competes for the calibration scores too.
     """
     errs, cal = [], []
     with torch.inference_mode():
@@ -414,14 +436,41 @@ def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
                 weight = float(np.quantile(point, 0.99) / max(np.quantile(raw, 0.99), 1e-9))
                 spec = replace(spec, smooth_decay=decay, smooth_std=torch.tensor(sd, dtype=torch.float32),
                                smooth_weight=weight)
+        rel_raw: list[np.ndarray] = []
+        if relations is not None:
+            rel, scale = relations
+            for s, _, xw, _, mw in runs:
+                a, b = scale[s]
+                rel_raw.append(relation_scores((xw[:, -hop:] - a) / b, mw[:, -hop:], rel)[0].numpy())
+            where = [role[s][ends.numpy()] == VAL for s, ends, *_ in runs]
+            point = np.concatenate([sc.numpy()[v] for (_, _, sc, *_), v in zip(scored, where, strict=True)])
+            raw = np.concatenate([r[v] for r, v in zip(rel_raw, where, strict=True)])
+            q = RELATION_MATCH
+            weight = float(np.quantile(point, q) / max(np.quantile(raw, q), 1e-9)) if len(raw) >= 2 else 1.0
+            spec = replace(spec, relations=replace(rel, weight=weight))
         for i, (s, ends, score, *_) in enumerate(scored):
             sel = np.isin(role[s][ends.numpy()], scored_roles)
             if sel.any():
                 sc = score.numpy()
                 if spec.smooth_std is not None:
                     sc = np.maximum(sc, ((smoothed[i] / spec.smooth_std.numpy()) ** 2).max(axis=1) * spec.smooth_weight)
+                if rel_raw and spec.relations is not None:
+                    sc = np.maximum(sc, rel_raw[i] * spec.relations.weight)
                 cal.append(sc[sel])
     return spec, (np.concatenate(cal) if cal else np.zeros(0))
+
+
+RELATION_MATCH = 0.999
+"""The validation quantile at which the relation score is put on the model's window score: the calibrated
+warning level's, so that both cross the warning level at the same rate on normal rows."""
+
+
+def _fit_relations(usable: list[tuple[str, np.ndarray]], role: dict[str, np.ndarray],
+                   constant: np.ndarray) -> tuple[Relations, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Each stream's scale over its trained-on rows, and the relations fitted on those rows on that scale."""
+    scales = {s: stream_scales(v[role[s] == TRAIN]) for s, v in usable}
+    u = np.concatenate([(v[role[s] == TRAIN] - scales[s][0]) / scales[s][1] for s, v in usable])
+    return fit_relations(u, constant), scales
 
 
 def holdout_roles(n: int, params: TrainParams, chunk_len: int) -> np.ndarray:

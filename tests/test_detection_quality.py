@@ -1,10 +1,15 @@
 """Detection quality regression: a shorter demo at a fixed seed must keep what it catches.
 
-The floors below come from the figures measured when they were set (2026-12-07, the defaults of that day):
-5 of 10 faults caught (stuck 2 of 2 as sensor faults; level shift, drift and noise burst 1 of 2 each; spikes 0
-of 2), no false alert. Later work may raise them, and must not fall below them without saying why. The
-model-caught floor is one under what was measured, so that another CPU's last-bit arithmetic cannot flip the
-test; deterministic otherwise (fixed seeds, one torch thread), and nothing here depends on the machine's speed.
+The floors below come from the figures measured on 2026-12-07. With the defaults of that morning (no
+cross-sensor relation score): 5 of 10 faults caught (stuck 2 of 2 as sensor faults; level shift, drift and
+noise burst 1 of 2 each; spikes 0 of 2), no false alert. With the relation score on by default (chosen by the
+rule in docs/evaluation.md on the full demo, SKAB valve1 and NAB: on the 50-pump demo it catches three more
+faults a run with no more false alerts) this small fleet, with less than a day to learn from, gives 4 of 10
+(stuck 2, drift 2) and one false alert: the floors were lowered to keep one fault and one false alert of
+margin under that, and docs/evaluation.md reports it as the cost of the default. Later work may raise them,
+and must not fall below them without saying why. The margin is there so that another CPU's last-bit
+arithmetic cannot flip the test; deterministic otherwise (fixed seeds, one torch thread), and nothing here
+depends on the machine's speed.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ FLEET = {"streams": 20, "readings": 2400, "normal": 1200, "seed": 7}
 PARAMS = TrainParams(name="quality", epochs=12, steps_per_epoch=40, seed=0)
 
 STUCK_CAUGHT = 2  # the sensor gate's, not the model's: exact
-MODEL_CAUGHT = 2  # drift, level shift, noise burst and spike together (measured: 3)
-MAX_FALSE_ALERTS = 1  # measured: 0
+MODEL_CAUGHT = 1  # drift, level shift, noise burst and spike together (measured: 2; 3 without relations)
+MAX_FALSE_ALERTS = 2  # measured: 1; 0 without relations
 
 
 def test_the_demo_keeps_catching_what_it_caught() -> None:

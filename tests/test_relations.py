@@ -1,0 +1,103 @@
+"""The cross-sensor relation score: hand-computed residuals, what training stores, and the engine's use of it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from detector.artifact import Artifact, load_artifact, save_artifact
+from detector.engine import Engine
+from detector.relations import Relations, fit_relations, relation_scores, relation_z, stream_scales
+from detector.train import Series, TrainParams, train_model
+from tests.helpers import readings
+
+T0 = 1_700_000_000.0
+
+
+def by_hand() -> Relations:
+    """Two sensors, each predicted as the other, residual spread 0.5."""
+    return Relations(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.zeros(2, 2), torch.zeros(2),
+                     torch.tensor([0.5, 0.5]), torch.tensor([True, True]))
+
+
+def test_relation_residuals_and_window_scores_by_hand() -> None:
+    u = torch.tensor([[[1.0, 1.0], [2.0, 1.0]]])  # the second reading breaks the relation
+    assert relation_z(u, by_hand()).tolist() == [[[0.0, 0.0], [2.0, -2.0]]]
+    raw, part, zmean = relation_scores(u, torch.ones(1, 2, 2, dtype=torch.bool), by_hand())
+    assert part.tolist() == [[2.0, 2.0]] and raw.tolist() == [2.0]  # mean z^2 over the readings, largest sensor
+    assert zmean.tolist() == [[1.0, -1.0]]  # sensor 0 reads high against the other, sensor 1 low
+    present = torch.tensor([[[True, True], [False, True]]])  # sensor 0 missing in the second reading
+    raw, part, _ = relation_scores(u, present, by_hand())
+    assert part.tolist() == [[0.0, 2.0]] and raw.tolist() == [2.0]
+    off = dataclasses.replace(by_hand(), use=torch.tensor([True, False]))
+    assert relation_scores(u, torch.ones(1, 2, 2, dtype=torch.bool), off)[1].tolist() == [[2.0, 0.0]]
+
+
+def test_fit_recovers_a_square_law_and_leaves_out_constant_and_single_sensors() -> None:
+    rng = np.random.default_rng(3)
+    speed = rng.uniform(0.5, 1.5, 3000)  # one sign: speed follows from its square too
+    u = np.stack([speed + 0.05 * rng.standard_normal(3000), 0.5 * speed**2 + 0.05 * rng.standard_normal(3000),
+                  np.zeros(3000)], axis=1)
+    u[::50, 1] = np.nan  # rows with a missing value are left out of the fit
+    rel = fit_relations(u, constant=np.array([False, False, True]))
+    assert rel.use.tolist() == [True, True, False]
+    assert float(rel.resid_std[1]) < 0.1
+    on_law = relation_z(torch.tensor([[1.2, 0.72, 0.0]]), rel)  # exactly on the square law: no residual to speak of
+    assert float(on_law[0, 1].abs()) < 1.0 and float(relation_z(torch.tensor([[1.2, 1.22, 0.0]]), rel)[0, 1]) > 4.0
+    assert float(rel.lin[0, 2]) == 0.0 and float(rel.quad[0, 2]) == 0.0, "a constant sensor predicts nothing"
+    assert not fit_relations(u[:, :1]).use.any(), "one sensor has no others to be predicted from"
+    mean, std = stream_scales(np.array([[1.0, 2.0], [3.0, 2.0]]))
+    assert mean.tolist() == [2.0, 2.0] and std.tolist() == [1.0, 0.002]
+
+
+def two_pumps(n: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """Two unlike machines (other speeds and flows) whose flow and pressure follow speed; (2, n, 3) speed, flow,
+    pressure."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    out = []
+    for nominal, flow in ((1500.0, 60.0), (3000.0, 200.0)):
+        speed = 0.8 + 0.15 * np.sin(2 * np.pi * t / 90) + 0.03 * np.sin(2 * np.pi * t / 23)
+        out.append(np.stack([nominal * speed + rng.normal(0, 2.0, n), flow * speed + rng.normal(0, 0.3, n),
+                             1.0 + 4.0 * speed**2 + rng.normal(0, 0.02, n)], axis=1))
+    return ["pump-a", "pump-b"], np.stack(out).astype(np.float32)
+
+
+def test_training_stores_each_streams_scale_and_the_engine_scores_a_lasting_broken_relation(tmp_path) -> None:
+    names, v = two_pumps(900, seed=1)
+    params = TrainParams(window=8, hop=4, hidden_size=8, epochs=2, steps_per_epoch=5, relations=True, seed=0)
+    model, m = train_model(Series(["speed", "flow", "pressure"], names, [v[0], v[1]]), params, progress=False)
+    assert m.relation_streams == names and np.shape(m.relation_mean) == (2, 3) and m.relation_weight > 0
+    assert abs(m.relation_mean[1][1] / m.relation_mean[0][1] - 200 / 60) < 0.05, "each stream on its own scale"
+    art = load_artifact(save_artifact(tmp_path / "m", model, m))  # the fields survive the round trip
+    assert art.manifest.relation_lin == m.relation_lin
+
+    _, test = two_pumps(600, seed=2)
+    test[1, 300:, 1] += 6.0  # pump-b's flow reads 20 noise spreads high from reading 300 on, and stays there
+    critical = m.quantile(0.9999)
+    plain = Artifact(model, dataclasses.replace(m, relation_weight=0.0), tmp_path)
+
+    def scores(art: Artifact, stream: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        w = Engine(art).score_batch(readings(stream, T0 + 60.0 * np.arange(600), test[1])).windows
+        return w.score, w.end_ts, w.share
+
+    s, end, share = scores(art, "pump-b")
+    late = end >= T0 + 60.0 * 400  # long after the jump: the autoencoder has had time to follow the new level
+    assert (s[late] > critical).all(), "the lasting shift keeps the relation score past critical"
+    assert (share[late].argmax(axis=1) == 1).all(), "and names the flow sensor (speed and pressure still agree)"
+    normal = s[(end > T0 + 60.0 * 40) & (end < T0 + 60.0 * 300)]
+    assert s[late].min() > 2 * normal.max(), "far above anything the normal rows before it give"
+    p, _, _ = scores(plain, "pump-b")
+    assert (s >= p - 1e-4).all()
+    stranger, _, _ = scores(art, "pump-z")  # not in training: no scale, so no relation score
+    assert np.allclose(stranger, p, rtol=1e-5)
+
+    first = Engine(art)  # a restore (rows_for, then import_rows) keeps the stream's scale: it is the model's
+    first.score_batch(readings("pump-b", T0 + 60.0 * np.arange(40), test[1][:40]))
+    again = Engine(art)
+    rows = again.rows_for(np.array(["pump-b"], dtype=object))
+    assert again.import_rows(rows, first.export_rows(np.array([0]))) == []
+    assert bool(again.rel_known[rows[0]]) and torch.equal(again.rel_scale[rows[0]], first.rel_scale[0])
+    assert "rel_scale" not in first.export_rows(np.array([0])), "never checkpointed"

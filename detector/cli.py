@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -70,8 +71,12 @@ def _train(args: argparse.Namespace) -> int:
                          covariance=args.covariance, smooth_halflife=args.smooth_halflife,
                          holdout_blocks=args.holdout_blocks, relations=args.relations,
                          name=args.name or Path(args.out).name)
-    model, manifest = train_model(series, params, progress=not args.quiet)
+    ckpt = Path(args.out) / "checkpoint"
+    if not args.resume and (ckpt / "state.json").is_file():
+        log.warning("%s holds a checkpoint of an earlier run; starting afresh (--resume goes on from it)", ckpt)
+    model, manifest = train_model(series, params, progress=not args.quiet, checkpoint=ckpt, resume=args.resume)
     out = save_artifact(args.out, model, manifest)
+    shutil.rmtree(ckpt, ignore_errors=True)  # the model is written: nothing left to resume
     print(f"model written to {out}/ ({manifest.training['epochs_run']} epochs, best validation loss "
           f"{manifest.training['best_val_loss']:.4f}, calibrated p99.9 score {manifest.quantile(0.999):.3f})")
     return 0
@@ -359,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a cross-sensor relation score beside the model's: each sensor predicted from the others "
                    "on its stream's own scale (streams in the training data only; needs two or more features; "
                    "on by default, --no-relations turns it off)")
+    t.add_argument("--resume", action="store_true",
+                   help="go on from the checkpoint a stopped run left in OUT/checkpoint/ (written after every "
+                   "epoch; same data and options required)")
     t.add_argument("--name", help="model name carried in alerts (default: the --out folder's name)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from detector.artifact import Manifest
 from detector.errors import DataError
 from detector.model import LSTMAutoencoder
 from detector.relations import Relations, fit_relations, relation_scores, stream_scales
+from detector.resume import TrainState, fingerprint, load_state, save_state
 from detector.score import COVARIANCES, ScoreSpec, precision_matrix, score_windows, smooth_decay
 from detector.sensors import longest_runs
 
@@ -190,10 +192,14 @@ def _continuous(model: LSTMAutoencoder, x: torch.Tensor, hop: int, window: int,
 
 
 def train_model(series: Series, params: TrainParams = TrainParams(), progress: bool = True,
-                init: LSTMAutoencoder | None = None) -> tuple[LSTMAutoencoder, Manifest]:
+                init: LSTMAutoencoder | None = None, checkpoint: str | Path | None = None,
+                resume: bool = False) -> tuple[LSTMAutoencoder, Manifest]:
     """Fit an LSTM autoencoder on normal series and calibrate its scores; return the model and manifest.
 
     `init`, a model of the same shape, gives the starting weights (a copy; `init` itself is not changed).
+    `checkpoint`: a folder where the run's state is written after every epoch (detector.resume); with
+    `resume`, training goes on from the state there instead of starting afresh. Progress: a bar in readings
+    per second with the time left on a terminal, one plain log line per epoch elsewhere (a log file).
     """
     t0 = time.monotonic()
     if not 0.0 <= params.corrupt <= 1.0:
@@ -289,9 +295,28 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
         return tot / max(cnt, 1.0)
 
     best, best_state, bad_epochs, history = math.inf, copy.deepcopy(model.state_dict()), 0, []
-    bar = tqdm(range(params.epochs), desc="train", unit="epoch", disable=not progress, leave=False)
+    per_step = params.batch_size * chunk_len  # readings the model is fed per step
+    run = {"params": asdict(params), "data": fingerprint(series.features, series.streams, series.values)}
+    first = 0
+    if checkpoint is not None and resume:
+        st = load_state(checkpoint, run)
+        model.load_state_dict(st.model)
+        opt.load_state_dict(st.optimizer)
+        best, best_state, bad_epochs, history, first = st.best, st.best_model, st.bad_epochs, st.history, st.epoch
+        rng.bit_generator.state = st.numpy_rng
+        if st.torch_rng is not None:
+            torch.set_rng_state(st.torch_rng)
+        log.info("resuming training from %s after epoch %d of %d", checkpoint, first, params.epochs)
+    live = progress and sys.stderr.isatty()
+    per_epoch = params.steps_per_epoch * per_step
+    bar = tqdm(total=params.epochs * per_epoch, initial=first * per_epoch, desc="train", unit="reading",
+               unit_scale=True, disable=not live, leave=False)
     model.train()
-    for epoch in bar:
+    fed_s = 0.0
+    for epoch in range(first, params.epochs):
+        if bad_epochs >= params.patience:  # a resumed run that had already stopped early
+            break
+        t_epoch = time.monotonic()
         running = 0.0
         for _ in range(params.steps_per_epoch):
             loss = loss_of(*batch())
@@ -300,15 +325,28 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             running += loss.item()
+            bar.update(per_step)
         val = validation()
-        history.append({"epoch": epoch, "train_loss": running / params.steps_per_epoch, "val_loss": val})
-        bar.set_postfix(train=f"{running / params.steps_per_epoch:.4f}", val=f"{val:.4f}")
+        took = time.monotonic() - t_epoch
+        fed_s += took
+        rate = per_epoch / max(took, 1e-9)
+        history.append({"epoch": epoch, "train_loss": running / params.steps_per_epoch, "val_loss": val,
+                        "readings_per_s": round(rate)})
+        bar.set_postfix(loss=f"{running / params.steps_per_epoch:.4f}", val=f"{val:.4f}")
         if val < best - 1e-5:
             best, best_state, bad_epochs = val, copy.deepcopy(model.state_dict()), 0
         else:
             bad_epochs += 1
-            if bad_epochs >= params.patience:
-                break
+        if progress and not live:
+            left = (params.epochs - epoch - 1) * took
+            log.info("train epoch %d/%d: loss %.4f, validation %.4f, %s readings/s, at most %s left%s", epoch + 1,
+                     params.epochs, running / params.steps_per_epoch, val, f"{rate:,.0f}", _duration(left),
+                     " (stopping early)" if bad_epochs >= params.patience else "")
+        if checkpoint is not None:
+            save_state(checkpoint, TrainState(epoch + 1, best, bad_epochs, history, model.state_dict(), best_state,
+                                              opt.state_dict(), rng.bit_generator.state, torch.get_rng_state(), run))
+        if bad_epochs >= params.patience:
+            break
     bar.close()
     model.load_state_dict(best_state)
     model.eval()
@@ -365,6 +403,9 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
             "history": history,
             "calibration_windows": int(len(cal_scores)),
             "seconds": round(time.monotonic() - t0, 1),
+            # readings fed to the model per second of training steps and validation, this run's epochs
+            "readings_per_s": round(per_epoch * (len(history) - first) / fed_s) if fed_s > 0 else None,
+            "resumed_after_epoch": first,
             "params": params.__dict__,
             "torch": torch.__version__,
             "detector_version": __version__,
@@ -471,6 +512,15 @@ def _fit_relations(usable: list[tuple[str, np.ndarray]], role: dict[str, np.ndar
     scales = {s: stream_scales(v[role[s] == TRAIN]) for s, v in usable}
     u = np.concatenate([(v[role[s] == TRAIN] - scales[s][0]) / scales[s][1] for s, v in usable])
     return fit_relations(u, constant), scales
+
+
+def _duration(seconds: float) -> str:
+    """A plain duration: 45 s, 12 min, 2.5 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def holdout_roles(n: int, params: TrainParams, chunk_len: int) -> np.ndarray:

@@ -104,6 +104,30 @@ def test_summary_has_every_key_issue_6_names(tmp_path: Path, monkeypatch) -> Non
     (tmp_path / "gpu.json").write_text(json.dumps({**m, "results": gpu}))
     out = summary.summary()
     assert (out["engine_speedup_1k_streams"], out["gpu_readings_per_s_1m_streams"]) == (40.0, 6e7)
+    # issue 21's keys: null until measured; training's CPU figure from train.json
+    assert [out[k] for k in ("node_readings_per_s_gpu", "node_ratio_vs_bare_cpu", "train_readings_per_s_cpu",
+                             "train_readings_per_s_gpu")] == [None, None, None, None]
+    (tmp_path / "train.json").write_text(json.dumps({**m, "results": [{"device": "cpu", "readings_per_s": 123}]}))
+    assert summary.summary()["train_readings_per_s_cpu"] == 123
+
+
+def test_train_bench_writes_its_section(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\nbefore\n<!-- bench:train:begin -->\nSTALE\n<!-- bench:train:end -->\nafter\n")
+    saved = ROOT / "bench" / "results" / "train.json"
+    kept = saved.read_bytes() if saved.exists() else None
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--epochs", "1", "--streams", "3",
+                               "--readings", "300", "--out", str(out)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        text = out.read_text()
+        assert "STALE" not in text and "| cpu |" in text and text.endswith("after\n")
+        assert json.loads(saved.read_text())["results"][0]["readings_per_s"] > 0
+    finally:  # the smoke run must not replace the measured figures
+        if kept is None:
+            saved.unlink(missing_ok=True)
+        else:
+            saved.write_bytes(kept)
 
 
 def test_checkpoints_bench_reads_the_daemons_metrics() -> None:

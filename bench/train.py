@@ -6,8 +6,9 @@ Trains the demo's model (8 sensors, window 32, hop 8, hidden 48, batch 64, 60 st
 chunks) on the demo fleet's normal period (50 pumps x 1,800 readings), with early stopping off, for a few
 epochs on the CPU (training has no GPU path yet), and reports each epoch's rate: readings fed to the model
 per second of training steps and validation (batch x chunk length x steps / epoch time), the figure
-`detector train` logs per epoch. The median epoch is the result. Results go to bench/results/train.json and, with --out, to the training section
-of the markdown file; bench/summary.py takes train_readings_per_s_cpu from it.
+`detector train` logs per epoch. The median epoch is the result. Results go to bench/results/train.json
+and, with --out, to the training section of the markdown file; bench/summary.py takes
+train_readings_per_s_cpu from it.
 """
 
 from __future__ import annotations

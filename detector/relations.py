@@ -129,10 +129,14 @@ def relation_scores(u: torch.Tensor, present: torch.Tensor,
     """Raw window scores (K,) (before `rel.weight`), per-sensor mean z^2 (K, F) and mean z (K, F: its sign is the
     direction) of windows' newest readings.
 
-    u: (K, n, F) standardised readings (missing ones held at the last value), present: (K, n, F) bool.
+    u: (K, n, F) standardised readings (missing ones held at the last value), present: (K, n, F) bool; only
+    readings with every scored sensor present count.
     """
     z = relation_z(u, rel)
-    m = present & rel.use
+    # a reading with a sensor missing (a gap, or a stuck value the sensor gate masked) has no whole relation to
+    # check: the held value would break the others' predictions, so none of its residuals count
+    whole = (present | ~rel.use).all(dim=-1, keepdim=True)
+    m = present & rel.use & whole
     n = m.sum(dim=1).clamp(min=1)
     part = (z * z * m).sum(dim=1) / n
     return part.max(dim=1).values, part, (z * m).sum(dim=1) / n

@@ -28,9 +28,9 @@ def test_relation_residuals_and_window_scores_by_hand() -> None:
     raw, part, zmean = relation_scores(u, torch.ones(1, 2, 2, dtype=torch.bool), by_hand())
     assert part.tolist() == [[2.0, 2.0]] and raw.tolist() == [2.0]  # mean z^2 over the readings, largest sensor
     assert zmean.tolist() == [[1.0, -1.0]]  # sensor 0 reads high against the other, sensor 1 low
-    present = torch.tensor([[[True, True], [False, True]]])  # sensor 0 missing in the second reading
-    raw, part, _ = relation_scores(u, present, by_hand())
-    assert part.tolist() == [[0.0, 2.0]] and raw.tolist() == [2.0]
+    present = torch.tensor([[[True, True], [False, True]]])  # sensor 0 missing in the second reading:
+    raw, part, _ = relation_scores(u, present, by_hand())  # no whole relation there, so nothing of it counts
+    assert part.tolist() == [[0.0, 0.0]] and raw.tolist() == [0.0]
     off = dataclasses.replace(by_hand(), use=torch.tensor([True, False]))
     assert relation_scores(u, torch.ones(1, 2, 2, dtype=torch.bool), off)[1].tolist() == [[2.0, 0.0]]
 

@@ -12,11 +12,14 @@ The prediction of sensor i is linear in the other sensors and their squares (aff
 with speed squared), fitted by ridge regression over every training stream's standardised readings; the
 residual is divided by its spread in training, so normal readings give z about N(0, 1). A window's relation
 score is the largest, over sensors, mean z^2 over the window's newest `hop` readings, times a weight that
-puts its 0.99 calibration quantile on the model's window score (so neither score dominates by its unit).
+puts its 0.999 quantile on the validation rows on the model's window score's (train.RELATION_MATCH), so
+that both cross the calibrated warning level about as often on normal rows. A reading with a sensor missing
+adds nothing (the held value would break the others' predictions).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,11 +53,6 @@ class Relations:
     use: torch.Tensor
     weight: float = 1.0
 
-    def to(self, device: torch.device | str) -> Relations:
-        """The same relations with their tensors on `device`."""
-        return Relations(self.lin.to(device), self.quad.to(device), self.bias.to(device),
-                         self.resid_std.to(device), self.use.to(device), self.weight)
-
 
 def stream_scales(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One stream's per-feature mean and spread over its rows (N, F), NaN where missing; floored spreads.
@@ -63,13 +61,10 @@ def stream_scales(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     >>> m.tolist(), s.tolist()
     ([2.0, 5.0], [1.0, 0.005])
     """
-    with np.errstate(invalid="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a feature with no value in this stream
-            mean = np.nanmean(values, axis=0)
-            std = np.nanstd(values, axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a feature with no value in this stream
+        mean = np.nanmean(values, axis=0)
+        std = np.nanstd(values, axis=0)
     mean = np.nan_to_num(mean)
     std = np.nan_to_num(std)
     return mean, np.maximum(std, np.maximum(1e-3 * np.abs(mean), 1e-6))

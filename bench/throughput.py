@@ -1,7 +1,7 @@
 """Scoring throughput: the batched engine against the same model run stream by stream, side by side.
 
     python bench/throughput.py [--streams 1000 10000 100000] [--window 64 --hop 16] [--device auto]
-                               [--precision float32 bfloat16] [--out docs/benchmarks.md]
+                               [--precision float32 bfloat16] [--relations off on] [--out docs/benchmarks.md]
 
 For each fleet size S it builds a model of issue 6's shape (8 features, window 64, hop 16, hidden 48,
 untrained: speed does not depend on the weights), warms every stream up to a full window, then times:
@@ -18,11 +18,12 @@ Rates are readings per second, best of three repetitions; the ratio batched / st
 the same run. With several --precision values (model.precision: float32, bfloat16, float16 on CUDA, auto) each
 fleet size is timed in each, one after the other in the same run; a precision the device cannot run (the
 engine's test pass of the model fails: bfloat16 on a CPU without bfloat16 LSTM, float16 off CUDA) is not timed,
-and the output says so and why. Large fleets time fewer batches (about 2 million
-readings per repetition at most), and the pipeline is timed only up to --pipeline-max streams (its JSON records
-of a 100,000-stream batch alone take gigabytes). Results go to bench/results/throughput.json
-(throughput_cuda.json with --device cuda: bench/gpu.py writes gpu.json); with --out the table replaces the
-section between the markers in that file.
+and the output says so and why. With --relations off on, each is timed without and with the cross-sensor
+relation score (detector.relations; on in models `detector train` makes by default). Large fleets time
+fewer batches (about 2 million readings per repetition at most), and the pipeline is timed only up to
+--pipeline-max streams (its JSON records of a 100,000-stream batch alone take gigabytes). Results go to
+bench/results/throughput.json (throughput_cuda.json with --device cuda: bench/gpu.py writes gpu.json); with
+--out the table replaces the section between the markers in that file.
 """
 
 from __future__ import annotations
@@ -59,14 +60,23 @@ FEATURES = [f"f{i}" for i in range(F)]
 BEGIN, END = "<!-- bench:throughput:begin -->", "<!-- bench:throughput:end -->"
 
 
-def artifact() -> Artifact:
-    """An untrained model of the demo's shape with a complete manifest."""
+def artifact(relation_streams: int = 0) -> Artifact:
+    """An untrained model of the demo's shape with a complete manifest; with `relation_streams`, a relation
+    score (detector.relations, on by default in `detector train`) for streams m0, m1, ... of that many."""
     torch.manual_seed(0)
     n = len(CALIBRATION_LEVELS)
+    rel: dict = {}
+    if relation_streams:
+        lin = np.full((F, F), 0.1) - 0.1 * np.eye(F)  # any fit costs the same: each sensor from the other seven
+        rel = {"relation_streams": [f"m{s}" for s in range(relation_streams)],
+               "relation_mean": [[0.0] * F] * relation_streams, "relation_std": [[1.0] * F] * relation_streams,
+               "relation_lin": lin.tolist(), "relation_quad": (lin / 10).tolist(), "relation_bias": [0.0] * F,
+               "relation_resid_std": [1.0] * F, "relation_use": [True] * F, "relation_weight": 1.0}
     manifest = Manifest(features=FEATURES, scaler_mean=[0.0] * F, scaler_std=[1.0] * F, window=WINDOW, hop=HOP,
                         hidden_size=HIDDEN, num_layers=1, error_mean=[0.0] * F, error_std=[1.0] * F,
                         calibration_levels=list(CALIBRATION_LEVELS),
-                        calibration_scores=list(np.linspace(0.5, 50.0, n)), name="bench", model_version="bench-1")
+                        calibration_scores=list(np.linspace(0.5, 50.0, n)), name="bench", model_version="bench-1",
+                        **rel)
     return Artifact(LSTMAutoencoder(F, HIDDEN, 1, WINDOW).eval(), manifest, Path("."))
 
 
@@ -132,9 +142,9 @@ def take(r: Readings, idx: np.ndarray) -> Readings:
 
 
 def bench(streams: int, n_batches: int, device: torch.device, with_pipeline: bool = True,
-          precision: str = "float32", form: str = "single") -> dict[str, float | None]:
+          precision: str = "float32", form: str = "single", relations: bool = False) -> dict[str, float | None]:
     """The three rates for one fleet size in one model precision (pipeline None when left out)."""
-    art = artifact()
+    art = artifact(streams if relations else 0)
     warm = batches(streams, WINDOW // HOP)
     data = batches(streams, n_batches, start=1.7e9 + 60.0 * WINDOW)
     total = n_batches * streams * HOP
@@ -208,6 +218,8 @@ def main() -> int:
     ap.add_argument("--precision", nargs="+", default=["float32"], choices=[*PRECISIONS, "auto"],
                     help="model.precision values to time, side by side (float16 needs CUDA; one the device "
                          "cannot run is left out, with why)")
+    ap.add_argument("--relations", nargs="+", default=["off"], choices=["off", "on"],
+                    help="time the model without and/or with the cross-sensor relation score, side by side")
     ap.add_argument("--out", help="markdown file whose throughput section is replaced by the results")
     ap.add_argument("--results", help="JSON file for the results (default bench/results/throughput.json, or "
                                       "throughput_cuda.json on CUDA)")
@@ -220,15 +232,17 @@ def main() -> int:
     precisions, skipped = runnable(args.precision, device)
     for s in args.streams:
         n = max(2, min(args.batches, 2_000_000 // (s * HOP)))
-        for precision in precisions:
-            r = bench(s, n, device, with_pipeline=s <= args.pipeline_max, precision=precision, form=args.form)
-            results.append({"streams": s, "precision": precision, "batches": n,
+        for precision, rel in ((p, r) for p in precisions for r in args.relations):
+            r = bench(s, n, device, with_pipeline=s <= args.pipeline_max, precision=precision, form=args.form,
+                      relations=rel == "on")
+            results.append({"streams": s, "precision": precision, "relations": rel, "batches": n,
                             "engine_batched_readings_per_s": round(r["batched"]),
                             "engine_single_readings_per_s": round(r["single"]),
                             "speedup": round(r["batched"] / r["single"], 1),
                             "pipeline_readings_per_s": None if r["pipeline"] is None else round(r["pipeline"])})
             pipe = "not timed" if r["pipeline"] is None else f"{r['pipeline']:,.0f}"
-            rows.append(f"| {s:,} | {precision} | {r['batched']:,.0f} | {r['single']:,.0f} | "
+            rows.append(f"| {s:,} | {precision}{', relations' if rel == 'on' else ''} | {r['batched']:,.0f} | "
+                        f"{r['single']:,.0f} | "
                         f"{r['batched'] / r['single']:.0f}x | {pipe} |")
             print(rows[-1], flush=True)
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, device {device}"
@@ -238,7 +252,8 @@ def main() -> int:
         BEGIN,
         f"Machine: {machine}; {datetime.now(UTC):%Y-%m-%d}. Command: `python bench/throughput.py --streams "
         f"{' '.join(map(str, args.streams))} --window {WINDOW} --hop {HOP} --device {args.device} --precision "
-        f"{' '.join(args.precision)}" + (f" --form {args.form}" if args.form != "single" else "") + "`. Readings per "
+        f"{' '.join(args.precision)}" + (f" --form {args.form}" if args.form != "single" else "")
+        + (f" --relations {' '.join(args.relations)}" if args.relations != ["off"] else "") + "`. Readings per "
         f"second, best of three; untrained model of 8 features, window {WINDOW}, hop {HOP}, hidden {HIDDEN}; each "
         f"poll batch holds {HOP} readings of every stream"
         + (", in one message per stream (columnar form) for the pipeline." if args.form == "columns" else "."),

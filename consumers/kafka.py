@@ -528,8 +528,16 @@ def _compacted_topic(admin: KafkaAdminClient, topic: str, partitions: int, repli
         found = _describe(admin, topic, CREATED_TOPIC_WAIT_S)
     if found is None:
         return None, ""
-    configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, None)], config_filter="all")
-    return found, configs.get("topic", {}).get(topic, {}).get("cleanup.policy", {}).get("value", "")
+    # a broker that has not yet heard of a topic just created describes no cleanup.policy: ask again, as long
+    # as a new topic's metadata may take to spread (an existing topic's policy, right or wrong, comes at once)
+    deadline = time.monotonic() + CREATED_TOPIC_WAIT_S
+    while True:
+        configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, None)],
+                                         config_filter="all")
+        policy = configs.get("topic", {}).get(topic, {}).get("cleanup.policy", {}).get("value", "")
+        if policy or time.monotonic() >= deadline:
+            return found, policy
+        time.sleep(0.2)
 
 
 class StateTopicError(Exception):

@@ -1,4 +1,5 @@
-"""Describing a topic the daemon just created, as pure logic (the real-Kafka set-up is in the Kafka tests)."""
+"""Describing a topic the daemon just created, and its cleanup policy, as pure logic (the real-Kafka set-up is in
+the Kafka tests)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import pytest
 
 import consumers.kafka
-from consumers.kafka import _describe
+from consumers.kafka import _compacted_topic, _describe
 
 
 class FakeAdmin:
@@ -50,3 +51,32 @@ def test_a_topic_that_does_not_exist_is_none_at_once_or_after_the_wait(monkeypat
     assert _describe(admin, "t-state") is None and admin.calls == 1 and clock.now == 0  # type: ignore[arg-type]
     assert _describe(admin, "t-state", wait_s=0.3) is None  # type: ignore[arg-type]
     assert admin.calls > 2 and clock.now >= 0.3, "asked again until the wait was over"
+
+
+class FakeConfigs(FakeAdmin):
+    """The topic exists; describe_configs has no cleanup.policy for it `blank` times (a broker that has not heard
+    of the topic yet, in a cluster), then `policy`."""
+
+    def __init__(self, blank: int, policy: str) -> None:
+        super().__init__(errors=0)
+        self.blank, self.policy, self.config_calls = blank, policy, 0
+
+    def describe_configs(self, resources: list[Any], config_filter: str = "all") -> dict[str, Any]:
+        self.config_calls += 1
+        if self.config_calls <= self.blank:
+            return {"topic": {}}
+        return {"topic": {"t-control": {"cleanup.policy": {"value": self.policy}}}}
+
+
+def test_a_new_topics_cleanup_policy_is_asked_for_again_until_a_broker_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeTime()
+    monkeypatch.setattr(consumers.kafka, "time", clock)
+    admin = FakeConfigs(blank=3, policy="compact")
+    found, policy = _compacted_topic(admin, "t-control", 1, 3, "control")  # type: ignore[arg-type]
+    assert found is not None and policy == "compact" and admin.config_calls == 4
+    wrong = FakeConfigs(blank=0, policy="delete")  # a policy, right or wrong, is taken at once
+    assert _compacted_topic(wrong, "t-control", 1, 3, "control")[1] == "delete" and wrong.config_calls == 1
+    never = FakeConfigs(blank=10**6, policy="compact")
+    clock.now = 0.0
+    assert _compacted_topic(never, "t-control", 1, 3, "control")[1] == ""  # type: ignore[arg-type]
+    assert clock.now >= consumers.kafka.CREATED_TOPIC_WAIT_S, "for as long as a new topic's metadata may take"

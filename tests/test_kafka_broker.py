@@ -50,8 +50,10 @@ def test_idempotent_produce_then_group_consume_and_commit(kafka_bootstrap: str, 
     assert sum(per_partition.values()) == 100
     assert len({m.partition for m in sent}) > 1, "10 keys all landed on one partition"
 
+    # a group joined before this consumer has the new topic's partition metadata is assigned nothing ("No
+    # partition metadata"), and rejoins only on the next metadata refresh (5 minutes by default): refresh often
     consumer = KafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, group_id=group_id,
-                             enable_auto_commit=False, auto_offset_reset="earliest")
+                             enable_auto_commit=False, auto_offset_reset="earliest", metadata_max_age_ms=1000)
     try:
         records = poll_until(consumer, lambda got: len(got) >= 100)
         consumer.commit()

@@ -178,6 +178,10 @@ class Engine:
             self._rel_index = pd.Index(m.relation_streams if self.spec.relations is not None else [], dtype=object)
             self._rel_shift = (as_t(m.relation_mean).reshape(-1, len(m.features)) - self._mean) / self._std
             self._rel_scale = as_t(m.relation_std).reshape(-1, len(m.features)) / self._std
+            # with two scored sensors a broken relation does not say which side moved (each is as far off against
+            # the other): the model's own shares and directions stay; decided once, not per batch on the device
+            rel = self.spec.relations
+            self._rel_attributes = rel is not None and int(rel.use.sum()) >= 3
         self.streams: list[str] = []
         self._index = pd.Index([], dtype=object)
         self.capacity = 0
@@ -461,8 +465,7 @@ class Engine:
         raw, part, zmean = relation_scores(u, present, rel)
         rscore = torch.where(self.rel_known[rows], raw * rel.weight, 0.0).to(score.dtype)
         wins = rscore > score
-        if int(rel.use.sum()) >= 3:  # with two sensors a broken relation does not say which side moved: the
-            # model's own shares and directions stay (each sensor is as far off against the other)
+        if self._rel_attributes:
             share = torch.where(wins[:, None], part / part.sum(dim=1, keepdim=True).clamp(min=1e-12), share)
             direction = torch.where(wins[:, None], torch.sign(zmean).to(direction.dtype), direction)
         return torch.maximum(score, rscore), share, direction

@@ -20,12 +20,12 @@ adds nothing (the held value would break the others' predictions).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-__all__ = ["Relations", "fit_relations", "stream_scales", "relation_z", "relation_scores", "Z_CAP"]
+__all__ = ["Relations", "fit_relations", "even_tails", "stream_scales", "relation_z", "relation_scores", "Z_CAP"]
 
 RIDGE = 1e-3
 """Ridge penalty of each regression, relative to the standardised predictors' unit spread."""
@@ -109,6 +109,47 @@ def fit_relations(u: np.ndarray, constant: np.ndarray | None = None) -> Relation
         resid[i] = max(float(np.std(y - pred)), RESID_FLOOR)
     as_t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
     return Relations(as_t(lin), as_t(quad), as_t(bias), as_t(resid), torch.tensor(use))
+
+
+TAIL_QUANTILE = 0.999
+"""The quantile of each sensor's window part (mean z^2 over `hop` readings) on the fitted rows that `even_tails`
+brings to the sensors' median."""
+
+
+def even_tails(rel: Relations, blocks: list[np.ndarray], hop: int) -> Relations:
+    """`rel` with each scored sensor's residual spread widened or narrowed so that its window parts' tail on the
+    fitted rows `blocks` (per stream, (N_s, F) standardised, NaN where missing) is the scored sensors' median.
+
+    A sensor whose residual has heavy tails in normal operation (a temperature that lags a load change its
+    prediction follows at once) otherwise sets the level that every sensor must pass, and a sensor whose
+    relation holds tightly (a vibration, a voltage) hides a fault below that level.
+
+    >>> rng = np.random.default_rng(1)
+    >>> a = rng.standard_normal(4000)
+    >>> wide = 1 + 9 * (rng.random(4000) < 0.02)  # sensor 1's residual: 2 % of readings ten times as wide
+    >>> u = np.stack([a + 0.1 * rng.standard_normal(4000), a + 0.1 * rng.standard_normal(4000) * wide], 1)
+    >>> r = even_tails(fit_relations(u), [u], 8)
+    >>> bool(r.resid_std[1] > r.resid_std[0])
+    True
+    """
+    use = rel.use.numpy()
+    parts = []
+    with torch.inference_mode():
+        for u in blocks:
+            n = len(u) // hop * hop
+            if n == 0:
+                continue
+            x = torch.from_numpy(np.nan_to_num(u[:n])).float().reshape(-1, hop, u.shape[1])
+            present = torch.from_numpy(~np.isnan(u[:n])).reshape(-1, hop, u.shape[1])
+            parts.append(relation_scores(x, present, rel)[1].numpy())
+    if not parts or use.sum() < 2:
+        return rel
+    tail = np.quantile(np.concatenate(parts)[:, use], TAIL_QUANTILE, axis=0)
+    if not np.all(tail > 0):
+        return rel
+    factor = np.ones(len(use))
+    factor[use] = np.sqrt(tail / np.median(tail))
+    return replace(rel, resid_std=rel.resid_std * torch.tensor(factor, dtype=torch.float32))
 
 
 def relation_z(u: torch.Tensor, rel: Relations) -> torch.Tensor:

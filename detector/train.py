@@ -25,7 +25,7 @@ from detector import __version__
 from detector.artifact import Manifest
 from detector.errors import DataError
 from detector.model import LSTMAutoencoder
-from detector.relations import Relations, fit_relations, relation_scores, stream_scales
+from detector.relations import Relations, even_tails, fit_relations, relation_scores, stream_scales
 from detector.resume import TrainState, fingerprint, load_state, save_state
 from detector.score import COVARIANCES, ScoreSpec, precision_matrix, score_windows, smooth_decay
 from detector.sensors import longest_runs
@@ -74,6 +74,7 @@ class TrainParams:
     covariance: str = "diagonal"  # see score.COVARIANCES
     smooth_halflife: float = 0.0  # readings; > 0: a smoothed score beside the window's own (score.smooth_update)
     relations: bool = True  # a cross-sensor relation score beside the model's (detector.relations); needs F >= 2
+    relation_tails: bool = False  # each sensor's relation residual judged against its own tail (even_tails)
     val_fraction: float = 0.15
     cal_fraction: float = 0.15
     holdout_blocks: int = 1  # cycles of train, validation and calibration rows through the span (holdout_roles)
@@ -352,7 +353,8 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
     model.eval()
 
     const_t = torch.from_numpy(constant) if constant.any() else None
-    rel, scales = _fit_relations(usable, role, constant) if params.relations and F >= 2 else (None, {})
+    rel, scales = (_fit_relations(usable, role, constant, params.hop if params.relation_tails else 0)
+                   if params.relations and F >= 2 else (None, {}))
     if rel is not None and not bool(rel.use.any()):  # every sensor constant: no relation to score
         rel, scales = None, {}
     # each stream's scale in the model's standardised units, where the calibration windows are
@@ -506,12 +508,14 @@ RELATION_MATCH = 0.999
 warning level's, so that both cross the warning level at the same rate on normal rows."""
 
 
-def _fit_relations(usable: list[tuple[str, np.ndarray]], role: dict[str, np.ndarray],
-                   constant: np.ndarray) -> tuple[Relations, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Each stream's scale over its trained-on rows, and the relations fitted on those rows on that scale."""
+def _fit_relations(usable: list[tuple[str, np.ndarray]], role: dict[str, np.ndarray], constant: np.ndarray,
+                   tails_hop: int = 0) -> tuple[Relations, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Each stream's scale over its trained-on rows, and the relations fitted on those rows on that scale (with
+    each sensor's tail evened over windows of `tails_hop` readings, when above 0)."""
     scales = {s: stream_scales(v[role[s] == TRAIN]) for s, v in usable}
-    u = np.concatenate([(v[role[s] == TRAIN] - scales[s][0]) / scales[s][1] for s, v in usable])
-    return fit_relations(u, constant), scales
+    blocks = [(v[role[s] == TRAIN] - scales[s][0]) / scales[s][1] for s, v in usable]
+    rel = fit_relations(np.concatenate(blocks), constant)
+    return (even_tails(rel, blocks, tails_hop) if tails_hop > 0 else rel), scales
 
 
 def _duration(seconds: float) -> str:

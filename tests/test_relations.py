@@ -9,7 +9,15 @@ import torch
 
 from detector.artifact import Artifact, load_artifact, save_artifact
 from detector.engine import Engine
-from detector.relations import Relations, fit_relations, relation_scores, relation_z, stream_scales
+from detector.relations import (
+    TAIL_QUANTILE,
+    Relations,
+    even_tails,
+    fit_relations,
+    relation_scores,
+    relation_z,
+    stream_scales,
+)
 from detector.train import Series, TrainParams, train_model
 from tests.helpers import readings
 
@@ -50,6 +58,26 @@ def test_fit_recovers_a_square_law_and_leaves_out_constant_and_single_sensors() 
     assert not fit_relations(u[:, :1]).use.any(), "one sensor has no others to be predicted from"
     mean, std = stream_scales(np.array([[1.0, 2.0], [3.0, 2.0]]))
     assert mean.tolist() == [2.0, 2.0] and std.tolist() == [1.0, 0.002]
+
+
+def test_even_tails_puts_every_sensors_window_tail_on_the_median() -> None:
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal(8000)
+    lag = np.convolve(a, np.ones(12) / 12, mode="same")  # sensor 2 follows a late: its residual runs wide at times
+    u = np.stack([a + 0.1 * rng.standard_normal(8000), a + 0.1 * rng.standard_normal(8000),
+                  lag + 0.1 * rng.standard_normal(8000)], axis=1)
+    blocks = [u[:4000], u[4000:]]
+    rel = fit_relations(u)
+
+    def tails(r: Relations) -> np.ndarray:
+        parts = [relation_scores(torch.from_numpy(b).float().reshape(-1, 8, 3), torch.ones(500, 8, 3, dtype=torch.bool),
+                                 r)[1].numpy() for b in blocks]
+        return np.quantile(np.concatenate(parts), TAIL_QUANTILE, axis=0)
+
+    before, after = tails(rel), tails(even_tails(rel, blocks, 8))
+    assert before.max() / before.min() > 1.5, before
+    assert np.allclose(after, np.median(before), rtol=1e-3), (before, after)
+    assert even_tails(rel, [], 8) is rel, "nothing to measure: unchanged"
 
 
 def two_pumps(n: int, seed: int) -> tuple[list[str], np.ndarray]:

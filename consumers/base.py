@@ -105,7 +105,8 @@ class Sink(ABC):
     """Told of each record sent with `send_side` that Kafka refused for good: its tag and the error."""
 
     @abstractmethod
-    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None,
+    def send(self, topic: str, key: bytes | None, value: bytes | None,
+             headers: list[tuple[str, bytes]] | None = None,
              partition: int | None = None) -> None:
         """Queue one record for `topic` (to `partition`, else the partitioner's choice by key)."""
 

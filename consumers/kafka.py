@@ -285,7 +285,8 @@ class KafkaSink(Sink):
         self._futures: list[Any] = []
         self.in_transaction = False
 
-    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None,
+    def send(self, topic: str, key: bytes | None, value: bytes | None,
+             headers: list[tuple[str, bytes]] | None = None,
              partition: int | None = None) -> None:
         """Queue one record."""
         try:

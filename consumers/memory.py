@@ -65,7 +65,8 @@ class ListSink(Sink):
     in_transaction: bool = False
     transactional = True  # in memory, a transaction is the pending list
 
-    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None,
+    def send(self, topic: str, key: bytes | None, value: bytes | None,
+             headers: list[tuple[str, bytes]] | None = None,
              partition: int | None = None) -> None:
         """Queue one record (the partition is not kept)."""
         self.pending.append(SentRecord(topic, key, value, tuple(headers or ())))

@@ -179,6 +179,14 @@ class ScoringConfig(_Section):
 
     max_gap_s: float = Field(3600.0, gt=0)
     adapt_halflife_windows: float = Field(0.0, ge=0)
+    forget_after_s: float = Field(86400.0, ge=0)
+
+    @model_validator(mode="after")
+    def _forget_after_a_gap(self) -> ScoringConfig:
+        if 0 < self.forget_after_s < self.max_gap_s:
+            raise ValueError(f"forget_after_s ({self.forget_after_s:g}) must be 0 (never) or at least max_gap_s "
+                             f"({self.max_gap_s:g}): a stream back after a gap starts its window over anyway")
+        return self
 
 
 class StaticLevels(_Section):

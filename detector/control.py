@@ -173,7 +173,7 @@ class Mutes:
         self._mute = np.zeros(0, bool)
         self._until = np.zeros(0)
         self._member = np.zeros((0, 0), bool)  # (capacity, rules): does row r's stream match rule j
-        self._known = 0  # rows whose matches are computed
+        self._known = np.zeros(0, bool)  # per row: its matches are computed (for the stream it holds now)
         self._tick = 0
 
     def apply(self, cmd: Command) -> None:
@@ -185,8 +185,9 @@ class Mutes:
             j = len(self.rules)
             match = re.compile(translate(cmd.streams)).match
             column = np.zeros((len(self._member), 1), bool)
-            column[: self._known, 0] = np.fromiter((match(n) is not None for n in self.names[: self._known]), bool,
-                                                   self._known)
+            known = np.flatnonzero(self._known)
+            column[known, 0] = np.fromiter((match(self.names[r]) is not None for r in known.tolist()), bool,
+                                           len(known))
             self._member = np.concatenate([self._member, column], axis=1)
             self._order, self._mute, self._until = (np.concatenate([a, np.zeros(1, a.dtype)])
                                                     for a in (self._order, self._mute, self._until))
@@ -206,15 +207,20 @@ class Mutes:
 
     def _members(self, rows: np.ndarray) -> np.ndarray:
         need = int(rows.max()) + 1 if len(rows) else 0
-        if need > self._known:
+        if need > len(self._member):  # grown by a quarter at a time, not copied for every new stream
+            cap = max(need, step(len(self._member)))
+            self._member, self._known = grown(self._member, cap, False), grown(self._known, cap, False)
+        todo = np.unique(rows[~self._known[rows]]) if len(rows) else rows
+        if len(todo):
             globs = list(self.rules)
-            new = np.array([[fnmatchcase(self.names[r], g) for g in globs] for r in range(self._known, need)],
-                           bool).reshape(-1, len(globs))
-            if need > len(self._member):  # grown by a quarter at a time, not copied for every new stream
-                self._member = grown(self._member, max(need, step(len(self._member))), False)
-            self._member[self._known : need] = new
-            self._known = need
+            self._member[todo] = np.array([[fnmatchcase(self.names[r], g) for g in globs] for r in todo.tolist()],
+                                          bool).reshape(-1, len(globs))
+            self._known[todo] = True
         return self._member[rows]
+
+    def forget_rows(self, rows: np.ndarray) -> None:
+        """These rows' streams are gone: their matches are computed again for the next stream a row holds."""
+        self._known[rows[rows < len(self._known)]] = False
 
     def muted(self, rows: np.ndarray, now: float) -> np.ndarray:
         """(K,) True where the stream of the row is muted at wall-clock time `now`."""
@@ -226,9 +232,11 @@ class Mutes:
 
     def count(self, now: float, rows: np.ndarray | None = None) -> int:
         """How many of the streams held (or of these rows) are muted now."""
-        return int(self.muted(np.arange(len(self.names)) if rows is None else rows, now).sum())
+        held = np.flatnonzero(np.fromiter(map(bool, self.names), bool, len(self.names)))  # "": a released row
+        return int(self.muted(held if rows is None else rows, now).sum())
 
     def matching(self, glob: str) -> np.ndarray:
         """Rows of the streams held whose id matches `glob`."""
         match = re.compile(translate(glob)).match
-        return np.flatnonzero(np.fromiter((match(n) is not None for n in self.names), bool, len(self.names)))
+        return np.flatnonzero(np.fromiter((bool(n) and match(n) is not None for n in self.names), bool,
+                                          len(self.names)))

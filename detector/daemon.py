@@ -42,7 +42,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orjson
 from kafka.errors import KafkaError, SaslAuthenticationFailedError
 
@@ -241,6 +240,10 @@ class Daemon:
         for cp in checkpoints:
             sink.send(self.state.topic, cp.stream.encode(), cp.value, partition=cp.partition)  # type: ignore[union-attr]
             n_bytes += len(cp.value)
+        forgotten = self.pipeline.forgotten
+        if self.state is not None:  # a tombstone: the compacted topic drops the stream, a restore leaves it out
+            for stream, _, partition in forgotten:
+                sink.send(self.state.topic, stream.encode(), None, partition=partition)
         if self.exactly_once:
             sink.commit_transaction(self.pending, self._group if self._group is not None else source.group_metadata())
             self._in_txn = False
@@ -249,6 +252,8 @@ class Daemon:
             source.commit(self.pending)
         self.committed.update(self.pending)
         self.pending = {}
+        self.metrics.forgotten_streams.inc(len(forgotten))
+        self.pipeline.forgotten = []
         if self._refused:  # a refused dead letter is remembered until its record is behind the commit
             self._refused = {r for r in self._refused if r[2] >= self.committed.get((r[0], r[1]), 0)}
         self._last_commit = time.monotonic()
@@ -355,9 +360,10 @@ class Daemon:
             sink.abort()
             self._in_txn = False
         self.pending = {}
+        self.pipeline.forgotten = []  # forgotten again as the replay reaches them
         assigned = source.assignment()
         pipe = self.pipeline
-        pipe.import_rows(np.arange(len(pipe.engine.streams)), None)  # every stream starts over ...
+        pipe.release(pipe.engine.live_rows())  # every stream is forgotten (those of revoked partitions for good) ...
         report = None
         if self.state is not None and assigned:  # ... from the checkpoint of those on our partitions
             log.info("restoring the streams of %d partitions from %s", len(assigned), self.state.topic)
@@ -369,6 +375,7 @@ class Daemon:
         self._group = source.group_metadata()
         seconds = time.monotonic() - t0
         self.metrics.restore_seconds.observe(seconds)
+        self.metrics.active_streams.set(pipe.engine.live_streams)
         log.info("%s: %d partitions assigned (%s); restored %d streams in %.2f s%s", reason, len(assigned),
                  ",".join(f"{t}[{p}]" for t, p in sorted(assigned)) or "none",
                  report.restored if report else 0, seconds,
@@ -400,7 +407,7 @@ class Daemon:
                      alert["stream"], alert["score"], alert["threshold"], alert["top_features"][0]["name"],
                      extra={"stream": alert["stream"]})
         engine = self.pipeline.engine
-        m.active_streams.set(len(engine.streams))
+        m.active_streams.set(engine.live_streams)
         m.warming_streams.set(int((engine.readings_seen() < self.cfg.alerts.warmup_readings).sum()))
         now_ms = time.time() * 1000
         for r in records[:: max(1, len(records) // 64)]:

@@ -182,8 +182,10 @@ class Engine:
             # the other): the model's own shares and directions stay; decided once, not per batch on the device
             rel = self.spec.relations
             self._rel_attributes = rel is not None and int(rel.use.sum()) >= 3
-        self.streams: list[str] = []
-        self._index = pd.Index([], dtype=object)
+        self.streams: list[str] = []  # stream id by row; "" where the row was released (reused first)
+        self._free: list[int] = []
+        self._index = pd.Index([], dtype=object)  # the ids of the rows in use, with their rows beside
+        self._index_rows = np.zeros(0, np.int64)
         self.capacity = 0
         self._grow(capacity)
 
@@ -221,21 +223,63 @@ class Engine:
         self.capacity = capacity
 
     def rows_for(self, streams: np.ndarray) -> np.ndarray:
-        """The table row of each stream id, adding rows for streams never seen."""
+        """The table row of each stream id, adding rows for streams never seen (released rows first)."""
         codes, uniques = pd.factorize(streams)
-        rows_u = self._index.get_indexer(uniques)
-        new = rows_u < 0
+        pos = self._index.get_indexer(uniques)
+        rows_u = np.where(pos >= 0, self._index_rows[np.maximum(pos, 0)] if len(self._index_rows) else -1, -1)
+        new = pos < 0
         if new.any():
             names = [str(s) for s in uniques[new]]
+            reuse = self._free[len(self._free) - min(len(names), len(self._free)):][::-1]
+            del self._free[len(self._free) - len(reuse):]
             first = len(self.streams)
-            rows_u[new] = np.arange(first, first + len(names))
-            self.streams.extend(names)
-            self._index = pd.Index(self.streams, dtype=object)
+            rows_new = np.concatenate([np.array(reuse, np.int64), np.arange(first, first + len(names) - len(reuse))])
+            for r, name in zip(reuse, names, strict=False):
+                self.streams[r] = name
+            self.streams.extend(names[len(reuse):])
+            rows_u[new] = rows_new
+            self._reindex()
             if len(self.streams) > self.capacity:
                 self._grow(max(next_capacity(self.capacity), len(self.streams)))
             if len(self._rel_index):
-                self._known_scales(rows_u[new], self._rel_index.get_indexer(names))
+                self._known_scales(rows_new, self._rel_index.get_indexer(names))
         return rows_u[codes].astype(np.int64)
+
+    def _reindex(self) -> None:
+        """Rebuild the lookup from stream id to row over the rows in use."""
+        live = self.live_rows()
+        self._index_rows = live
+        names = self.streams if not self._free else np.array(self.streams, dtype=object)[live]
+        self._index = pd.Index(names, dtype=object)
+
+    def live_rows(self) -> np.ndarray:
+        """The rows that hold a stream (not released), in order."""
+        if not self._free:
+            return np.arange(len(self.streams), dtype=np.int64)
+        free = np.zeros(len(self.streams), bool)
+        free[self._free] = True
+        return np.flatnonzero(~free)
+
+    @property
+    def live_streams(self) -> int:
+        """How many streams the table holds (rows in use)."""
+        return len(self.streams) - len(self._free)
+
+    @torch.inference_mode()
+    def release(self, rows: np.ndarray) -> None:
+        """Forget these rows' streams: their state is fresh and their rows go to the next new streams."""
+        rows = np.unique(np.asarray(rows, np.int64))
+        rows = rows[[bool(self.streams[r]) for r in rows.tolist()]]  # a row released twice is freed once
+        if not len(rows):
+            return
+        self.import_rows(rows, None)
+        rt = torch.as_tensor(rows, device=self.device)
+        for name, (_, fill) in self._FROM_MODEL.items():
+            self._put(name, rt, fill)
+        for r in rows.tolist():
+            self.streams[r] = ""  # stream ids are never empty (decode refuses them)
+        self._free.extend(rows.tolist())
+        self._reindex()
 
     @torch.inference_mode()
     def _known_scales(self, rows: np.ndarray, at: np.ndarray) -> None:

@@ -6,6 +6,7 @@ import numpy as np
 
 from detector.config import MaintenanceWindow
 from detector.labels import Labeler, StreamMatch
+from detector.rows import grown, needed
 
 __all__ = ["MaintenanceSchedule"]
 
@@ -31,17 +32,23 @@ class MaintenanceSchedule:
         self.names = names  # the engine's stream ids by row (grows as streams appear)
         self.labels = labels or Labeler()
         self.member = np.zeros((0, len(windows)), bool)
-        self.known = 0
+        self.known = np.zeros(0, bool)  # per row: its memberships are computed (for the stream it holds now)
 
     def _members(self, rows: np.ndarray) -> np.ndarray:
-        need = int(rows.max()) + 1 if len(rows) else 0
-        if need > self.known:
-            rows_new = [(self.names[r], self.labels(self.names[r])) for r in range(self.known, need)]
-            new = np.array([[m.matches(name, lab) for m in self.selectors] for name, lab in rows_new],
-                           bool).reshape(-1, len(self.windows))
-            self.member = np.concatenate([self.member, new])
-            self.known = need
+        need = needed(rows, len(self.member))
+        if need:
+            self.member, self.known = grown(self.member, need, False), grown(self.known, need, False)
+        todo = np.unique(rows[~self.known[rows]]) if len(rows) else rows
+        if len(todo):
+            named = [(self.names[r], self.labels(self.names[r])) for r in todo.tolist()]
+            self.member[todo] = np.array([[m.matches(name, lab) for m in self.selectors] for name, lab in named],
+                                         bool).reshape(-1, len(self.windows))
+            self.known[todo] = True
         return self.member[rows]
+
+    def forget_rows(self, rows: np.ndarray) -> None:
+        """These rows' streams are gone: their memberships are computed again for the next stream a row holds."""
+        self.known[rows[rows < len(self.known)]] = False
 
     def active(self, rows: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """(K,) True where the window's stream is in maintenance at the window's event time `ts`."""

@@ -60,6 +60,8 @@ class Metrics:
                                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120), registry=r)
         self.restored_streams = Counter("detector_restored_streams_total", "Streams restored from checkpoints",
                                         registry=r)
+        self.forgotten_streams = Counter("detector_forgotten_streams_total",
+                                         "Streams forgotten after scoring.forget_after_s of silence", registry=r)
         self.control_commands = Counter("detector_control_commands_total",
                                         "Operators' commands read from the control topic (mute, unmute, ack, invalid)",
                                         ["action"], registry=r)

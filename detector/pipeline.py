@@ -25,7 +25,7 @@ from detector.interpolate import Interpolator, build_interpolator
 from detector.labels import Labeler
 from detector.maintenance import MaintenanceSchedule
 from detector.regime import RegimeDetector
-from detector.rows import RowState, grown
+from detector.rows import RowState, grown, take
 from detector.sensors import OrderWatch, SensorEvents, SensorGate, SilenceWatch
 from detector.threshold import build_threshold
 
@@ -97,6 +97,8 @@ class Pipeline(RowState):
         self.mutes = Mutes(self.engine.streams)  # operators' mutes (control topic): kept across reloads
         self.acks: dict[str, tuple[Command, dict[str, Any]]] = {}  # newest ack per glob, with where it was read
         self.topics: list[str] = []  # input topics seen, indexed by in_topic
+        self.forgotten: list[tuple[str, str, int]] = []  # (stream, topic, partition) forgotten since the last commit
+        self._sweep_at = -np.inf  # event time of the next look for streams to forget
         self.in_topic = np.zeros(0, np.int64)
         self.in_partition = np.zeros(0, np.int64)
         self.in_offset = np.zeros(0, np.int64)
@@ -146,6 +148,17 @@ class Pipeline(RowState):
                 misfit += [f"{stage}.{k}" for k in obj.import_rows(rows, part(stage))]
         self.dirty[rows] = False
         return misfit
+
+    def release(self, rows: np.ndarray) -> None:
+        """Forget these streams: every stage's state of them starts fresh, and their rows go to new streams."""
+        rows = np.asarray(rows, np.int64)
+        if not len(rows):
+            return
+        self.import_rows(rows, None)
+        self.threshold.forget_rows(rows)
+        self.maintenance.forget_rows(rows)
+        self.mutes.forget_rows(rows)
+        self.engine.release(rows)
 
     def streams_at(self, rows: np.ndarray) -> list[str]:
         """The stream ids of these rows."""
@@ -311,7 +324,45 @@ class Pipeline(RowState):
             alerts.extend(self._silence_alert(records[-1], int(r), state) for rows, state in
                           ((went, "raised"), (back, "cleared")) for r in rows)
         alerts.extend(order_alerts)
+        after = self.cfg.scoring.forget_after_s
+        if after > 0 and len(readings) and float(readings.ts.max()) >= self._sweep_at:  # a sweep per 1/16 of it
+            self._sweep_at = float(readings.ts.max()) + after / 16
+            alerts.extend(self._forget_silent(records[-1], now))
         return BatchOutput(alerts, rejects, readings, ws, warning, replayed)
+
+    def _forget_silent(self, rec: Record, now: float) -> list[dict[str, Any]]:
+        """Forget the streams silent past scoring.forget_after_s that have no episode open; their silent episodes
+        are cleared, the alert records returned.
+
+        Silent is in event time, against the newest reading of any stream held, but never against one ahead of
+        the wall clock `now` (a producer whose clock runs ahead does not age every other stream).
+        """
+        live = self.engine.live_rows()
+        last = self.engine.last_times()[live]
+        seen = np.isfinite(last)
+        if not seen.any():
+            return []
+        clock = min(float(last[seen].max()), now)
+        stale = live[seen & (last < clock - self.cfg.scoring.forget_after_s)]
+        if not len(stale):
+            return []
+        self._ensure_rows()
+        busy = (self.alerts.state[stale] > NORMAL) | ~np.isnan(take(self.order.since, stale, np.nan))
+        if self.gate.cap:
+            busy |= take(self.gate.open, stale, False).reshape(len(stale), -1).any(axis=1)
+        if self.interp is not None:  # readings held for an interpolation are not scored yet
+            busy |= take(self.interp.n, stale, 0) > 0
+        gone = stale[~busy]
+        if not len(gone):
+            return []
+        alerts = []
+        if self.silence is not None:
+            silent = take(self.silence.silent, gone, False)
+            alerts = [self._silence_alert(rec, int(r), "cleared") for r in gone[silent].tolist()]
+        self.forgotten.extend((self.engine.streams[r], self.topics[int(self.in_topic[r])], int(self.in_partition[r]))
+                              for r in gone.tolist() if self.in_topic[r] >= 0)
+        self.release(gone)
+        return alerts
 
     # ----- operators' commands (control topic) --------------------------------------------------------------
     def command(self, cmd: Command, source: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["grown", "needed", "step"]
+__all__ = ["grown", "needed", "step", "take"]
 
 
 def grown(a: np.ndarray, capacity: int, fill: object = 0) -> np.ndarray:

@@ -33,6 +33,9 @@ class ThresholdPolicy(RowState, ABC):
         """The name of the policy in force for a stream row."""
         return self.name
 
+    def forget_rows(self, rows: np.ndarray) -> None:  # noqa: B027
+        """These rows' streams are gone (their rows go to new streams): drop what was worked out from their ids."""
+
 
 class StaticThreshold(ThresholdPolicy):
     """Fixed score values.
@@ -344,6 +347,10 @@ class StreamOverrides(ThresholdPolicy):
     def policy_of(self, row: int) -> str:
         """The name of the policy in force for a stream row."""
         return self.policies[int(self._groups(np.array([row]))[0])].name
+
+    def forget_rows(self, rows: np.ndarray) -> None:
+        """These rows' streams are gone: their policy is picked again for the next stream a row holds."""
+        self.group[rows[rows < len(self.group)]] = -1
 
     def export_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Every policy's state of these streams, its fields prefixed by the policy's position."""

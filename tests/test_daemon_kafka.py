@@ -239,3 +239,39 @@ def test_a_level_shift_through_kafka_is_one_regime_change_not_a_storm(kafka_boot
     assert [(a["stream"], a["state"]) for a in events if a["kind"] == "regime_change"] == [("m1", "detected")]
     m1 = [a["state"] for a in events if a["stream"] == "m1" and a["kind"] == "anomaly"]
     assert m1 == ["raised", "cleared"], f"one alert that settles, not a storm: {m1}"
+
+
+def test_a_stream_silent_past_forget_after_s_leaves_a_tombstone_in_the_state_topic(
+        kafka_bootstrap: str, topic_factory, group_id: str, model_dir: Path, tmp_path: Path) -> None:
+    from consumers.kafka import StateTopic
+    from detector.checkpoint import decode
+
+    topic, alerts, dlq = topic_factory(partitions=2), topic_factory(partitions=1), topic_factory(partitions=1)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True)
+    v = sine_values(60, seed=9)
+    for t in range(60):  # "gone" stops after 10 readings; "stays" sends for an hour of event time
+        for s in ("gone", "stays")[0 if t < 10 else 1:]:
+            body = {"stream": s, "ts": T0 + 60 * t, "values": dict(zip(FEATURES, v[t].tolist(), strict=True))}
+            producer.send(topic, key=s.encode(), value=orjson.dumps(body))
+    producer.flush()
+    producer.close()
+    port = free_ports(1)[0]
+    cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topic, alerts, dlq, group_id, model_dir, port,
+                       extra="scoring: {max_gap_s: 600, forget_after_s: 900}\ndelivery: {commit_interval_ms: 200}")
+    log = tmp_path / "daemon.log"
+    proc = start_daemon(cfg, log)
+    try:
+        ends = {p: o for p, o in end_offsets(kafka_bootstrap, topic, 2).items() if o}  # both keys may hash alike
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and committed(kafka_bootstrap, group_id, topic) != ends:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.5)
+        assert committed(kafka_bootstrap, group_id, topic) == ends, log.read_text()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+    assert rc == 0, log.read_text()
+    assert "detector_forgotten_streams_total 1.0" in metrics and "detector_active_streams 1.0" in metrics, metrics
+    values = StateTopic(kafka_bootstrap, f"{group_id}-state", client={}).read({0, 1}, 30)
+    assert sorted(decode(x)[0]["stream"] for x in values) == ["stays"], "gone's checkpoint was deleted (a tombstone)"

@@ -280,3 +280,29 @@ def test_chunked_model_calls_score_like_one_call_and_the_host_views_follow_the_t
     assert np.allclose(whole.h.numpy(), chunked.h.numpy(), atol=1e-6)
     assert chunked.readings_seen().tolist() == [n] * n_streams
     assert chunked.last_times().tolist() == [ts[-1]] * n_streams
+
+
+def test_released_rows_go_to_new_streams_which_start_fresh_and_the_others_go_on() -> None:
+    art = random_artifact(window=8, hop=4)
+    ts = T0 + 60.0 * np.arange(40)
+    v = {s: sine_values(40, seed=i) for i, s in enumerate("abcd")}
+    eng = Engine(art, capacity=4)
+
+    def feed(streams: str, lo: int, hi: int) -> dict[str, list[float]]:
+        res = eng.score_batch(readings([s for s in streams for _ in range(lo, hi)],
+                                       np.concatenate([ts[lo:hi]] * len(streams)),
+                                       np.concatenate([v[s][lo:hi] for s in streams])))
+        w = res.windows
+        return {s: [float(x) for r, x in zip(w.rows, w.score, strict=True) if eng.streams[r] == s] for s in streams}
+
+    feed("abc", 0, 20)
+    rows = eng.rows_for(np.array(["a", "b", "c"], dtype=object))
+    eng.release(rows[[0, 2]])
+    assert eng.live_streams == 1 and eng.streams[rows[1]] == "b" and eng.live_rows().tolist() == [rows[1]]
+    assert float(eng.count[rows[0]]) == 0 and float(eng.h[:, rows[0]].abs().max()) == 0, "a released row is fresh"
+    got = feed("bda", 20, 40)  # d and a (back) take the released rows; b goes on where it was
+    assert sorted(eng.rows_for(np.array(["d", "a"], dtype=object)).tolist()) == sorted(rows[[0, 2]].tolist())
+    assert eng.capacity == 4 and eng.live_streams == 3
+    for s in "da":  # a new stream in a reused row scores as one in a new engine
+        assert np.allclose(got[s], list(alone(art, s, ts[20:], v[s][20:]).values()), rtol=1e-5)
+    assert np.allclose(got["b"], list(alone(art, "b", ts, v["b"]).values())[-len(got["b"]):], rtol=1e-5)

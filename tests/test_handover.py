@@ -58,3 +58,19 @@ def test_a_fenced_producer_found_by_the_handover_is_raised_on_the_loop() -> None
     assert daemon.metrics.handovers.labels("failed")._value.get() == 1
     with pytest.raises(SinkFenced):  # the loop's next turn hands it to run_daemon, which replaces the producer
         daemon._turn([], src, sink)
+
+
+def test_a_rewind_forgets_every_stream_it_does_not_restore_and_new_streams_take_their_rows() -> None:
+    daemon = _daemon("at_least_once")
+    src, sink = IterSource([]), ListSink()
+    daemon._last_commit = 1e18
+    recs = [record({"stream": f"pump-{s}", "ts": 1_700_000_000 + 60 * i, "values": {"temp": 1.0 + i % 3}},
+                   offset=3 * i + s) for i in range(10) for s in range(3)]
+    daemon.process(recs, src, sink)
+    engine = daemon.pipeline.engine
+    assert engine.live_streams == 3 and daemon.metrics.active_streams._value.get() == 3
+    capacity = engine.capacity
+    daemon.rewind(src, sink, "rebalance")  # no state topic here: no stream is restored
+    assert engine.live_streams == 0 and daemon.metrics.active_streams._value.get() == 0
+    daemon.process([record({"stream": "fan-1", "ts": 1_700_000_000, "values": {"temp": 1.0}}, offset=99)], src, sink)
+    assert engine.live_streams == 1 and engine.capacity == capacity and len(engine.streams) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import orjson
 import pytest
 
@@ -222,3 +223,64 @@ def test_a_repeated_reading_reaches_no_stage(trained: Artifact) -> None:
     assert sorted(i for i in ids(got) if i not in flagged) == sorted(ids(want)), "and nothing else changed"
     reasons = {dict(r.headers)["reason"] for r in got.on(cfg.output.dead_letter_topic)}
     assert reasons == {b"duplicate_timestamp"} and len(got.on(cfg.output.dead_letter_topic)) == len(stuck)
+
+
+def test_a_released_row_serves_its_next_stream_by_that_streams_own_overrides_windows_and_mutes() -> None:
+    from detector.control import Command
+    from tests.helpers import random_artifact
+
+    cfg = parse_config({"thresholds": {"overrides": [{"streams": "turbine-*", "policy": "static",
+                                                      "static": {"warning": 20, "critical": 60}}]},
+                        "alerts": {"maintenance": [{"streams": "pump-*", "daily": "00:00-23:59"}]}})
+    pipe = Pipeline(cfg, random_artifact())
+    pipe.mutes.apply(Command("mute", "pump-*"))
+    rows = pipe.engine.rows_for(np.array(["turbine-1", "pump-1"], dtype=object))
+    at = np.full(2, 1_700_000_000.0)
+
+    def looks(r: np.ndarray) -> tuple[list[str], list[bool], list[bool]]:
+        return ([pipe.threshold.policy_of(int(x)) for x in r], pipe.maintenance.active(r, at[: len(r)]).tolist(),
+                pipe.mutes.muted(r, 0.0).tolist())
+
+    assert looks(rows) == (["static", pipe.threshold.policies[0].name], [False, True], [False, True])
+    pipe.release(rows)
+    assert pipe.engine.live_streams == 0 and pipe.mutes.count(0.0) == 0 and not len(pipe.mutes.matching("*"))
+    again = pipe.engine.rows_for(np.array(["turbine-2", "pump-2"], dtype=object))
+    assert again.tolist() == rows[::-1].tolist(), "the rows released last go first: each now holds the other kind"
+    assert looks(again) == (["static", pipe.threshold.policies[0].name], [False, True], [False, True])
+    assert pipe.mutes.count(0.0) == 1 and pipe.mutes.matching("pump-*").tolist() == [again[1]]
+
+
+def test_a_stream_silent_past_forget_after_s_is_forgotten_unless_an_episode_is_open() -> None:
+    from tests.helpers import random_artifact
+
+    cfg = parse_config({"scoring": {"max_gap_s": 600, "forget_after_s": 600},
+                        "thresholds": {"policy": "static", "static": {"warning": 1e9, "critical": 2e9},
+                                       "overrides": [{"streams": "hot-*", "policy": "static",
+                                                      "static": {"warning": 1e-9, "critical": 2e-9}}]},
+                        "sensors": {"silent_after_s": 300}, "alerts": {"k": 1, "n": 1}})
+    daemon = Daemon(cfg, Pipeline(cfg, random_artifact()))
+    src, sink = IterSource([]), ListSink()
+    daemon._last_commit = 1e18  # commits only when the test says
+    v = sine_values(61, seed=3)
+    last = {"quiet-1": 12, "hot-1": 12, "busy-1": 60}  # readings each sends; hot-1 always alerts (tiny levels)
+
+    def batch(t: int, names: list[str]) -> list[Record]:
+        return [Record("in", 0, 1000 * t + i, s.encode(), orjson.dumps(
+            {"stream": s, "ts": T0 + 60 * t, "values": dict(zip(FEATURES, v[t].tolist(), strict=True))}), 0)
+            for i, s in enumerate(names)]
+
+    for t in range(60):
+        daemon.process(batch(t, [s for s, n in last.items() if t < n]), src, sink)
+    pipe = daemon.pipeline
+    engine = pipe.engine
+    held = {engine.streams[r] for r in engine.live_rows().tolist()}
+    assert held == {"hot-1", "busy-1"}, "quiet-1 went 48 minutes without a reading: forgotten"
+    assert pipe.forgotten == [("quiet-1", "in", 0)] and engine.live_streams == 2
+    silent = [(a["stream"], a["state"]) for a in map(lambda r: orjson.loads(r.value), sink.pending)
+              if a.get("reason") == "silent"]
+    assert ("quiet-1", "cleared") in silent and ("hot-1", "raised") in silent and ("hot-1", "cleared") not in silent
+    daemon.commit(src, sink)
+    assert pipe.forgotten == [] and daemon.metrics.forgotten_streams._value.get() == 1
+    daemon.process(batch(60, ["quiet-1"]), src, sink)  # back: a new stream, its window started over
+    row = int(engine.rows_for(np.array(["quiet-1"], dtype=object))[0])
+    assert int(engine.readings_seen()[row]) == 1

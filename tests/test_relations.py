@@ -129,3 +129,6 @@ def test_training_stores_each_streams_scale_and_the_engine_scores_a_lasting_brok
     assert again.import_rows(rows, first.export_rows(np.array([0]))) == []
     assert bool(again.rel_known[rows[0]]) and torch.equal(again.rel_scale[rows[0]], first.rel_scale[0])
     assert "rel_scale" not in first.export_rows(np.array([0])), "never checkpointed"
+    again.release(rows)  # the row goes to the next new stream, which is not the model's: no scale of pump-b
+    assert again.rows_for(np.array(["pump-z"], dtype=object)).tolist() == rows.tolist()
+    assert not bool(again.rel_known[rows[0]]) and float(again.rel_scale[rows[0]].min()) == 1.0

@@ -257,6 +257,12 @@ def test_revoked_partitions_are_handed_over_checkpointed_and_committed(kafka_boo
     assert "handed over 4 partitions: checkpointed and committed" in first.text(), first.text()
     restored = [n for n, _ in restore_lines(second.text())]
     assert restored and restored[-1] > 0, second.text()
+    # each member comes to hold the streams of its own partitions only: the first one forgets those it handed over
+    def held() -> list[float]:
+        return [metric(p, "detector_active_streams") for p in ports]
+
+    wait_until(lambda: held() == [restore_lines(d.text())[-1][0] for d in (first, second)] and sum(held()) == 24,
+               60, "each member to hold only its own partitions' streams", alive)
     # the second member has nothing to read (the committed offsets are the end offsets): once it has fetched at
     # its position on every partition it owns (its lag gauge is set per partition after such a fetch), it has
     # scored nothing

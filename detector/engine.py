@@ -245,6 +245,11 @@ class Engine:
                 self._known_scales(rows_new, self._rel_index.get_indexer(names))
         return rows_u[codes].astype(np.int64)
 
+    def find(self, streams: list[str]) -> np.ndarray:
+        """The row of each stream id held, -1 for those not held (nothing is added)."""
+        pos = self._index.get_indexer(pd.Index(streams, dtype=object))
+        return np.where(pos >= 0, self._index_rows[np.maximum(pos, 0)] if len(self._index_rows) else -1, -1)
+
     def _reindex(self) -> None:
         """Rebuild the lookup from stream id to row over the rows in use."""
         live = self.live_rows()

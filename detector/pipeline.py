@@ -334,19 +334,24 @@ class Pipeline(RowState):
         """Forget the streams silent past scoring.forget_after_s that have no episode open; their silent episodes
         are cleared, the alert records returned.
 
-        Silent is in event time, against the newest reading of any stream held, but never against one ahead of
-        the wall clock `now` (a producer whose clock runs ahead does not age every other stream).
+        Silent is in event time, against the newest reading of any stream held on the same input partition (a
+        member catching up reads some partitions far ahead of others), but never against one ahead of the wall
+        clock `now` (a producer whose clock runs ahead does not age every other stream).
         """
         live = self.engine.live_rows()
         last = self.engine.last_times()[live]
         seen = np.isfinite(last)
         if not seen.any():
             return []
-        clock = min(float(last[seen].max()), now)
-        stale = live[seen & (last < clock - self.cfg.scoring.forget_after_s)]
+        live, last = live[seen], last[seen]
+        self._ensure_rows()
+        part = self.in_topic[live] * (int(self.in_partition[live].max()) + 2) + self.in_partition[live]
+        groups, at = np.unique(part, return_inverse=True)
+        newest = np.full(len(groups), -np.inf)
+        np.maximum.at(newest, at, last)
+        stale = live[last < np.minimum(newest[at], now) - self.cfg.scoring.forget_after_s]
         if not len(stale):
             return []
-        self._ensure_rows()
         busy = (self.alerts.state[stale] > NORMAL) | ~np.isnan(take(self.order.since, stale, np.nan))
         if self.gate.cap:
             busy |= take(self.gate.open, stale, False).reshape(len(stale), -1).any(axis=1)

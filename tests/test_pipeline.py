@@ -284,3 +284,24 @@ def test_a_stream_silent_past_forget_after_s_is_forgotten_unless_an_episode_is_o
     daemon.process(batch(60, ["quiet-1"]), src, sink)  # back: a new stream, its window started over
     row = int(engine.rows_for(np.array(["quiet-1"], dtype=object))[0])
     assert int(engine.readings_seen()[row]) == 1
+
+
+def test_a_partition_read_far_behind_another_ages_none_of_its_streams() -> None:
+    from tests.helpers import random_artifact
+
+    cfg = parse_config({"scoring": {"max_gap_s": 600, "forget_after_s": 600}})
+    pipe = Pipeline(cfg, random_artifact())
+    v = sine_values(41, seed=4)
+
+    def rec(stream: str, partition: int, t: int) -> Record:
+        return Record("in", partition, t, stream.encode(), orjson.dumps(
+            {"stream": stream, "ts": T0 + 60 * t, "values": dict(zip(FEATURES, v[t].tolist(), strict=True))}), 0)
+
+    pipe.process([rec("behind", 1, 0), rec("ahead", 0, 0)], now=2e9)
+    for t in range(1, 40):  # a member catching up reads partition 0 forty minutes ahead of partition 1
+        pipe.process([rec("ahead", 0, t)], now=2e9)
+    assert pipe.engine.live_streams == 2 and pipe.forgotten == []
+    pipe.process([rec("gone", 0, 0)], now=2e9)  # a stream 39 minutes behind the newest of its own partition
+    pipe.process([rec("ahead", 0, 40)], now=2e9)
+    assert pipe.forgotten == [("gone", "in", 0)], "partition 0's own newest reading ages its streams"
+    assert pipe.engine.find(["behind", "gone"]).tolist()[1] == -1 and pipe.engine.find(["behind"])[0] >= 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -589,8 +589,25 @@ class StateTopic:
 
         Stopped when `stop` is set before the end is reached (checked between fetches).
         """
+        latest: dict[bytes | None, bytes] = {}
+        for chunk in self.read_chunks(partitions, timeout_s, stop):
+            for key, value in chunk:
+                if value is None:
+                    latest.pop(key, None)  # a tombstone
+                else:
+                    latest[key] = value
+        return list(latest.values())
+
+    def read_chunks(self, partitions: set[int], timeout_s: float, stop: threading.Event | None = None,
+                    ) -> Iterator[list[tuple[bytes | None, bytes | None]]]:
+        """Every committed record on these partitions, oldest first, one fetch at a time: (key, value), the value
+        None for a tombstone. A key's newest record is its stream's state (compaction may not have run yet).
+
+        Stopped when `stop` is set before the end is reached, KafkaTimeoutError past `timeout_s` (both checked
+        between fetches).
+        """
         if not partitions:
-            return []
+            return
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
                                  isolation_level="read_committed", key_deserializer=None, value_deserializer=None,
                                  max_partition_fetch_bytes=8 << 20, **self.client)
@@ -599,23 +616,20 @@ class StateTopic:
             consumer.assign(tps)
             consumer.seek_to_beginning(*tps)
             ends = consumer.end_offsets(tps)
-            latest: dict[bytes | None, bytes] = {}
             deadline = time.monotonic() + timeout_s
             todo = {tp for tp in tps if ends[tp] > 0}
+            n = 0
             while todo:
                 if stop is not None and stop.is_set():
-                    raise Stopped(f"reading the state topic {self.topic} ({len(latest)} streams read)")
+                    raise Stopped(f"reading the state topic {self.topic} ({n} records read)")
                 if time.monotonic() > deadline:
                     raise KafkaTimeoutError(f"state topic {self.topic}: not read to its end within {timeout_s:g} s "
                                             f"(delivery.restore_timeout_s)")
-                for msgs in consumer.poll(timeout_ms=200).values():
-                    for m in msgs:
-                        if m.value is None:
-                            latest.pop(m.key, None)  # a tombstone
-                        else:
-                            latest[m.key] = m.value
+                chunk = [(m.key, m.value) for msgs in consumer.poll(timeout_ms=200).values() for m in msgs]
+                if chunk:
+                    n += len(chunk)
+                    yield chunk
                 todo = {tp for tp in todo if consumer.position(tp) < ends[tp]}
-            return list(latest.values())
         finally:
             consumer.close(autocommit=False)
 

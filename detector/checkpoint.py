@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,8 @@ from safetensors.numpy import save as st_save
 from consumers.base import Stopped
 from detector.pipeline import Pipeline
 
-__all__ = ["FORMAT", "Checkpoint", "encode", "encode_many", "decode", "snapshot", "restore", "RestoreReport"]
+__all__ = ["FORMAT", "Checkpoint", "encode", "encode_many", "decode", "snapshot", "restore", "restore_chunks",
+           "RestoreReport"]
 
 FORMAT = "detector-state/1"
 
@@ -118,40 +120,147 @@ class RestoreReport:
     misfit: list[str] | None = None
 
 
+_NP = {v: np.dtype(k) for k, v in _DTYPES.items()}
+
+
+def _split(value: bytes) -> tuple[dict[str, str], bytes, int]:
+    """A record's metadata, the tensor part of its header (the layout: equal bytes for equal layouts) and where
+    its data starts; ValueError when it is not a checkpoint this version can read."""
+    if len(value) < 8:
+        raise ValueError("not a safetensors record (shorter than its header)")
+    (n,) = struct.unpack("<Q", value[:8])
+    if n > len(value) - 8:
+        raise ValueError("not a safetensors record (header longer than the record)")
+    try:
+        header = orjson.loads(value[8 : 8 + n])
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not a safetensors record ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors record (its header is not an object)")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not isinstance(meta.get("stream"), str):
+        raise ValueError("not a checkpoint (no stream id in its metadata)")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint format {meta.get('format')!r}, this version reads {FORMAT!r}")
+    return meta, orjson.dumps(header, option=orjson.OPT_SORT_KEYS), 8 + n
+
+
+def _spans(layout: bytes) -> list[tuple[int, int, str, np.dtype, list[int]]]:
+    """Each tensor of a layout as (start, end, name, dtype, shape), in data order; ValueError when the layout is not
+    a complete, contiguous set of tensors with a leading axis of 1."""
+    try:
+        info = orjson.loads(layout)
+        spans = sorted((int(t["data_offsets"][0]), int(t["data_offsets"][1]), name, _NP.get(t.get("dtype")),
+                        t.get("shape")) for name, t in info.items())
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise ValueError(f"not a checkpoint layout ({exc!r})") from None
+    end = 0
+    for a, b, name, dtype, shape in spans:
+        if (dtype is None or not isinstance(shape, list) or not shape or shape[0] != 1
+                or not all(isinstance(d, int) and d >= 0 for d in shape) or a != end
+                or b - a != int(np.prod(shape)) * dtype.itemsize):
+            raise ValueError(f"not a checkpoint layout (tensor {name!r})")
+        end = b
+    return spans
+
+
+def _columns(spans: list[tuple[int, int, str, np.dtype, list[int]]], data: list[bytes]) -> dict[str, np.ndarray]:
+    """The arrays of records that share one layout, rows first, from their data parts (each as long as the layout
+    says), with one copy of the data in all."""
+    end = spans[-1][1] if spans else 0
+    block = np.frombuffer(b"".join(data), np.uint8).reshape(len(data), end)
+    return {name: block[:, a:b].copy().view(dtype).reshape(len(data), *shape[1:]) for a, b, name, dtype, shape in spans}
+
+
+CHUNK_ROWS = 8192
+"""Records decoded into arrays at a time: memory beyond the restored rows stays a few tens of MB."""
+
+
 def restore(pipeline: Pipeline, values: list[bytes], only: set[tuple[str, int]] | None = None,
             stop: threading.Event | None = None) -> RestoreReport:
-    """Load checkpoint records into the pipeline; a record that cannot be used leaves its stream fresh.
+    """Load checkpoint records (one per stream) into the pipeline; a record that cannot be used leaves its stream
+    fresh. See `restore_chunks`."""
+    return restore_chunks(pipeline, [[(None, v) for v in values]], only, stop)
 
-    With `only`, records of streams whose input (topic, partition) is not in it are skipped. Stopped when `stop`
-    is set meanwhile (checked every 512 records: decoding 100,000 takes seconds), with the pipeline half-restored.
+
+def restore_chunks(pipeline: Pipeline, chunks: Iterable[list[tuple[bytes | None, bytes | None]]],
+                   only: set[tuple[str, int]] | None = None, stop: threading.Event | None = None) -> RestoreReport:
+    """Load a state topic's records, oldest first, as they are fetched: (key, value) chunks, value None for a
+    tombstone. Each stream ends with the state of its key's newest record; where that record is a tombstone or
+    cannot be used (unreadable, another model, with `only` another input partition than those given) the stream
+    is fresh, as if never seen.
+
+    Records are decoded in bulk: those with the same layout (every stream of one model and config) become one
+    array per field, CHUNK_ROWS at a time, and one `import_rows` call sets them. So a restore holds one fetch of
+    records beside the rows it fills, not the whole topic. Stopped when `stop` is set meanwhile (checked between
+    chunks), with the pipeline half-restored.
     """
     report = RestoreReport(skipped={}, misfit=[])
+    skipped = report.skipped
     version = pipeline.manifest.model_version or pipeline.manifest.name
-    groups: dict[tuple, list[tuple[str, dict[str, np.ndarray]]]] = {}
-    for i, value in enumerate(values):
-        if stop is not None and i % 512 == 0 and stop.is_set():
-            raise Stopped(f"restoring checkpoints ({i} of {len(values)} read)")
-        try:
-            meta, arrays = decode(value)
-        except ValueError:
-            report.skipped["unreadable"] = report.skipped.get("unreadable", 0) + 1
-            continue
-        if only is not None and (meta.get("topic"), int(meta.get("partition", -1))) not in only:
-            report.skipped["other_partition"] = report.skipped.get("other_partition", 0) + 1
-            continue
-        if meta.get("model_version") != version:
-            report.skipped["other_model"] = report.skipped.get("other_model", 0) + 1
-            continue
-        topic = meta.get("topic", "")
-        if topic not in pipeline.topics:
-            pipeline.topics.append(topic)
-        arrays["pipeline.in_topic"] = np.array([pipeline.topics.index(topic)], np.int64)  # the writer's index
-        sig = tuple(sorted((k, v.shape, v.dtype.str) for k, v in arrays.items()))
-        groups.setdefault(sig, []).append((meta["stream"], arrays))
-    for items in groups.values():  # streams with the same layout are restored in one call
-        streams = np.array([s for s, _ in items], dtype=object)
-        rows = pipeline.engine.rows_for(streams)
-        state = {k: np.concatenate([a[k] for _, a in items]) for k in items[0][1]}
-        report.misfit = sorted(set(report.misfit) | set(pipeline.import_rows(rows, state)))
-        report.restored += len(items)
+    held: set[str] = set()
+    layouts: dict[bytes, list | None] = {}  # a layout's tensors (None: not a layout this version reads)
+    n = 0
+    for chunk in chunks:
+        if stop is not None and stop.is_set():
+            raise Stopped(f"restoring checkpoints ({n} records read)")
+        n += len(chunk)
+        newest: dict[bytes, bytes | None] = {}
+        unkeyed: list[bytes] = []
+        for key, value in chunk:
+            if key is None:
+                if value is not None:
+                    unkeyed.append(value)
+            else:
+                newest.pop(key, None)  # keeps the newest last: the order of the chunk
+                newest[key] = value
+        groups: dict[bytes, tuple[list[str], list[int], list[bytes]]] = {}
+        gone: list[str] = []
+        for key, value in [*newest.items(), *((None, v) for v in unkeyed)]:
+            why = None
+            if value is None:
+                gone.append(key.decode(errors="replace"))  # type: ignore[union-attr]
+                continue
+            try:
+                meta, layout, start = _split(value)
+            except ValueError:
+                why = "unreadable"
+            else:
+                if layout not in layouts:
+                    try:
+                        layouts[layout] = _spans(layout)
+                    except ValueError:
+                        layouts[layout] = None
+                spans = layouts[layout]
+                topic = meta.get("topic", "")
+                if spans is None or len(value) - start != (spans[-1][1] if spans else 0):
+                    why = "unreadable"
+                elif only is not None and (topic, int(meta.get("partition", -1))) not in only:
+                    why = "other_partition"
+                elif meta.get("model_version") != version:
+                    why = "other_model"
+            if why is not None:
+                skipped[why] = skipped.get(why, 0) + 1
+                if key is not None:
+                    gone.append(key.decode(errors="replace"))
+                continue
+            if topic not in pipeline.topics:
+                pipeline.topics.append(topic)
+            streams, topics, data = groups.setdefault(layout, ([], [], []))
+            streams.append(meta["stream"])
+            topics.append(pipeline.topics.index(topic))  # the writer's index is this pipeline's
+            data.append(value[start:])
+        if gone:  # an older record of these streams was restored: they start fresh after all
+            rows = pipeline.engine.find(gone)
+            pipeline.release(rows[rows >= 0])
+            held.difference_update(gone)
+        for layout, (streams, topics, data) in groups.items():
+            for lo in range(0, len(streams), CHUNK_ROWS):
+                part = slice(lo, lo + CHUNK_ROWS)
+                state = _columns(layouts[layout], data[part])  # type: ignore[arg-type]
+                state["pipeline.in_topic"] = np.array(topics[part], np.int64)
+                rows = pipeline.engine.rows_for(np.array(streams[part], dtype=object))
+                report.misfit = sorted(set(report.misfit) | set(pipeline.import_rows(rows, state)))
+                held.update(streams[part])
+    report.restored = len(held)
     return report

@@ -66,7 +66,7 @@ from consumers.kafka import (
     max_message_bytes,
 )
 from detector.artifact import check_features, load_artifact
-from detector.checkpoint import restore, snapshot
+from detector.checkpoint import restore_chunks, snapshot
 from detector.config import Config, config_hash, load_config
 from detector.control import BadCommand, deleted, parse_command
 from detector.deadletter import dead_letter
@@ -367,9 +367,10 @@ class Daemon:
         report = None
         if self.state is not None and assigned:  # ... from the checkpoint of those on our partitions
             log.info("restoring the streams of %d partitions from %s", len(assigned), self.state.topic)
-            values = self.state.read({p for _, p in assigned}, self.cfg.delivery.restore_timeout_s,
-                                     self.stop_event)  # Stopped: half-restored, nothing may be scored or committed
-            report = restore(pipe, values, only=assigned, stop=self.stop_event)
+            chunks = self.state.read_chunks({p for _, p in assigned}, self.cfg.delivery.restore_timeout_s,
+                                            self.stop_event)  # decoded as fetched: one fetch in memory at a time
+            # Stopped: half-restored, nothing may be scored or committed
+            report = restore_chunks(pipe, chunks, only=assigned, stop=self.stop_event)
             self.metrics.restored_streams.inc(report.restored)
         source.rewind(assigned)
         self._group = source.group_metadata()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -148,3 +150,17 @@ def test_checkpoints_bench_reads_the_daemons_metrics() -> None:
     assert metric(body, "detector_commit_seconds_count") == 21.0
     assert metric(body, "detector_commit_seconds_sum") == 34.5
     assert metric(body, "detector_checkpoint_bytes") == 0.0  # a sample missing from the text
+
+
+@pytest.mark.kafka
+def test_restore_bench_restores_every_stream_both_ways_and_writes_its_section(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "restore.py"), "--streams", "300", "--out", str(out),
+                           "--results", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert row["streams"] == 300 and row["record_bytes"] > 1000 and row["decode_speedup"] > 0
+    for way in ("whole", "fetched"):
+        assert row[f"{way}_rss_peak_mib"] >= row[f"{way}_rss_steady_mib"] > 0 and row[f"{way}_s"] > 0
+    assert "## Restores" in out.read_text() and "| 300 |" in out.read_text()

@@ -11,7 +11,7 @@ from safetensors.numpy import save as st_save
 
 from consumers.base import Record, Stopped
 from detector.artifact import Artifact
-from detector.checkpoint import decode, encode, encode_many, restore, snapshot
+from detector.checkpoint import decode, encode, encode_many, restore, restore_chunks, snapshot
 from detector.config import Config, parse_config
 from detector.pipeline import Pipeline
 from tests.test_pipeline import feed, trained  # noqa: F401 (fixture)
@@ -149,3 +149,51 @@ def test_encode_many_is_safetensors_row_by_row() -> None:
         assert meta == {"format": "detector-state/1", **metas[i]}
         for k, v in arrays.items():
             assert back[k].dtype == v.dtype and np.array_equal(back[k], v[i : i + 1]), k
+
+
+def test_bulk_restore_reads_records_of_either_writer_and_refuses_broken_ones(trained: Artifact, cfg: Config) -> None:  # noqa: F811
+    pipe = Pipeline(cfg, trained)
+    run(pipe, feed(3, 40, {}))
+    rows = pipe.take_dirty()
+    bulk = [c.value for c in snapshot(pipe, rows)]
+    one_by_one = [encode(*[(m["stream"], a, m) for m, a in [decode(v)]][0]) for v in bulk]  # safetensors' own writer
+    assert one_by_one != bulk
+    for values in (bulk, one_by_one):
+        fresh = Pipeline(cfg, trained)
+        assert restore(fresh, values).restored == 3
+        back = fresh.export_rows(fresh.engine.rows_for(np.array(pipe.streams_at(rows), dtype=object)))
+        for k, v in pipe.export_rows(rows).items():
+            np.testing.assert_array_equal(back[k], v, err_msg=k)
+    rng = np.random.default_rng(0)
+    broken = [bulk[0][:40], bulk[0][:-8], bulk[0] + b"\x00" * 8]
+    for _ in range(200):  # any byte of the header or the data changed: restored as written, or refused; never a crash
+        v = bytearray(bulk[0])
+        v[int(rng.integers(0, len(v)))] = int(rng.integers(0, 256))
+        broken.append(bytes(v))
+    target, unreadable = Pipeline(cfg, trained), 0
+    for v in broken:
+        report = restore(target, [v])
+        assert report.restored + sum(report.skipped.values()) == 1, report
+        unreadable += report.skipped.get("unreadable", 0)
+    assert unreadable >= 3
+
+
+def test_a_restore_as_fetched_keeps_each_keys_newest_record(trained: Artifact, cfg: Config) -> None:  # noqa: F811
+    pipe = Pipeline(cfg, trained)
+    records = feed(3, 40, {})
+    run(pipe, records[: len(records) // 2])
+    older = {c.stream: c.value for c in snapshot(pipe, pipe.take_dirty())}
+    run(pipe, records[len(records) // 2:])
+    newer = {c.stream: c.value for c in snapshot(pipe, pipe.take_dirty())}
+    meta, arrays = decode(newer["m2"])
+    other_model = encode("m2", arrays, {**meta, "model_version": "someone-else"})
+    chunks = [[(s.encode(), v) for s, v in older.items()],  # every stream, as of reading 20
+              [(b"m0", newer["m0"]), (b"m1", None), (b"m2", other_model)]]  # m0 newer; m1 deleted; m2 unusable
+    fresh = Pipeline(cfg, trained)
+    report = restore_chunks(fresh, iter(chunks))
+    assert report.restored == 1 and report.skipped == {"other_model": 1}
+    assert fresh.engine.live_streams == 1 and fresh.streams_at(fresh.engine.live_rows()) == ["m0"]
+    row = fresh.engine.find(["m0"])
+    for k, v in pipe.export_rows(pipe.engine.find(["m0"])).items():  # m0 as of reading 40
+        np.testing.assert_array_equal(fresh.export_rows(row)[k], v, err_msg=k)
+    assert fresh.engine.find(["m1", "m2"]).tolist() == [-1, -1]

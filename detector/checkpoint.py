@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,12 +179,20 @@ CHUNK_ROWS = 8192
 def restore(pipeline: Pipeline, values: list[bytes], only: set[tuple[str, int]] | None = None,
             stop: threading.Event | None = None) -> RestoreReport:
     """Load checkpoint records (one per stream) into the pipeline; a record that cannot be used leaves its stream
-    fresh. See `restore_chunks`."""
-    return restore_chunks(pipeline, [[(None, v) for v in values]], only, stop)
+    fresh. Stopped when `stop` is set meanwhile (checked every 4,096 records), with the pipeline half-restored.
+    See `restore_chunks`."""
+
+    def chunks() -> Iterator[list[tuple[bytes | None, bytes | None]]]:
+        for lo in range(0, len(values), 4096):
+            if stop is not None and stop.is_set():
+                raise Stopped(f"restoring checkpoints ({lo} of {len(values)} read)")
+            yield [(None, v) for v in values[lo : lo + 4096]]
+
+    return restore_chunks(pipeline, chunks(), only)
 
 
 def restore_chunks(pipeline: Pipeline, chunks: Iterable[list[tuple[bytes | None, bytes | None]]],
-                   only: set[tuple[str, int]] | None = None, stop: threading.Event | None = None) -> RestoreReport:
+                   only: set[tuple[str, int]] | None = None) -> RestoreReport:
     """Load a state topic's records, oldest first, as they are fetched: (key, value) chunks, value None for a
     tombstone. Each stream ends with the state of its key's newest record; where that record is a tombstone or
     cannot be used (unreadable, another model, with `only` another input partition than those given) the stream
@@ -192,19 +200,15 @@ def restore_chunks(pipeline: Pipeline, chunks: Iterable[list[tuple[bytes | None,
 
     Records are decoded in bulk: those with the same layout (every stream of one model and config) become one
     array per field, CHUNK_ROWS at a time, and one `import_rows` call sets them. So a restore holds one fetch of
-    records beside the rows it fills, not the whole topic. Stopped when `stop` is set meanwhile (checked between
-    chunks), with the pipeline half-restored.
+    records beside the rows it fills, not the whole topic. To stop it, the chunks' source raises (Stopped)
+    between two chunks; the pipeline is then half-restored.
     """
     report = RestoreReport(skipped={}, misfit=[])
     skipped = report.skipped
     version = pipeline.manifest.model_version or pipeline.manifest.name
     held: set[str] = set()
     layouts: dict[bytes, list | None] = {}  # a layout's tensors (None: not a layout this version reads)
-    n = 0
     for chunk in chunks:
-        if stop is not None and stop.is_set():
-            raise Stopped(f"restoring checkpoints ({n} records read)")
-        n += len(chunk)
         newest: dict[bytes, bytes | None] = {}
         unkeyed: list[bytes] = []
         for key, value in chunk:

@@ -370,7 +370,7 @@ class Daemon:
             chunks = self.state.read_chunks({p for _, p in assigned}, self.cfg.delivery.restore_timeout_s,
                                             self.stop_event)  # decoded as fetched: one fetch in memory at a time
             # Stopped: half-restored, nothing may be scored or committed
-            report = restore_chunks(pipe, chunks, only=assigned, stop=self.stop_event)
+            report = restore_chunks(pipe, chunks, only=assigned)
             self.metrics.restored_streams.inc(report.restored)
         source.rewind(assigned)
         self._group = source.group_metadata()

@@ -98,7 +98,8 @@ class Pipeline(RowState):
         self.acks: dict[str, tuple[Command, dict[str, Any]]] = {}  # newest ack per glob, with where it was read
         self.topics: list[str] = []  # input topics seen, indexed by in_topic
         self.forgotten: list[tuple[str, str, int]] = []  # (stream, topic, partition) forgotten since the last commit
-        self._sweep_at = -np.inf  # event time of the next look for streams to forget
+        self._sweep_at: dict[tuple[int, int], float] = {}  # per input partition: event time of the next look for
+        # streams to forget (a member catching up reads some partitions hours ahead of others)
         self.in_topic = np.zeros(0, np.int64)
         self.in_partition = np.zeros(0, np.int64)
         self.in_offset = np.zeros(0, np.int64)
@@ -324,11 +325,24 @@ class Pipeline(RowState):
             alerts.extend(self._silence_alert(records[-1], int(r), state) for rows, state in
                           ((went, "raised"), (back, "cleared")) for r in rows)
         alerts.extend(order_alerts)
-        after = self.cfg.scoring.forget_after_s
-        if after > 0 and len(readings) and float(readings.ts.max()) >= self._sweep_at:  # a sweep per 1/16 of it
-            self._sweep_at = float(readings.ts.max()) + after / 16
+        if self.cfg.scoring.forget_after_s > 0 and len(readings) and self._sweep_due(rows, readings.ts):
             alerts.extend(self._forget_silent(records[-1], now))
         return BatchOutput(alerts, rejects, readings, ws, warning, replayed)
+
+    def _sweep_due(self, rows: np.ndarray, ts: np.ndarray) -> bool:
+        """Whether this batch moved an input partition's newest event time a sixteenth of forget_after_s past the
+        last look, per partition."""
+        key = np.stack([self.in_topic[rows], self.in_partition[rows]], axis=1)
+        parts, at = np.unique(key, axis=0, return_inverse=True)
+        newest = np.full(len(parts), -np.inf)
+        np.maximum.at(newest, at.ravel(), ts)
+        due = False
+        step = self.cfg.scoring.forget_after_s / 16
+        for (t, p), hi in zip(parts.tolist(), newest.tolist(), strict=True):
+            if hi >= self._sweep_at.get((t, p), -np.inf):
+                self._sweep_at[(t, p)] = hi + step
+                due = True
+        return due
 
     def _forget_silent(self, rec: Record, now: float) -> list[dict[str, Any]]:
         """Forget the streams silent past scoring.forget_after_s that have no episode open; their silent episodes

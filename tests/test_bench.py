@@ -164,3 +164,17 @@ def test_restore_bench_restores_every_stream_both_ways_and_writes_its_section(tm
     for way in ("whole", "fetched"):
         assert row[f"{way}_rss_peak_mib"] >= row[f"{way}_rss_steady_mib"] > 0 and row[f"{way}_s"] > 0
     assert "## Restores" in out.read_text() and "| 300 |" in out.read_text()
+
+
+@pytest.mark.kafka
+def test_churn_bench_drains_with_and_without_forgetting_and_writes_its_section(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "churn.py"), "--distinct", "600", "--active", "60",
+                           "--life", "10", "--out", str(out), "--results", str(tmp_path / "c.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    forget, never = json.loads((tmp_path / "c.json").read_text())["runs"]
+    assert forget["forget_after_s"] == 600 and never["forget_after_s"] == 0 and never["forgotten"] == 0
+    assert forget["forgotten"] > 0 and forget["held_max"] < 600 and never["held_max"] >= forget["held_max"]
+    assert "## Memory under stream churn" in out.read_text()

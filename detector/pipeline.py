@@ -98,7 +98,7 @@ class Pipeline(RowState):
         self.acks: dict[str, tuple[Command, dict[str, Any]]] = {}  # newest ack per glob, with where it was read
         self.topics: list[str] = []  # input topics seen, indexed by in_topic
         self.forgotten: list[tuple[str, str, int]] = []  # (stream, topic, partition) forgotten since the last commit
-        self._sweep_at: dict[tuple[int, int], float] = {}  # per input partition: event time of the next look for
+        self._sweep_at: dict[int, float] = {}  # per input (topic, partition) key: event time of the next look for
         # streams to forget (a member catching up reads some partitions hours ahead of others)
         self.in_topic = np.zeros(0, np.int64)
         self.in_partition = np.zeros(0, np.int64)
@@ -332,15 +332,16 @@ class Pipeline(RowState):
     def _sweep_due(self, rows: np.ndarray, ts: np.ndarray) -> bool:
         """Whether this batch moved an input partition's newest event time a sixteenth of forget_after_s past the
         last look, per partition."""
-        key = np.stack([self.in_topic[rows], self.in_partition[rows]], axis=1)
-        parts, at = np.unique(key, axis=0, return_inverse=True)
+        if self._sweep_at and float(ts.max()) < min(self._sweep_at.values()):  # the usual batch: one max
+            return False
+        parts, at = np.unique(self.in_topic[rows] * (1 << 32) + self.in_partition[rows], return_inverse=True)
         newest = np.full(len(parts), -np.inf)
-        np.maximum.at(newest, at.ravel(), ts)
+        np.maximum.at(newest, at, ts)
         due = False
         step = self.cfg.scoring.forget_after_s / 16
-        for (t, p), hi in zip(parts.tolist(), newest.tolist(), strict=True):
-            if hi >= self._sweep_at.get((t, p), -np.inf):
-                self._sweep_at[(t, p)] = hi + step
+        for key, hi in zip(parts.tolist(), newest.tolist(), strict=True):
+            if hi >= self._sweep_at.get(key, -np.inf):
+                self._sweep_at[key] = hi + step
                 due = True
         return due
 

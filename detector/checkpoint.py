@@ -236,10 +236,11 @@ def restore_chunks(pipeline: Pipeline, chunks: Iterable[list[tuple[bytes | None,
                     except ValueError:
                         layouts[layout] = None
                 spans = layouts[layout]
-                topic = meta.get("topic", "")
-                if spans is None or len(value) - start != (spans[-1][1] if spans else 0):
+                topic, partition = meta.get("topic", ""), str(meta.get("partition", "-1"))
+                if (spans is None or len(value) - start != (spans[-1][1] if spans else 0)
+                        or not partition.lstrip("-").isdigit()):
                     why = "unreadable"
-                elif only is not None and (topic, int(meta.get("partition", -1))) not in only:
+                elif only is not None and (topic, int(partition)) not in only:
                     why = "other_partition"
                 elif meta.get("model_version") != version:
                     why = "other_model"

@@ -165,7 +165,9 @@ def test_bulk_restore_reads_records_of_either_writer_and_refuses_broken_ones(tra
         for k, v in pipe.export_rows(rows).items():
             np.testing.assert_array_equal(back[k], v, err_msg=k)
     rng = np.random.default_rng(0)
-    broken = [bulk[0][:40], bulk[0][:-8], bulk[0] + b"\x00" * 8]
+    meta, arrays = decode(bulk[0])
+    broken = [bulk[0][:40], bulk[0][:-8], bulk[0] + b"\x00" * 8,
+              encode(meta["stream"], arrays, {**meta, "partition": "x"})]  # a partition that is not a number
     for _ in range(200):  # any byte of the header or the data changed: restored as written, or refused; never a crash
         v = bytearray(bulk[0])
         v[int(rng.integers(0, len(v)))] = int(rng.integers(0, 256))

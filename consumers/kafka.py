@@ -610,7 +610,7 @@ class StateTopic:
             return
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
                                  isolation_level="read_committed", key_deserializer=None, value_deserializer=None,
-                                 max_partition_fetch_bytes=8 << 20, **self.client)
+                                 max_partition_fetch_bytes=8 << 20, max_poll_records=8192, **self.client)
         try:
             tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
             consumer.assign(tps)

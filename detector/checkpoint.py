@@ -173,7 +173,24 @@ def _columns(spans: list[tuple[int, int, str, np.dtype, list[int]]], data: list[
 
 
 CHUNK_ROWS = 8192
-"""Records decoded into arrays at a time: memory beyond the restored rows stays a few tens of MB."""
+"""Records decoded into arrays at a time: memory beyond the restored rows stays a few tens of MB, and the
+stream index is rebuilt once per this many records, not once per fetch."""
+
+
+def _gathered(chunks: Iterable[list], at_least: int) -> Iterator[list]:
+    """The chunks joined, in order, into lists of at least `at_least` items (the last one may be shorter).
+
+    >>> [len(c) for c in _gathered([[1], [2, 3], [4], [5], [6]], 2)]
+    [3, 2, 1]
+    """
+    held: list = []
+    for chunk in chunks:
+        held.extend(chunk)
+        if len(held) >= at_least:
+            yield held
+            held = []
+    if held:
+        yield held
 
 
 def restore(pipeline: Pipeline, values: list[bytes], only: set[tuple[str, int]] | None = None,
@@ -208,7 +225,7 @@ def restore_chunks(pipeline: Pipeline, chunks: Iterable[list[tuple[bytes | None,
     version = pipeline.manifest.model_version or pipeline.manifest.name
     held: set[str] = set()
     layouts: dict[bytes, list | None] = {}  # a layout's tensors (None: not a layout this version reads)
-    for chunk in chunks:
+    for chunk in _gathered(chunks, CHUNK_ROWS):
         newest: dict[bytes, bytes | None] = {}
         unkeyed: list[bytes] = []
         for key, value in chunk:

@@ -409,7 +409,8 @@ class Daemon:
                      extra={"stream": alert["stream"]})
         engine = self.pipeline.engine
         m.active_streams.set(engine.live_streams)
-        m.warming_streams.set(int((engine.readings_seen() < self.cfg.alerts.warmup_readings).sum()))
+        seen = engine.readings_seen()
+        m.warming_streams.set(int((seen[engine.live_rows()] < self.cfg.alerts.warmup_readings).sum()))  # held ones
         now_ms = time.time() * 1000
         for r in records[:: max(1, len(records) // 64)]:
             if r.timestamp_ms > 0:

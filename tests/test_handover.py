@@ -61,7 +61,8 @@ def test_a_fenced_producer_found_by_the_handover_is_raised_on_the_loop() -> None
 
 
 def test_a_rewind_forgets_every_stream_it_does_not_restore_and_new_streams_take_their_rows() -> None:
-    daemon = _daemon("at_least_once")
+    cfg = parse_config({"alerts": {"warmup_readings": 100}, "delivery": {"commit_interval_ms": 30000}})
+    daemon = Daemon(cfg, Pipeline(cfg, random_artifact()))
     src, sink = IterSource([]), ListSink()
     daemon._last_commit = 1e18
     recs = [record({"stream": f"pump-{s}", "ts": 1_700_000_000 + 60 * i, "values": {"temp": 1.0 + i % 3}},
@@ -74,3 +75,4 @@ def test_a_rewind_forgets_every_stream_it_does_not_restore_and_new_streams_take_
     assert engine.live_streams == 0 and daemon.metrics.active_streams._value.get() == 0
     daemon.process([record({"stream": "fan-1", "ts": 1_700_000_000, "values": {"temp": 1.0}}, offset=99)], src, sink)
     assert engine.live_streams == 1 and engine.capacity == capacity and len(engine.streams) == 3
+    assert daemon.metrics.warming_streams._value.get() == 1, "the released rows are not streams warming up"

@@ -51,6 +51,22 @@ def release_free_heap() -> None:
         pass
 
 
+def artifact():  # noqa: ANN201 (an Artifact; torch is imported late)
+    """An untrained model of the benches' shape (8 features, window 64, hop 16, hidden 48), in memory."""
+    import numpy as np
+
+    from detector.artifact import Artifact, Manifest
+    from detector.model import LSTMAutoencoder
+    from detector.train import CALIBRATION_LEVELS
+
+    n = len(CALIBRATION_LEVELS)
+    manifest = Manifest(features=[f"f{i}" for i in range(F)], scaler_mean=[0.0] * F, scaler_std=[1.0] * F,
+                        window=WINDOW, hop=HOP, hidden_size=HIDDEN, num_layers=1, error_mean=[0.0] * F,
+                        error_std=[1.0] * F, calibration_levels=list(CALIBRATION_LEVELS),
+                        calibration_scores=list(np.linspace(0.5, 50.0, n)), name="bench", model_version="bench-1")
+    return Artifact(LSTMAutoencoder(F, HIDDEN, 1, WINDOW).eval(), manifest, Path("."))
+
+
 def measure(streams: int) -> dict:
     """One fleet size, in this process (call it in a fresh one)."""
     import numpy as np
@@ -58,20 +74,12 @@ def measure(streams: int) -> dict:
     import torch
 
     from consumers.base import Record
-    from detector.artifact import Artifact, Manifest
     from detector.config import Config
-    from detector.model import LSTMAutoencoder
     from detector.pipeline import Pipeline
-    from detector.train import CALIBRATION_LEVELS
 
     torch.set_num_threads(2)
     feats = [f"f{i}" for i in range(F)]
-    n = len(CALIBRATION_LEVELS)
-    manifest = Manifest(features=feats, scaler_mean=[0.0] * F, scaler_std=[1.0] * F, window=WINDOW, hop=HOP,
-                        hidden_size=HIDDEN, num_layers=1, error_mean=[0.0] * F, error_std=[1.0] * F,
-                        calibration_levels=list(CALIBRATION_LEVELS),
-                        calibration_scores=list(np.linspace(0.5, 50.0, n)), name="bench", model_version="bench-1")
-    pipe = Pipeline(Config(), Artifact(LSTMAutoencoder(F, HIDDEN, 1, WINDOW).eval(), manifest, Path(".")), "cpu")
+    pipe = Pipeline(Config(), artifact(), "cpu")
     rng = np.random.default_rng(0)
     warm = [Record("in", 0, i, b"w", orjson.dumps({"stream": "w", "ts": 1.7e9 + i, "values": dict(
         zip(feats, rng.normal(size=F).tolist(), strict=True))}), 0) for i in range(WINDOW)]

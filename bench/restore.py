@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.memory import HIDDEN, HOP, WINDOW, F, release_free_heap, rss_bytes  # noqa: E402
+from bench.memory import HIDDEN, HOP, WINDOW, F, artifact, release_free_heap, rss_bytes  # noqa: E402
 from bench.report import machine, replace_section  # noqa: E402
 
 PARTITIONS = 4
@@ -91,22 +91,14 @@ def measure(streams: int) -> dict:
 
     from consumers.base import Record
     from consumers.kafka import StateTopic
-    from detector.artifact import Artifact, Manifest
     from detector.checkpoint import restore, restore_chunks, snapshot
     from detector.config import Config
-    from detector.model import LSTMAutoencoder
     from detector.pipeline import Pipeline
-    from detector.train import CALIBRATION_LEVELS
     from tests.kafka_broker import KafkaBroker, create_topic
 
     torch.set_num_threads(2)
     feats = [f"f{i}" for i in range(F)]
-    n = len(CALIBRATION_LEVELS)
-    manifest = Manifest(features=feats, scaler_mean=[0.0] * F, scaler_std=[1.0] * F, window=WINDOW, hop=HOP,
-                        hidden_size=HIDDEN, num_layers=1, error_mean=[0.0] * F, error_std=[1.0] * F,
-                        calibration_levels=list(CALIBRATION_LEVELS),
-                        calibration_scores=list(np.linspace(0.5, 50.0, n)), name="bench", model_version="bench-1")
-    art = Artifact(LSTMAutoencoder(F, HIDDEN, 1, WINDOW).eval(), manifest, Path("."))
+    art = artifact()
     source = Pipeline(Config(), art, "cpu")
     rng = np.random.default_rng(0)
     for s0 in range(0, streams, 20000):

@@ -45,20 +45,33 @@ def encode(stream: str, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> 
                    metadata={"format": FORMAT, "stream": stream, **meta})
 
 
-def decode(value: bytes) -> tuple[dict[str, str], dict[str, np.ndarray]]:
-    """Metadata and arrays of a checkpoint record; ValueError when it is not one this version can read."""
+def _header(value: bytes) -> tuple[dict, int]:
+    """A record's safetensors header as a dict, and where its data starts; ValueError when it has none."""
     if len(value) < 8:
         raise ValueError("not a safetensors record (shorter than its header)")
     (n,) = struct.unpack("<Q", value[:8])
     if n > len(value) - 8:
         raise ValueError("not a safetensors record (header longer than the record)")
     try:
-        meta = orjson.loads(value[8 : 8 + n]).get("__metadata__") or {}
+        header = orjson.loads(value[8 : 8 + n])
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not a safetensors record ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors record (its header is not an object)")
+    return header, 8 + n
+
+
+def decode(value: bytes) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """Metadata and arrays of a checkpoint record; ValueError when it is not one this version can read."""
+    header, _ = _header(value)
+    meta = header.get("__metadata__") or {}
+    try:
         arrays = st_load(value)
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"not a safetensors record ({exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"checkpoint format {meta.get('format')!r}, this version reads {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                         f"this version reads {FORMAT!r}")
     return meta, arrays
 
 
@@ -126,23 +139,13 @@ _NP = {v: np.dtype(k) for k, v in _DTYPES.items()}
 def _split(value: bytes) -> tuple[dict[str, str], bytes, int]:
     """A record's metadata, the tensor part of its header (the layout: equal bytes for equal layouts) and where
     its data starts; ValueError when it is not a checkpoint this version can read."""
-    if len(value) < 8:
-        raise ValueError("not a safetensors record (shorter than its header)")
-    (n,) = struct.unpack("<Q", value[:8])
-    if n > len(value) - 8:
-        raise ValueError("not a safetensors record (header longer than the record)")
-    try:
-        header = orjson.loads(value[8 : 8 + n])
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"not a safetensors record ({exc})") from exc
-    if not isinstance(header, dict):
-        raise ValueError("not a safetensors record (its header is not an object)")
+    header, start = _header(value)
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not isinstance(meta.get("stream"), str):
         raise ValueError("not a checkpoint (no stream id in its metadata)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"checkpoint format {meta.get('format')!r}, this version reads {FORMAT!r}")
-    return meta, orjson.dumps(header, option=orjson.OPT_SORT_KEYS), 8 + n
+    return meta, orjson.dumps(header, option=orjson.OPT_SORT_KEYS), start
 
 
 def _spans(layout: bytes) -> list[tuple[int, int, str, np.dtype, list[int]]]:

@@ -329,12 +329,16 @@ class Pipeline(RowState):
             alerts.extend(self._forget_silent(records[-1], now))
         return BatchOutput(alerts, rejects, readings, ws, warning, replayed)
 
+    def _partition_key(self, rows: np.ndarray) -> np.ndarray:
+        """One int64 per row for the input (topic, partition) its newest reading came from."""
+        return self.in_topic[rows] * (1 << 32) + self.in_partition[rows]
+
     def _sweep_due(self, rows: np.ndarray, ts: np.ndarray) -> bool:
         """Whether this batch moved an input partition's newest event time a sixteenth of forget_after_s past the
         last look, per partition."""
         if self._sweep_at and float(ts.max()) < min(self._sweep_at.values()):  # the usual batch: one max
             return False
-        parts, at = np.unique(self.in_topic[rows] * (1 << 32) + self.in_partition[rows], return_inverse=True)
+        parts, at = np.unique(self._partition_key(rows), return_inverse=True)
         newest = np.full(len(parts), -np.inf)
         np.maximum.at(newest, at, ts)
         due = False
@@ -360,8 +364,7 @@ class Pipeline(RowState):
             return []
         live, last = live[seen], last[seen]
         self._ensure_rows()
-        part = self.in_topic[live] * (int(self.in_partition[live].max()) + 2) + self.in_partition[live]
-        groups, at = np.unique(part, return_inverse=True)
+        groups, at = np.unique(self._partition_key(live), return_inverse=True)
         newest = np.full(len(groups), -np.inf)
         np.maximum.at(newest, at, last)
         stale = live[last < np.minimum(newest[at], now) - self.cfg.scoring.forget_after_s]

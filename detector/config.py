@@ -179,6 +179,7 @@ class ScoringConfig(_Section):
 
     max_gap_s: float = Field(3600.0, gt=0)
     adapt_halflife_windows: float = Field(0.0, ge=0)
+    adapt_gate: bool = True
     forget_after_s: float = Field(86400.0, ge=0)
 
     @model_validator(mode="after")

@@ -35,6 +35,10 @@ CHUNK = 32768
 """Most streams (or windows) per LSTM call: bounds the cuDNN workspace, which for one call decoding a million
 windows asked for 255 GiB (H200, float32)."""
 
+GATE_QUANTILE = 0.999
+"""The calibration quantile that a feature's own relation part must reach to stop its adaptation (the calibrated
+warning level's default, and the quantile the relation weight is matched at)."""
+
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """The model's arithmetic by config name: None runs in float32, the others under torch autocast. model.precision
 may also be `auto`: bfloat16 where the model runs in it on its device, float32 elsewhere."""
@@ -156,7 +160,8 @@ class Engine:
     """Scores batches of readings for any number of streams with one stateful model."""
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", max_gap_s: float = 3600.0,
-                 capacity: int = 256, adapt_halflife: float = 0.0, precision: str = "float32") -> None:
+                 capacity: int = 256, adapt_halflife: float = 0.0, precision: str = "float32",
+                 adapt_gate: bool = True) -> None:
         m = artifact.manifest
         self.device = torch.device(device)
         # its own copy: moving the artifact's module in place would move it under any other user of the artifact
@@ -168,6 +173,11 @@ class Engine:
         self.max_gap_s = max_gap_s
         # per-stream, per-feature error level (1 = as in calibration), learned when adapt_halflife > 0 windows
         self.adapt_rate = 1.0 - 0.5 ** (1.0 / adapt_halflife) if adapt_halflife > 0 else 0.0
+        # a feature that breaks its relations to the other sensors (its own relation part at the calibrated
+        # warning quantile) is a fault, not a new normal: it does not adapt in that window (streams the
+        # relations were trained on only)
+        self.adapt_gate = adapt_gate and m.relation_weight > 0
+        self._gate_level = m.quantile(GATE_QUANTILE)
         with torch.inference_mode():
             as_t = partial(torch.tensor, dtype=torch.float32, device=self.device)
             self._mean, self._std = as_t(m.scaler_mean), as_t(m.scaler_std)
@@ -454,13 +464,14 @@ class Engine:
             recon = self._decode(out[gi, gj])
             scale = self.level[u[gi]] if self.adapt_rate else None
             score, per_feature, share, direction, zmean = score_windows(win, recon, wmask, self.spec, hop, scale)
+            broken = None
             if self.spec.relations is not None:
-                score, share, direction = self._relations(u[gi], win[:, -hop:], wmask[:, -hop:], score, share,
-                                                          direction)
+                score, share, direction, broken = self._relations(u[gi], win[:, -hop:], wmask[:, -hop:], score,
+                                                                  share, direction)
             if self.spec.smooth_decay > 0:
                 score, share = self._smooth(u[gi], zmean, score, share)
             if self.adapt_rate:
-                self._adapt(u[gi], per_feature * scale)
+                self._adapt(u[gi], per_feature * scale, broken if self.adapt_gate else None)
             fields = {"rows": u[gi], "score": score.double(), "feature_score": per_feature, "share": share,
                       "direction": direction.to(torch.int8), "start_ts": text[gi, gj + 1], "end_ts": text[gi, gj + W],
                       "reading": idx[start[gi] + gj], "nth": nth[gi, gj]}
@@ -505,19 +516,22 @@ class Engine:
         return _mixed(self.device, self.precision)
 
     def _relations(self, rows: torch.Tensor, x: torch.Tensor, present: torch.Tensor, score: torch.Tensor,
-                   share: torch.Tensor, direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   share: torch.Tensor, direction: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The windows' scores, shares and directions with the relation score taking over wherever it is the
-        larger (only streams the model was trained on have a scale for it)."""
+        larger (only streams the model was trained on have a scale for it), and which features' own relation
+        parts reach the adaptation gate (K, F)."""
         rel = self.spec.relations
         assert rel is not None
         u = (x - self.rel_shift[rows][:, None]) / self.rel_scale[rows][:, None]
         raw, part, zmean = relation_scores(u, present, rel)
-        rscore = torch.where(self.rel_known[rows], raw * rel.weight, 0.0).to(score.dtype)
+        known = self.rel_known[rows]
+        rscore = torch.where(known, raw * rel.weight, 0.0).to(score.dtype)
+        broken = known[:, None] & (part * rel.weight >= self._gate_level)
         wins = rscore > score
         if self._rel_attributes:
             share = torch.where(wins[:, None], part / part.sum(dim=1, keepdim=True).clamp(min=1e-12), share)
             direction = torch.where(wins[:, None], torch.sign(zmean).to(direction.dtype), direction)
-        return torch.maximum(score, rscore), share, direction
+        return torch.maximum(score, rscore), share, direction, broken
 
     def _smooth(self, rows: torch.Tensor, zmean: torch.Tensor, score: torch.Tensor,
                 share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -536,13 +550,13 @@ class Engine:
         share = torch.where(wins[:, None], part / part.sum(dim=1, keepdim=True).clamp(min=1e-12), share)
         return torch.maximum(score, sscore), share
 
-    def _adapt(self, rows: torch.Tensor, level: torch.Tensor) -> None:
+    def _adapt(self, rows: torch.Tensor, level: torch.Tensor, frozen: torch.Tensor | None = None) -> None:
         """Move each stream's per-feature error level towards what its windows show, never below 1.
 
         A feature whose errors run higher than in calibration (a temperature that drifts with the season)
         slowly stops dominating the score, while a fault that appears within a few half-lives stands out.
         Each window pulls the level towards its own error at most as far as four times the current level,
-        so one extreme window moves it little.
+        so one extreme window moves it little. Where `frozen` (K, F) is set, that window leaves the level as it is.
         """
         first = _group_starts(rows)
         rank = torch.arange(len(rows), device=rows.device) - first.nonzero().squeeze(1)[torch.cumsum(first, 0) - 1]
@@ -551,7 +565,8 @@ class Engine:
             w = rank == step
             r = rows[w]
             cur = self.level[r]
-            self.level[r] = torch.clamp(cur + a * (torch.minimum(level[w], 4.0 * cur) - cur), min=1.0)
+            new = torch.clamp(cur + a * (torch.minimum(level[w], 4.0 * cur) - cur), min=1.0)
+            self.level[r] = new if frozen is None else torch.where(frozen[w], cur, new)
 
 
 def score_spec(m: Manifest, device: torch.device | str = "cpu") -> ScoreSpec:

@@ -80,7 +80,8 @@ class Pipeline(RowState):
             max_stream_id_bytes=cfg.input.max_stream_id_bytes,
         )
         self.engine = Engine(artifact, device=device, max_gap_s=cfg.scoring.max_gap_s,
-                             adapt_halflife=cfg.scoring.adapt_halflife_windows, precision=cfg.model.precision)
+                             adapt_halflife=cfg.scoring.adapt_halflife_windows, precision=cfg.model.precision,
+                             adapt_gate=cfg.scoring.adapt_gate)
         self.labels = Labeler(cfg.streams.labels)
         self.threshold = build_threshold(cfg.thresholds, m, self.engine.streams, (cfg.alerts.k, cfg.alerts.n),
                                          self.labels)

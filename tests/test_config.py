@@ -70,6 +70,7 @@ def test_root_config_yaml_lists_every_key_with_its_default() -> None:
         ({"output": {"batch_bytes": 2 << 20}}, "output.batch_bytes: Input should be less than or equal to 1048576"),
         ({"runtime": {"log_format": "xml"}}, "runtime.log_format"),
         ({"scoring": {"max_gap_s": -1}}, "scoring.max_gap_s: Input should be greater than 0"),
+        ({"scoring": {"adapt_gate": "sometimes"}}, "scoring.adapt_gate: Input should be a valid boolean"),
         ({"scoring": {"forget_after_s": -1}}, "scoring.forget_after_s: Input should be greater than or equal to 0"),
         ({"scoring": {"forget_after_s": 600}}, "scoring: forget_after_s (600) must be 0 (never) or at least max_gap_s"),
         ({"kafka": {"request_timeout_ms": 5}}, "kafka.request_timeout_ms"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -132,3 +133,33 @@ def test_training_stores_each_streams_scale_and_the_engine_scores_a_lasting_brok
     again.release(rows)  # the row goes to the next new stream, which is not the model's: no scale of pump-b
     assert again.rows_for(np.array(["pump-z"], dtype=object)).tolist() == rows.tolist()
     assert not bool(again.rel_known[rows[0]]) and float(again.rel_scale[rows[0]].min()) == 1.0
+
+
+def test_adaptation_does_not_learn_a_sensor_that_left_its_relations_but_learns_a_consistent_move() -> None:
+    names, v = two_pumps(900, seed=1)
+    params = TrainParams(window=8, hop=4, hidden_size=8, epochs=2, steps_per_epoch=5, relations=True, seed=0)
+    model, m = train_model(Series(["speed", "flow", "pressure"], names, [v[0], v[1]]), params, progress=False)
+    art = Artifact(model, m, Path("."))
+    _, test = two_pumps(900, seed=2)
+    gain = test[1].copy()
+    gain[300:, 1] *= 1.3  # pump-b's flow reads 30 % high from reading 300 on: a broken relation, a fault
+    moved = test[1].copy()  # the pump runs 25 % faster from reading 300 on, flow and pressure following it
+    moved[300:, :2] *= 1.25
+    moved[300:, 2] = 1.0 + (moved[300:, 2] - 1.0) * 1.25**2
+
+    def levels(values: np.ndarray, gate: bool) -> np.ndarray:
+        engine = Engine(art, adapt_halflife=10, adapt_gate=gate)
+        engine.score_batch(readings("pump-b", T0 + 60.0 * np.arange(300), values[:300]))
+        before = engine.level[0].numpy().copy()
+        engine.score_batch(readings("pump-b", T0 + 60.0 * np.arange(300, 900), values[300:]))
+        return np.stack([before, engine.level[0].numpy()])
+
+    gated, plain = levels(gain, True), levels(gain, False)
+    assert plain[1, 1] > 2.0, "without the gate the flow's error level learns the fault"
+    assert gated[1, 1] <= gated[0, 1] + 0.05, "with it, the flow keeps the level it had before the fault"
+    for gate in (True, False):  # the relations still hold: the adaptation learns the new operating point
+        after = levels(moved, gate)[1]
+        assert (after > 1.5).all(), after
+    assert Engine(art, adapt_halflife=10).adapt_gate
+    assert not Engine(Artifact(model, dataclasses.replace(m, relation_weight=0.0), Path(".")),
+                      adapt_halflife=10).adapt_gate, "no relations, nothing to gate by"

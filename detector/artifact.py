@@ -72,6 +72,10 @@ class Manifest:
     relation_resid_std: list[float] = field(default_factory=list)
     relation_use: list[bool] = field(default_factory=list)
     relation_weight: float = 0.0
+    # the forecast score (detector.forecast): each feature's next-reading forecast error spread on the
+    # validation rows, and the weight (0: off; the weights then hold no forecast head)
+    forecast_std: list[float] = field(default_factory=list)
+    forecast_weight: float = 0.0
 
     def quantile(self, q: float) -> float:
         """The calibrated window score at quantile q (interpolated between the stored levels)."""
@@ -139,9 +143,12 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
             or np.shape(manifest.relation_std) != (len(manifest.relation_streams), F)):
         raise ModelError(f"{mpath}: the relation_* fields must hold {F} x {F} predictions, {F} biases, spreads and "
                          f"flags, and a mean and spread of {F} features for each of relation_streams")
+    if manifest.forecast_weight > 0 and np.shape(manifest.forecast_std) != (F,):
+        raise ModelError(f"{mpath}: forecast_std must hold {F} spreads when forecast_weight is above 0")
     if manifest.score_aggregate not in AGGREGATES:
         raise ModelError(f"{mpath}: score_aggregate {manifest.score_aggregate!r} is not one of {', '.join(AGGREGATES)}")
-    model = LSTMAutoencoder(len(manifest.features), manifest.hidden_size, manifest.num_layers, manifest.window)
+    model = LSTMAutoencoder(len(manifest.features), manifest.hidden_size, manifest.num_layers, manifest.window,
+                            forecast=manifest.forecast_weight > 0)
     try:
         state = load_file(str(wpath), device="cpu")
         model.load_state_dict(state, strict=True)

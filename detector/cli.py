@@ -70,7 +70,8 @@ def _train(args: argparse.Namespace) -> int:
                          score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale,
                          covariance=args.covariance, smooth_halflife=args.smooth_halflife,
                          holdout_blocks=args.holdout_blocks, relations=args.relations,
-                         relation_tails=args.relation_tails, name=args.name or Path(args.out).name)
+                         relation_tails=args.relation_tails, forecast=args.forecast,
+                         name=args.name or Path(args.out).name)
     ckpt = Path(args.out) / "checkpoint"
     if not args.resume and (ckpt / "state.json").is_file():
         log.warning("%s holds a checkpoint of an earlier run; starting afresh (--resume goes on from it)", ckpt)
@@ -105,7 +106,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                      score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale,
                      covariance=args.covariance, smooth_halflife=args.smooth_halflife,
                      holdout_blocks=args.holdout_blocks, relations=args.relations,
-                     relation_tails=args.relation_tails)
+                     relation_tails=args.relation_tails, forecast=args.forecast)
     logging.getLogger("detector.daemon").setLevel(logging.ERROR)  # alerts and rejects are in the report
     pretrain = None
     if args.train_protocol == "anomaly-free":
@@ -368,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--relation-tails", action=argparse.BooleanOptionalAction, default=False,
                    help="judge each sensor's relation residual against its own tail on the trained-on rows "
                    "(a sensor whose residual runs wide in normal operation no longer sets the level for all)")
+    t.add_argument("--forecast", action=argparse.BooleanOptionalAction, default=False,
+                   help="a head that predicts each next reading from the encoder's state, trained with the model, "
+                   "and a forecast score beside the window's (a jump or spike shows at the reading itself)")
     t.add_argument("--resume", action="store_true",
                    help="go on from the checkpoint a stopped run left in OUT/checkpoint/ (written after every "
                    "epoch; same data and options required)")
@@ -413,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="see `train --relations`")
     e.add_argument("--relation-tails", action=argparse.BooleanOptionalAction, default=False,
                    help="see `train --relation-tails`")
+    e.add_argument("--forecast", action=argparse.BooleanOptionalAction, default=False,
+                   help="see `train --forecast`")
     e.add_argument("--corrupt", type=float, default=0.0, help="denoising: share of training chunks given a "
                    "synthetic fault (see `train --corrupt`)")
     e.add_argument("--no-baselines", action="store_true", help="skip river HalfSpaceTrees and PCA")

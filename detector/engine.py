@@ -23,6 +23,7 @@ import torch
 from detector.artifact import Artifact, Manifest
 from detector.decode import Readings
 from detector.errors import ModelError
+from detector.forecast import forecast_scores, forecast_z
 from detector.model import LSTMAutoencoder
 from detector.relations import Relations, relation_scores
 from detector.rows import step as next_capacity
@@ -192,6 +193,9 @@ class Engine:
             # the other): the model's own shares and directions stay; decided once, not per batch on the device
             rel = self.spec.relations
             self._rel_attributes = rel is not None and int(rel.use.sum()) >= 3
+        self._tables = dict(self._TABLES)
+        if self.spec.forecast_std is not None:  # each stream's newest `hop` forecast errors (NaN: not counted)
+            self._tables["fz"] = (torch.float32, math.nan)
         self.streams: list[str] = []  # stream id by row; "" where the row was released (reused first)
         self._free: list[int] = []
         self._index = pd.Index([], dtype=object)  # the ids of the rows in use, with their rows beside
@@ -204,8 +208,9 @@ class Engine:
                "bmask": (torch.bool, False), "bts": (torch.float64, 0.0), "count": (torch.int64, 0),
                "last_ts": (torch.float64, -math.inf), "last_val": (torch.float32, 0.0), "level": (torch.float32, 1.0),
                "ewma": (torch.float32, 0.0)}
-    """Every per-stream table: dtype and the value of a fresh row. h and c hold the layer first, then the row."""
-    _ADDED = ("ewma",)
+    """Every per-stream table: dtype and the value of a fresh row. h and c hold the layer first, then the row.
+    A model with a forecast head adds `fz` (Engine._tables)."""
+    _ADDED = ("ewma", "fz")
     """Tables added after the first checkpoint format: a checkpoint without one restores it fresh."""
     _FROM_MODEL = {"rel_shift": (torch.float32, 0.0), "rel_scale": (torch.float32, 1.0),
                    "rel_known": (torch.bool, False)}
@@ -215,15 +220,16 @@ class Engine:
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         """Each table's shape per stream (h and c: per layer)."""
         L, H, W, F = self.model.num_layers, self.model.hidden_size, self.window, self.n_features
-        return {"h": (L, H), "c": (L, H), "buf": (W, F), "bmask": (W, F), "bts": (W,), "count": (),
-                "last_ts": (), "last_val": (F,), "level": (F,), "ewma": (F,)}
+        shapes = {"h": (L, H), "c": (L, H), "buf": (W, F), "bmask": (W, F), "bts": (W,), "count": (),
+                  "last_ts": (), "last_val": (F,), "level": (F,), "ewma": (F,)}
+        return {**shapes, "fz": (self.hop, F)} if "fz" in self._tables else shapes
 
     @torch.inference_mode()
     def _grow(self, capacity: int) -> None:
         old = self.capacity
         F = self.n_features
         for name, shape in {**self._shapes(), "rel_shift": (F,), "rel_scale": (F,), "rel_known": ()}.items():
-            dtype, fill = self._TABLES.get(name) or self._FROM_MODEL[name]
+            dtype, fill = self._tables.get(name) or self._FROM_MODEL[name]
             layered = name in ("h", "c")
             t = torch.full((shape[0], capacity, *shape[1:]) if layered else (capacity, *shape), fill, dtype=dtype,
                            device=self.device)
@@ -324,7 +330,7 @@ class Engine:
         if len(rows) == 0:
             return
         rt = torch.as_tensor(rows, device=self.device)
-        for name, (_, fill) in self._TABLES.items():
+        for name, (_, fill) in self._tables.items():
             if name not in ("last_ts", "level"):
                 self._put(name, rt, fill)
 
@@ -341,7 +347,7 @@ class Engine:
         """The state of these streams as numpy arrays, rows first: LSTM h and c, window, counters."""
         rt = torch.as_tensor(rows, device=self.device)
         return {name: (getattr(self, name)[:, rt].transpose(0, 1) if name in ("h", "c") else getattr(self, name)[rt])
-                .cpu().numpy() for name in self._TABLES}
+                .cpu().numpy() for name in self._tables}
 
     @torch.inference_mode()
     def import_rows(self, rows: np.ndarray, state: dict[str, np.ndarray] | None) -> list[str]:
@@ -349,7 +355,7 @@ class Engine:
         if len(rows) == 0:
             return []
         rt = torch.as_tensor(rows, device=self.device)
-        for name, (_, fill) in self._TABLES.items():
+        for name, (_, fill) in self._tables.items():
             self._put(name, rt, fill)
         if state is None:
             return []
@@ -357,7 +363,7 @@ class Engine:
                   if (k in state or k not in self._ADDED) and (k not in state or state[k].shape != (len(rows), *shape))]
         if misfit:  # another model's state (window, layers or features differ): the streams start fresh
             return misfit
-        for name, (dtype, _) in self._TABLES.items():
+        for name, (dtype, _) in self._tables.items():
             if name in state:
                 self._put(name, rt, torch.as_tensor(state[name], device=self.device).to(dtype))
         return []
@@ -456,6 +462,7 @@ class Engine:
         text = torch.cat([self.bts[u], ts_pad], dim=1)
         steps = torch.arange(T, device=dev)
         nth = self.count[u][:, None] + steps[None, :] + 1
+        fext = self._forecast_errors(u, out, x, m, nth, steps < counts[:, None]) if "fz" in self._tables else None
         boundary = (steps[None, :] < counts[:, None]) & (nth % hop == 0) & (nth >= W)
         gi, gj = boundary.nonzero(as_tuple=True)
         if len(gi):
@@ -468,6 +475,9 @@ class Engine:
             if self.spec.relations is not None:
                 score, share, direction, broken = self._relations(u[gi], win[:, -hop:], wmask[:, -hop:], score,
                                                                   share, direction)
+            if fext is not None:
+                score, share, direction = self._forecast(fext.unfold(1, hop, 1)[gi, gj + 1].transpose(1, 2), score,
+                                                         share, direction)
             if self.spec.smooth_decay > 0:
                 score, share = self._smooth(u[gi], zmean, score, share)
             if self.adapt_rate:
@@ -484,6 +494,9 @@ class Engine:
         self.buf[u] = ext.gather(1, keep[..., None].expand(R, W, F))
         self.bmask[u] = mext.gather(1, keep[..., None].expand(R, W, F))
         self.bts[u] = text.gather(1, keep)
+        if fext is not None:
+            kf = counts[:, None] + torch.arange(hop, device=dev)[None, :]
+            self.fz[u] = fext.gather(1, kf[..., None].expand(R, hop, F))
         self.count[u] += counts
         self.last_ts[u] = t[start + counts - 1]
         self.last_val[u] = filled[torch.arange(R, device=dev), counts]
@@ -533,6 +546,31 @@ class Engine:
             direction = torch.where(wins[:, None], torch.sign(zmean).to(direction.dtype), direction)
         return torch.maximum(score, rscore), share, direction, broken
 
+    def _forecast_errors(self, u: torch.Tensor, out: torch.Tensor, x: torch.Tensor, m: torch.Tensor,
+                         nth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Rows u's forecast errors (R, hop + T, F): the `hop` kept before this batch, then each new reading x
+        against the forecast from the encoder's output before it (NaN where not counted: detector.forecast)."""
+        spec = self.spec
+        assert spec.forecast_std is not None
+        prev = torch.cat([self.h[-1, u][:, None], out[:, :-1].float()], dim=1)  # the summary before each reading
+        with self._mixed():
+            pred = self.model.predict_next(prev).float()
+        counted = m & (valid & (nth >= 2))[..., None]  # the first reading of a stream has nothing before it
+        if spec.constant is not None:
+            counted = counted & ~spec.constant
+        return torch.cat([self.fz[u], forecast_z(pred, x, counted, spec.forecast_std)], dim=1)
+
+    def _forecast(self, z: torch.Tensor, score: torch.Tensor, share: torch.Tensor,
+                  direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The windows' scores, shares and directions with the forecast score (of their newest readings' errors
+        z, (K, hop, F)) taking over wherever it is the larger."""
+        raw, part, zmean = forecast_scores(z)
+        fscore = (raw * self.spec.forecast_weight).to(score.dtype)
+        wins = fscore > score
+        share = torch.where(wins[:, None], part / part.sum(dim=1, keepdim=True).clamp(min=1e-12), share)
+        direction = torch.where(wins[:, None], torch.sign(zmean).to(direction.dtype), direction)
+        return torch.maximum(score, fscore), share, direction
+
     def _smooth(self, rows: torch.Tensor, zmean: torch.Tensor, score: torch.Tensor,
                 share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance each stream's smoothed error over its windows in order; return the windows' scores and shares
@@ -581,9 +619,11 @@ def score_spec(m: Manifest, device: torch.device | str = "cpu") -> ScoreSpec:
     if m.relation_weight > 0:
         rel = Relations(as_t(m.relation_lin), as_t(m.relation_quad), as_t(m.relation_bias), as_t(m.relation_resid_std),
                         torch.tensor(m.relation_use, dtype=torch.bool, device=device), m.relation_weight)
+    forecast = m.forecast_weight > 0
     return ScoreSpec(as_t(m.error_mean), as_t(m.error_std), m.score_aggregate, precision, const, m.constant_z2,
                      smooth_decay(m.hop, m.smooth_halflife) if smooth else 0.0,
-                     as_t(m.smooth_std) if smooth else None, m.smooth_weight, rel)
+                     as_t(m.smooth_std) if smooth else None, m.smooth_weight, rel,
+                     as_t(m.forecast_std) if forecast else None, m.forecast_weight)
 
 
 def _group_starts(r: torch.Tensor) -> torch.Tensor:

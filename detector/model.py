@@ -15,15 +15,20 @@ class LSTMAutoencoder(nn.Module):
     The encoder is stateful: its (h, c) is carried from batch to batch per stream. At any reading, the
     encoder's top-layer output summarises the stream so far; the decoder reconstructs the last `window`
     readings from that summary alone (a bottleneck), so readings the model did not learn to expect come back
-    with a large error.
+    with a large error. With `forecast`, a linear head beside the decoder predicts the next reading from the
+    same summary (detector.forecast): a forecast does not follow a level the stream has just jumped to, as a
+    reconstruction does.
 
     >>> m = LSTMAutoencoder(n_features=3, hidden_size=8, window=5)
     >>> out, (h, c) = m.encode(torch.zeros(2, 7, 3), torch.tensor([7, 4]), m.zero_state(2))
     >>> tuple(out.shape), tuple(h.shape), tuple(m.decode(out[:, 3]).shape)
     ((2, 7, 8), (1, 2, 8), (2, 5, 3))
+    >>> tuple(LSTMAutoencoder(3, 8, window=5, forecast=True).predict_next(out).shape)
+    (2, 7, 3)
     """
 
-    def __init__(self, n_features: int, hidden_size: int = 64, num_layers: int = 1, window: int = 64) -> None:
+    def __init__(self, n_features: int, hidden_size: int = 64, num_layers: int = 1, window: int = 64,
+                 forecast: bool = False) -> None:
         super().__init__()
         self.n_features = n_features
         self.hidden_size = hidden_size
@@ -34,6 +39,12 @@ class LSTMAutoencoder(nn.Module):
         self.position = nn.Parameter(torch.randn(window, 8) * 0.1)
         self.decoder = nn.LSTM(hidden_size + 8, hidden_size, 1, batch_first=True)
         self.head = nn.Linear(hidden_size, n_features)
+        self.next_head = nn.Linear(hidden_size, n_features) if forecast else None
+
+    @property
+    def forecasts(self) -> bool:
+        """Whether the model has a head that predicts the next reading."""
+        return self.next_head is not None
 
     def zero_state(self, batch: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """A fresh (h, c) encoder state for `batch` streams."""
@@ -61,3 +72,9 @@ class LSTMAutoencoder(nn.Module):
         )
         out, _ = self.decoder(inp, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()))
         return self.head(out)
+
+    def predict_next(self, out: torch.Tensor) -> torch.Tensor:
+        """The next reading (..., F) predicted from encoder outputs (..., H); needs a model built with forecast."""
+        if self.next_head is None:
+            raise ValueError("this model has no forecast head (train it with --forecast)")
+        return self.next_head(out)

@@ -36,7 +36,9 @@ class ScoreSpec:
     smooth_decay: per window, how much of a stream's smoothed error it keeps (0: no smoothed score; see
     `smooth_update`); smooth_std: (F,) the smoothed errors' spread in calibration; smooth_weight: what the
     smoothed score is multiplied by before it competes with the window's own score. relations: the cross-sensor
-    relation score beside the model's (None: off; detector.relations).
+    relation score beside the model's (None: off; detector.relations). forecast_std: (F,) the next-reading
+    forecast errors' spread on the validation rows (None: no forecast score; detector.forecast);
+    forecast_weight: what the forecast score is multiplied by.
     """
 
     err_mean: torch.Tensor
@@ -49,6 +51,8 @@ class ScoreSpec:
     smooth_std: torch.Tensor | None = None
     smooth_weight: float = 1.0
     relations: Relations | None = None
+    forecast_std: torch.Tensor | None = None
+    forecast_weight: float = 1.0
 
     @staticmethod
     def diagonal(err_mean: torch.Tensor, err_std: torch.Tensor, aggregate: str = "max") -> ScoreSpec:

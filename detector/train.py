@@ -14,6 +14,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from detector import __version__
 from detector.artifact import Manifest
 from detector.errors import DataError
+from detector.forecast import forecast_scores, forecast_z
 from detector.model import LSTMAutoencoder
 from detector.relations import Relations, even_tails, fit_relations, relation_scores, stream_scales
 from detector.resume import TrainState, fingerprint, load_state, save_state
@@ -75,6 +77,7 @@ class TrainParams:
     smooth_halflife: float = 0.0  # readings; > 0: a smoothed score beside the window's own (score.smooth_update)
     relations: bool = True  # a cross-sensor relation score beside the model's (detector.relations); needs F >= 2
     relation_tails: bool = False  # each sensor's relation residual judged against its own tail (even_tails)
+    forecast: bool = False  # a head that predicts the next reading, and a forecast score (detector.forecast)
     val_fraction: float = 0.15
     cal_fraction: float = 0.15
     holdout_blocks: int = 1  # cycles of train, validation and calibration rows through the span (holdout_roles)
@@ -182,14 +185,23 @@ def _corrupt(x: np.ndarray, noise: np.ndarray, rng: np.random.Generator, share: 
 
 
 def _continuous(model: LSTMAutoencoder, x: torch.Tensor, hop: int, window: int,
-                chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the model over one whole series (T, F) as the engine would; return window ends and reconstructions."""
+                chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the model over one whole series (T, F) as the engine would; return window ends, reconstructions and
+    the encoder's outputs (T, H)."""
     out, _ = model.encode(x[None], torch.tensor([len(x)]), model.zero_state(1))
     ends = torch.arange(hop - 1, len(x), hop)
     ends = ends[ends >= window - 1]
     recon = torch.cat([model.decode(out[0, ends[i:i + chunk]]) for i in range(0, len(ends), chunk)]) \
         if len(ends) else torch.empty(0, window, x.shape[1])
-    return ends, recon
+    return ends, recon, out[0]
+
+
+def _next_errors(model: LSTMAutoencoder, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each reading's error (T, F) against the forecast from the encoder's output before it (the first: NaN)."""
+    err = torch.full_like(x, torch.nan)
+    if len(x) > 1:
+        err[1:] = x[1:] - model.predict_next(out[:-1])
+    return err
 
 
 def train_model(series: Series, params: TrainParams = TrainParams(), progress: bool = True,
@@ -237,13 +249,19 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
     filled = {s: scale_and_fill(v, mean, std) for s, v in usable}
 
     if init is None:
-        model = LSTMAutoencoder(F, params.hidden_size, params.num_layers, W)
+        model = LSTMAutoencoder(F, params.hidden_size, params.num_layers, W, forecast=params.forecast)
     else:
         have = (init.n_features, init.hidden_size, init.num_layers, init.window)
         if have != (F, params.hidden_size, params.num_layers, W):
             raise DataError(f"the starting model has features, hidden size, layers and window {have}; training "
                             f"needs {(F, params.hidden_size, params.num_layers, W)}")
         model = copy.deepcopy(init).train()
+        if params.forecast and not model.forecasts:
+            if params.epochs == 0:
+                raise DataError("the starting model has no forecast head to calibrate: train with epochs > 0")
+            model.next_head = torch.nn.Linear(params.hidden_size, F)
+        elif not params.forecast:
+            model.next_head = None
     opt = torch.optim.Adam(model.parameters(), lr=params.lr)
     starts_pool = [(s, st, end) for s, _ in usable for st, end in _chunk_starts(role[s] == TRAIN, chunk_len, hop)]
     if not starts_pool:
@@ -276,15 +294,19 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
         recon = model.decode(z).reshape(len(x), len(ends_in_chunk), W, F)
         idx = ends_in_chunk[:, None] - W + 1 + torch.arange(W)[None, :]
         target, tmask = x[:, idx], m[:, idx]
-        return ((recon - target) ** 2 * tmask).sum() / tmask.sum().clamp(min=1)
+        loss = ((recon - target) ** 2 * tmask).sum() / tmask.sum().clamp(min=1)
+        if model.forecasts:  # each reading from the encoder's output before it
+            fmask = m[:, 1:]
+            loss = loss + ((model.predict_next(out[:, :-1]) - x[:, 1:]) ** 2 * fmask).sum() / fmask.sum().clamp(min=1)
+        return loss
 
     def validation() -> float:
         model.eval()
-        tot, cnt = 0.0, 0.0
+        tot, cnt, ftot, fcnt = 0.0, 0.0, 0.0, 0.0
         with torch.inference_mode():
             for s, _ in usable:
                 x, m = (torch.from_numpy(a) for a in filled[s])
-                ends, recon = _continuous(model, x, hop, W)
+                ends, recon, out = _continuous(model, x, hop, W)
                 sel = torch.from_numpy(role[s][ends.numpy()] == VAL)
                 if not sel.any():
                     continue
@@ -292,8 +314,14 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
                 tm = m[idx]
                 tot += float((((recon[sel] - x[idx]) ** 2) * tm).sum())
                 cnt += float(tm.sum())
+                if model.forecasts:  # as in training: the forecast's mean squared error is added
+                    fm = m & torch.from_numpy(role[s] == VAL)[:, None]
+                    fm[0] = False
+                    fe = torch.nan_to_num(_next_errors(model, out, x))
+                    ftot += float((fe**2 * fm).sum())
+                    fcnt += float(fm.sum())
         model.train()
-        return tot / max(cnt, 1.0)
+        return tot / max(cnt, 1.0) + ftot / max(fcnt, 1.0)
 
     best, best_state, bad_epochs, history = math.inf, copy.deepcopy(model.state_dict()), 0, []
     per_step = params.batch_size * chunk_len  # readings the model is fed per step
@@ -391,6 +419,8 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
         relation_resid_std=spec.relations.resid_std.tolist() if spec.relations is not None else [],
         relation_use=spec.relations.use.tolist() if spec.relations is not None else [],
         relation_weight=spec.relations.weight if spec.relations is not None else 0.0,
+        forecast_std=spec.forecast_std.tolist() if spec.forecast_std is not None else [],
+        forecast_weight=spec.forecast_weight if spec.forecast_std is not None else 0.0,
         calibration_levels=list(levels),
         calibration_scores=values,
         score_aggregate=params.score_aggregate,
@@ -433,17 +463,21 @@ def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
     in order, as in the engine; their spread and the weight that puts the smoothed score's 0.99 quantile on the
     window score's come from the validation part, and the calibration scores are the larger of the two. With
     `relations` (the fitted relations and each stream's scale), the relation score's weight comes from the
-    validation part the same way, and it competes for the calibration scores too.
+    validation part the same way, and it competes for the calibration scores too. So does the forecast score of
+    a model with a forecast head: its errors' spread and its weight come from the validation part.
     """
     errs, cal = [], []
     with torch.inference_mode():
-        runs = []
+        runs, next_err = [], []
         for s, _ in usable:
             x, m = (torch.from_numpy(a) for a in filled[s])
             seen = x if constant is None else x * ~constant
-            ends, recon = _continuous(model, seen, hop, W)
+            ends, recon, out = _continuous(model, seen, hop, W)
             idx = ends[:, None] - W + 1 + torch.arange(W)[None, :]
             runs.append((s, ends, x[idx], recon, m[idx]))
+            if model.forecasts:
+                counted = m if constant is None else m & ~constant
+                next_err.append(torch.where(counted, _next_errors(model, out, x), torch.nan))
         for s, ends, xw, recon, mw in runs:
             sel = torch.from_numpy(role[s][ends.numpy()] == VAL)
             e = (xw[sel] - recon[sel])[:, -hop:]
@@ -491,6 +525,9 @@ def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
             q = RELATION_MATCH
             weight = float(np.quantile(point, q) / max(np.quantile(raw, q), 1e-9)) if len(raw) >= 2 else 1.0
             spec = replace(spec, relations=replace(rel, weight=weight))
+        fc_raw: list[np.ndarray] = []
+        if next_err:
+            fc_raw, spec = _forecast_weight(next_err, runs, scored, role, hop, spec)
         for i, (s, ends, score, *_) in enumerate(scored):
             sel = np.isin(role[s][ends.numpy()], scored_roles)
             if sel.any():
@@ -499,13 +536,38 @@ def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
                     sc = np.maximum(sc, ((smoothed[i] / spec.smooth_std.numpy()) ** 2).max(axis=1) * spec.smooth_weight)
                 if rel_raw and spec.relations is not None:
                     sc = np.maximum(sc, rel_raw[i] * spec.relations.weight)
+                if fc_raw:
+                    sc = np.maximum(sc, fc_raw[i] * spec.forecast_weight)
                 cal.append(sc[sel])
     return spec, (np.concatenate(cal) if cal else np.zeros(0))
 
 
 RELATION_MATCH = 0.999
-"""The validation quantile at which the relation score is put on the model's window score: the calibrated
-warning level's, so that both cross the warning level at the same rate on normal rows."""
+"""The validation quantile at which the relation score (and the forecast score) is put on the model's window
+score: the calibrated warning level's, so that both cross the warning level at the same rate on normal rows."""
+
+
+def _forecast_weight(next_err: list[torch.Tensor], runs: list[tuple], scored: list[tuple], role: dict[str, np.ndarray],
+                     hop: int, spec: ScoreSpec) -> tuple[list[np.ndarray], ScoreSpec]:
+    """Each stream's raw forecast window scores, and `spec` with the forecast errors' spread (validation rows,
+    floored at ERROR_STD_FLOOR) and the weight that puts the score's validation 0.999 quantile on the model's."""
+    val_err = np.concatenate([e.numpy()[role[s] == VAL] for e, (s, *_) in zip(next_err, runs, strict=True)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a feature never counted (constant) has no spread
+        sd = np.nanstd(val_err, axis=0) if len(val_err) else np.ones(next_err[0].shape[1])
+    sd = np.where(np.isfinite(sd), np.maximum(sd, ERROR_STD_FLOOR), 1.0)
+    std = torch.tensor(sd, dtype=torch.float32)
+    raws = []
+    for e, (_, ends, *_) in zip(next_err, runs, strict=True):
+        idx = ends[:, None] - hop + 1 + torch.arange(hop)[None, :]
+        raws.append(forecast_scores(forecast_z(torch.zeros(()), e, ~torch.isnan(e), std)[idx])[0].numpy())
+    where = [role[s][ends.numpy()] == VAL for s, ends, *_ in runs]
+    point = np.concatenate([sc.numpy()[v] for (_, _, sc, *_), v in zip(scored, where, strict=True)])
+    raw = np.concatenate([r[v] for r, v in zip(raws, where, strict=True)])
+    q = RELATION_MATCH
+    weight = float(np.quantile(point, q) / max(np.quantile(raw, q), 1e-9)) if len(raw) >= 2 else 1.0
+    # above 0 whatever the data: a weight of 0 would say "no forecast head" to the loader
+    return raws, replace(spec, forecast_std=std, forecast_weight=max(weight, 1e-6))
 
 
 def _fit_relations(usable: list[tuple[str, np.ndarray]], role: dict[str, np.ndarray], constant: np.ndarray,

@@ -50,7 +50,7 @@ from consumers.base import (
     Stopped,
 )
 
-__all__ = ["KafkaSource", "KafkaSink", "RebalanceEvents", "StateTopic", "StateTopicError", "ControlTopic",
+__all__ = ["KafkaSource", "KafkaSink", "RebalanceEvents", "StateTopic", "StateTopicError", "ControlTopic", "read_span",
            "ControlTopicError", "max_message_bytes"]
 
 _GROUP_MOVED = (CommitFailedError, IllegalGenerationError, RebalanceInProgressError, UnknownMemberIdError)
@@ -632,6 +632,48 @@ class StateTopic:
                 todo = {tp for tp in todo if consumer.position(tp) < ends[tp]}
         finally:
             consumer.close(autocommit=False)
+
+
+def read_span(bootstrap: str, topic: str, since_ms: int, until_ms: int | None, *, client: dict[str, Any],
+              timeout_s: float = 600.0) -> Iterator[list[Record]]:
+    """Every committed record of `topic` with a record timestamp in [since_ms, until_ms) (None: up to the end as
+    it was when called), one fetch at a time; found by the partitions' time index, read without a group.
+
+    LookupError when the topic does not exist; KafkaTimeoutError when the span is not read within `timeout_s`.
+    """
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                             isolation_level="read_committed", key_deserializer=None, value_deserializer=None,
+                             max_partition_fetch_bytes=8 << 20, max_poll_records=8192, **client)
+    try:
+        if topic not in consumer.topics():  # fetches the cluster's metadata
+            raise LookupError(f"topic {topic} not found at {bootstrap}")
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(tps)
+        ends = consumer.end_offsets(tps)
+        if until_ms is not None:  # the first record at or after `until` ends the span (none there: the partition's end)
+            found = consumer.offsets_for_times({tp: until_ms for tp in tps})
+            ends = {tp: found[tp].offset if found.get(tp) is not None else ends[tp] for tp in tps}
+        starts = consumer.offsets_for_times({tp: since_ms for tp in tps})
+        todo = set()
+        for tp in tps:
+            start = starts.get(tp)
+            if start is not None and start.offset < ends[tp]:
+                consumer.seek(tp, start.offset)
+                todo.add(tp)
+        deadline = time.monotonic() + timeout_s
+        while todo:
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"topic {topic}: the span was not read within {timeout_s:g} s")
+            got = consumer.poll(timeout_ms=200)
+            chunk = [Record(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp)
+                     for tp, msgs in got.items() for m in msgs
+                     if m.offset < ends[tp] and since_ms <= m.timestamp
+                     and (until_ms is None or m.timestamp < until_ms)]
+            if chunk:
+                yield chunk
+            todo = {tp for tp in todo if consumer.position(tp) < ends[tp]}
+    finally:
+        consumer.close(autocommit=False)
 
 
 class ControlTopicError(Exception):

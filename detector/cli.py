@@ -9,9 +9,10 @@ import shutil
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from detector import __version__
-from detector.errors import ConfigError, DetectorError
+from detector.errors import ConfigError, DataError, DetectorError
 
 __all__ = ["main"]
 
@@ -62,9 +63,16 @@ def _train(args: argparse.Namespace) -> int:
     from detector.train import TrainParams, load_series, train_model
 
     feats = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
-    series = load_series(args.data, feats, ts_col=args.timestamp_col, stream_col=args.stream_col)
-    log.info("training on %s: %d streams, %d readings, features %s", args.data, len(series.streams),
-             sum(len(v) for v in series.values), ",".join(series.features))
+    if (args.data is None) == (args.from_topic is None):
+        print("error: train needs --data FILE or --from-topic TOPIC (one of them)", file=sys.stderr)
+        return 2
+    if args.data is not None:
+        series = load_series(args.data, feats, ts_col=args.timestamp_col, stream_col=args.stream_col)
+        source: dict[str, object] = {"file": str(args.data)}
+    else:
+        series, source = _series_from_topic(args, feats)
+    log.info("training on %s: %d streams, %d readings, features %s", args.data or f"topic {args.from_topic}",
+             len(series.streams), sum(len(v) for v in series.values), ",".join(series.features))
     params = TrainParams(window=args.window, hop=args.hop, hidden_size=args.hidden, num_layers=args.layers,
                          epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed,
                          score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale,
@@ -76,11 +84,62 @@ def _train(args: argparse.Namespace) -> int:
     if not args.resume and (ckpt / "state.json").is_file():
         log.warning("%s holds a checkpoint of an earlier run; starting afresh (--resume goes on from it)", ckpt)
     model, manifest = train_model(series, params, progress=not args.quiet, checkpoint=ckpt, resume=args.resume)
+    manifest.training["source"] = source
     out = save_artifact(args.out, model, manifest)
     shutil.rmtree(ckpt, ignore_errors=True)  # the model is written: nothing left to resume
     print(f"model written to {out}/ ({manifest.training['epochs_run']} epochs, best validation loss "
           f"{manifest.training['best_val_loss']:.4f}, calibrated p99.9 score {manifest.quantile(0.999):.3f})")
     return 0
+
+
+def _series_from_topic(args: argparse.Namespace, feats: list[str] | None) -> tuple[Any, dict[str, object]]:
+    """The training series read from the input topic over --since/--until, less alerted spans; and its source."""
+    import time
+
+    from kafka.errors import KafkaError
+
+    from consumers.kafka import read_span
+    from detector.config import Config, load_config
+    from detector.control import parse_since
+    from detector.daemon import kafka_client_settings
+    from detector.history import alerted_spans, features_in, series_from_records
+
+    cfg = load_config(args.config) if args.config else Config()
+    now = time.time()
+    try:
+        since = parse_since(args.since, now)
+        until = parse_since(args.until, now) if args.until else None
+    except ValueError as exc:
+        raise DataError(f"--since/--until: {exc}") from None
+    if until is not None and until <= since:
+        raise DataError(f"--until ({args.until}) must be after --since ({args.since})")
+    client = kafka_client_settings(cfg)
+    span = (int(since * 1000), None if until is None else int(until * 1000))
+
+    def read(topic: str) -> list:
+        where = f"kafka.bootstrap_servers in {args.config or 'the default config'}"
+        try:
+            return [r for chunk in read_span(cfg.kafka.bootstrap_servers, topic, *span, client=client) for r in chunk]
+        except LookupError as exc:
+            raise DataError(f"{exc} ({where})") from None
+        except KafkaError as exc:
+            raise DataError(f"cannot read topic {topic} at {cfg.kafka.bootstrap_servers} ({type(exc).__name__}; "
+                            f"{where})") from None
+
+    records = read(args.from_topic)
+    features = feats or features_in(records, cfg.input)
+    if not features:
+        raise DataError(f"topic {args.from_topic}: no readings between {args.since} and {args.until or 'now'} "
+                        f"({len(records)} records)")
+    spans = alerted_spans(read(args.exclude_alerted), until or now) if args.exclude_alerted else None
+    got = series_from_records(records, features, cfg.input, spans)
+    log.info("read %d records of %s: %d readings kept, %d rejected %s, %d repeated, %d inside alerted spans",
+             got.records, args.from_topic, got.readings, sum(got.rejected.values()), got.rejected or "",
+             got.duplicates, got.excluded)
+    return got.series, {"topic": args.from_topic, "bootstrap_servers": cfg.kafka.bootstrap_servers,
+                        "since": since, "until": until if until is not None else now, "records": got.records,
+                        "readings": got.readings, "rejected": got.rejected, "repeated": got.duplicates,
+                        "alerts_topic": args.exclude_alerted, "alerted_readings_left_out": got.excluded}
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -333,7 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     t = sub.add_parser("train", help="train an LSTM autoencoder on normal data")
-    t.add_argument("--data", required=True, help="CSV or Parquet: timestamp, stream id, one column per feature")
+    t.add_argument("--data", help="CSV or Parquet: timestamp, stream id, one column per feature")
+    t.add_argument("--from-topic", metavar="TOPIC",
+                   help="instead of --data: read the readings (any of the three forms) from this Kafka topic over "
+                   "--since/--until by record time, through kafka.* and input.* of --config")
+    t.add_argument("--since", default="14d",
+                   help="with --from-topic: where the span starts, a duration before now (14d, 36h) or a time "
+                   "(RFC 3339 or epoch seconds); default 14d")
+    t.add_argument("--until", help="with --from-topic: where the span ends (default: now)")
+    t.add_argument("--exclude-alerted", metavar="ALERTS_TOPIC",
+                   help="with --from-topic: leave out each stream's readings inside its anomaly and sensor-fault "
+                   "episodes on this alerts topic (raised to cleared)")
+    t.add_argument("--config", help="with --from-topic: the YAML config naming the brokers and the input fields")
     t.add_argument("--out", required=True, help="folder to write the model into")
     t.add_argument("--features", help="comma-separated feature columns (default: every numeric column)")
     t.add_argument("--timestamp-col", default="timestamp")

@@ -55,6 +55,18 @@ class Command:
     at: float = 0.0
 
 
+def parse_since(value: object, now: float) -> float:
+    """Epoch seconds from RFC 3339 text, epoch seconds, or a duration before `now` such as 14d, 36h.
+
+    >>> parse_since("2h", now=10000.0), parse_since("2026-01-01T00:00:00Z", now=0.0)
+    (2800.0, 1767225600.0)
+    """
+    m = _DURATION.match(value.strip()) if isinstance(value, str) else None
+    if m:
+        return now - float(m.group(1)) * _UNIT_S[m.group(2)]
+    return parse_until(value)
+
+
 def parse_until(value: object, now: float | None = None) -> float:
     """Epoch seconds from RFC 3339 text, epoch seconds, or (given `now`) a duration such as 30m, 2h, 1d.
 

@@ -16,12 +16,15 @@ import math
 import operator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
 from consumers.base import Record
+
+if TYPE_CHECKING:
+    from detector.config import InputConfig
 
 __all__ = ["Readings", "Reject", "Decoder", "REASONS"]
 
@@ -212,6 +215,14 @@ class Decoder:
         self._values_of, self._ts_of = operator.itemgetter(values_field), operator.itemgetter(ts_field)
         self._colon_names = any(":" in name for name in [*self.features, stream_field, ts_field, values_field,
                                                           readings_field])
+
+    @classmethod
+    def for_input(cls, features: list[str], cfg: InputConfig) -> Decoder:
+        """A decoder of these features with the field names and limits of the config's `input` section."""
+        f = cfg.fields
+        return cls(features, stream_field=f.stream, ts_field=f.timestamp, values_field=f.values,
+                   readings_field=f.readings, max_message_bytes=cfg.max_message_bytes, max_future_s=cfg.max_future_s,
+                   require_stream_key=cfg.require_stream_key, max_stream_id_bytes=cfg.max_stream_id_bytes)
 
     def decode(self, records: list[Record], now: float) -> tuple[Readings, list[Reject]]:
         """Decode every record; `now` (epoch s) bounds how far in the future an event time may be."""

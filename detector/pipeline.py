@@ -72,13 +72,7 @@ class Pipeline(RowState):
         self.cfg = cfg
         self.manifest = m
         self.config_hash = config_hash(cfg)
-        f = cfg.input.fields
-        self.decoder = Decoder(
-            m.features, stream_field=f.stream, ts_field=f.timestamp, values_field=f.values,
-            readings_field=f.readings, max_message_bytes=cfg.input.max_message_bytes,
-            max_future_s=cfg.input.max_future_s, require_stream_key=cfg.input.require_stream_key,
-            max_stream_id_bytes=cfg.input.max_stream_id_bytes,
-        )
+        self.decoder = Decoder.for_input(m.features, cfg.input)
         self.engine = Engine(artifact, device=device, max_gap_s=cfg.scoring.max_gap_s,
                              adapt_halflife=cfg.scoring.adapt_halflife_windows, precision=cfg.model.precision,
                              adapt_gate=cfg.scoring.adapt_gate)

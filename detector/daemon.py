@@ -393,7 +393,9 @@ class Daemon:
         m.batch_size.observe(len(records))
         m.readings.inc(out.n_readings)
         m.replayed.inc(out.replayed)
-        m.windows.inc(0 if out.windows is None else len(out.windows))
+        if out.windows is not None and len(out.windows):
+            m.windows.inc(len(out.windows))
+            m.windows_above_p99.inc(int((out.windows.score >= self.pipeline.manifest.quantile(0.99)).sum()))
         for alert in out.alerts:
             m.alerts.labels(alert["kind"], alert["state"]).inc()
             if alert["kind"] == "regime_change":

@@ -21,6 +21,10 @@ class Metrics:
         r = self.registry
         self.readings = Counter("detector_readings_total", "Readings decoded from input records", registry=r)
         self.windows = Counter("detector_windows_scored_total", "Windows scored by the model", registry=r)
+        self.windows_above_p99 = Counter(
+            "detector_windows_above_calibration_p99_total", "Windows scored at or above the model's calibrated 0.99 "
+            "quantile: about 1 % of the windows while the data look like the calibration's (model drift watch)",
+            registry=r)
         self.rejects = Counter("detector_rejected_total", "Records sent to the dead-letter topic",
                                ["reason"], registry=r)
         self.dead_letters_cut = Counter("detector_dead_letters_cut_total", "Dead letters cut to a prefix to fit the "

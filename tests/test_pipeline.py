@@ -82,6 +82,20 @@ def test_faulty_streams_raise_alerts_naming_the_sensor(trained: Artifact) -> Non
     assert keys == {x["stream"].encode() for x in alerts}
 
 
+def test_the_drift_watch_counts_windows_above_the_calibrated_p99(trained: Artifact) -> None:
+    cfg = Config()
+    daemon = Daemon(cfg, Pipeline(cfg, trained))
+    src, sink = IterSource(feed(6, 400, {2: 100}), batch_size=97), ListSink()
+    scores = []
+    while not src.exhausted:
+        out = daemon.process(src.poll_batch(0), src, sink)
+        scores.extend(out.windows.score.tolist() if out.windows is not None else [])
+    p99 = trained.manifest.quantile(0.99)
+    above = daemon.metrics.windows_above_p99._value.get()
+    assert daemon.metrics.windows._value.get() == len(scores) > 0
+    assert above == sum(s >= p99 for s in scores) and above >= 60, "stream m2 runs shifted for 300 readings"
+
+
 def test_replay_gives_identical_alerts(trained: Artifact) -> None:
     cfg = Config()
     recs = feed(6, 400, {2: 200})

@@ -72,6 +72,9 @@ class Manifest:
     relation_resid_std: list[float] = field(default_factory=list)
     relation_use: list[bool] = field(default_factory=list)
     relation_weight: float = 0.0
+    # trained with --stream-scale: the model's input is each training stream on its own scale (relation_mean and
+    # relation_std of relation_streams; other streams on the scaler's)
+    stream_scaled: bool = False
     # the forecast score (detector.forecast): each feature's next-reading forecast error spread on the
     # validation rows, and the weight (0: off; the weights then hold no forecast head)
     forecast_std: list[float] = field(default_factory=list)
@@ -143,6 +146,11 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
             or np.shape(manifest.relation_std) != (len(manifest.relation_streams), F)):
         raise ModelError(f"{mpath}: the relation_* fields must hold {F} x {F} predictions, {F} biases, spreads and "
                          f"flags, and a mean and spread of {F} features for each of relation_streams")
+    if manifest.stream_scaled and (
+            np.shape(manifest.relation_mean) != (len(manifest.relation_streams), F)
+            or np.shape(manifest.relation_std) != (len(manifest.relation_streams), F)):
+        raise ModelError(f"{mpath}: stream_scaled needs relation_mean and relation_std of {F} features for each of "
+                         f"relation_streams")
     if manifest.forecast_weight > 0 and np.shape(manifest.forecast_std) != (F,):
         raise ModelError(f"{mpath}: forecast_std must hold {F} spreads when forecast_weight is above 0")
     if manifest.score_aggregate not in AGGREGATES:

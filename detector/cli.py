@@ -78,7 +78,7 @@ def _train(args: argparse.Namespace) -> int:
                          score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale,
                          covariance=args.covariance, smooth_halflife=args.smooth_halflife,
                          holdout_blocks=args.holdout_blocks, relations=args.relations,
-                         relation_tails=args.relation_tails, forecast=args.forecast,
+                         relation_tails=args.relation_tails, forecast=args.forecast, stream_scale=args.stream_scale,
                          name=args.name or Path(args.out).name)
     ckpt = Path(args.out) / "checkpoint"
     if not args.resume and (ckpt / "state.json").is_file():
@@ -165,7 +165,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                      score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale,
                      covariance=args.covariance, smooth_halflife=args.smooth_halflife,
                      holdout_blocks=args.holdout_blocks, relations=args.relations,
-                     relation_tails=args.relation_tails, forecast=args.forecast)
+                     relation_tails=args.relation_tails, forecast=args.forecast, stream_scale=args.stream_scale)
     logging.getLogger("detector.daemon").setLevel(logging.ERROR)  # alerts and rejects are in the report
     pretrain = None
     if args.train_protocol == "anomaly-free":
@@ -442,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--forecast", action=argparse.BooleanOptionalAction, default=False,
                    help="a head that predicts each next reading from the encoder's state, trained with the model, "
                    "and a forecast score beside the window's (a jump or spike shows at the reading itself)")
+    t.add_argument("--stream-scale", action=argparse.BooleanOptionalAction, default=False,
+                   help="the model sees each training stream on its own scale (its mean and spread over its trained-on "
+                   "rows), so unlike machines share one model; streams not in the training data are seen on the "
+                   "fleet's scale")
     t.add_argument("--resume", action="store_true",
                    help="go on from the checkpoint a stopped run left in OUT/checkpoint/ (written after every "
                    "epoch; same data and options required)")
@@ -489,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="see `train --relation-tails`")
     e.add_argument("--forecast", action=argparse.BooleanOptionalAction, default=False,
                    help="see `train --forecast`")
+    e.add_argument("--stream-scale", action=argparse.BooleanOptionalAction, default=False,
+                   help="see `train --stream-scale`")
     e.add_argument("--corrupt", type=float, default=0.0, help="denoising: share of training chunks given a "
                    "synthetic fault (see `train --corrupt`)")
     e.add_argument("--no-baselines", action="store_true", help="skip river HalfSpaceTrees and PCA")

@@ -12,6 +12,7 @@ of CHUNK streams per LSTM call.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -31,6 +32,8 @@ from detector.score import ScoreSpec, score_windows, smooth_decay, smooth_score,
 
 __all__ = ["Engine", "WindowScores", "EngineResult", "pick_device", "use_threads", "check_precision", "probe_model",
            "PRECISIONS", "score_spec"]
+
+log = logging.getLogger(__name__)
 
 CHUNK = 32768
 """Most streams (or windows) per LSTM call: bounds the cuDNN workspace, which for one call decoding a million
@@ -186,7 +189,11 @@ class Engine:
             # the model sees a feature that was constant in training at that value (it never learnt its variation)
             self._model_sees = ~self.spec.constant if self.spec.constant is not None else None
             # each training stream's own scale, in the model's standardised units (the relation score's input)
-            self._rel_index = pd.Index(m.relation_streams if self.spec.relations is not None else [], dtype=object)
+            # a model trained with --stream-scale sees each known stream on that stream's own scale (the others:
+            # on the fleet's, the scaler's)
+            self._stream_scaled = m.stream_scaled
+            self._rel_index = pd.Index(m.relation_streams if self.spec.relations is not None or m.stream_scaled else [],
+                                       dtype=object)
             self._rel_shift = (as_t(m.relation_mean).reshape(-1, len(m.features)) - self._mean) / self._std
             self._rel_scale = as_t(m.relation_std).reshape(-1, len(m.features)) / self._std
             # with two scored sensors a broken relation does not say which side moved (each is as far off against
@@ -306,6 +313,11 @@ class Engine:
     def _known_scales(self, rows: np.ndarray, at: np.ndarray) -> None:
         """Give new rows the scale their stream had in training (at: its index there, -1: not in training)."""
         hit = at >= 0
+        if self._stream_scaled and not hit.all():
+            names = [self.streams[r] for r in rows[~hit][:3].tolist()]
+            log.warning("%d stream(s) not in the training data of a model trained with --stream-scale (e.g. %s): "
+                        "seen on the fleet's scale, which the model never saw, so expect high scores; retrain with "
+                        "them in the data", int((~hit).sum()), ", ".join(names))
         if hit.any():
             r = torch.as_tensor(rows[hit], device=self.device)
             i = torch.as_tensor(at[hit], device=self.device)
@@ -448,7 +460,10 @@ class Engine:
 
         pad = torch.full((R, T + 1, F), math.nan, dtype=torch.float32, device=dev)
         pad[:, 0] = self.last_val[u]
-        pad[gid, j + 1] = (values[idx] - self._mean) / self._std
+        xin = (values[idx] - self._mean) / self._std
+        if self._stream_scaled:  # known streams on their own scale (a stream not in training: rel_* are 0 and 1)
+            xin = (xin - self.rel_shift[r]) / self.rel_scale[r]
+        pad[gid, j + 1] = xin
         present = ~torch.isnan(pad)
         pos = torch.where(present, torch.arange(T + 1, device=dev)[None, :, None], 0)
         filled = pad.gather(1, pos.cummax(dim=1).values)  # missing values hold the last present value
@@ -535,7 +550,7 @@ class Engine:
         parts reach the adaptation gate (K, F)."""
         rel = self.spec.relations
         assert rel is not None
-        u = (x - self.rel_shift[rows][:, None]) / self.rel_scale[rows][:, None]
+        u = x if self._stream_scaled else (x - self.rel_shift[rows][:, None]) / self.rel_scale[rows][:, None]
         raw, part, zmean = relation_scores(u, present, rel)
         known = self.rel_known[rows]
         rscore = torch.where(known, raw * rel.weight, 0.0).to(score.dtype)

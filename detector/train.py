@@ -78,6 +78,7 @@ class TrainParams:
     relations: bool = True  # a cross-sensor relation score beside the model's (detector.relations); needs F >= 2
     relation_tails: bool = False  # each sensor's relation residual judged against its own tail (even_tails)
     forecast: bool = False  # a head that predicts the next reading, and a forecast score (detector.forecast)
+    stream_scale: bool = False  # the model sees each training stream on its own scale (its trained-on rows')
     val_fraction: float = 0.15
     cal_fraction: float = 0.15
     holdout_blocks: int = 1  # cycles of train, validation and calibration rows through the span (holdout_roles)
@@ -246,7 +247,10 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
     # digit into a large error
     std = np.where(constant, 1.0, np.maximum(std, np.maximum(1e-3 * np.abs(mean), 1e-6))).astype(np.float32)
     mean = mean.astype(np.float32)
-    filled = {s: scale_and_fill(v, mean, std) for s, v in usable}
+    # with stream_scale each stream is put on its own scale: a pump with another nominal speed or flow no longer
+    # hides one sensor's noise in the fleet's spread
+    own = {s: _own_scale(v[role[s] == TRAIN], mean, std, constant) for s, v in usable} if params.stream_scale else {}
+    filled = {s: scale_and_fill(v, *own.get(s, (mean, std))) for s, v in usable}
 
     if init is None:
         model = LSTMAutoencoder(F, params.hidden_size, params.num_layers, W, forecast=params.forecast)
@@ -381,13 +385,15 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
     model.eval()
 
     const_t = torch.from_numpy(constant) if constant.any() else None
-    rel, scales = (_fit_relations(usable, role, constant, params.hop if params.relation_tails else 0)
+    rel, scales = (_fit_relations(usable, role, constant, params.hop if params.relation_tails else 0, own or None)
                    if params.relations and F >= 2 else (None, {}))
     if rel is not None and not bool(rel.use.any()):  # every sensor constant: no relation to score
         rel, scales = None, {}
-    # each stream's scale in the model's standardised units, where the calibration windows are
-    rel_scales = {s: (torch.from_numpy((m - mean) / std).float(), torch.from_numpy(sd / std).float())
-                  for s, (m, sd) in scales.items()}
+    scales = own or scales
+    # each stream's scale in the model's standardised units, where the calibration windows are (with stream_scale
+    # the windows are on it already)
+    rel_scales = {s: (torch.from_numpy((m - mean) / std).float(), torch.from_numpy(sd / std).float()) if not own
+                  else (torch.zeros(F), torch.ones(F)) for s, (m, sd) in scales.items()}
     spec, cal_scores = _calibrate(model, usable, filled, role, W, hop, F, params.score_aggregate,
                                   params.error_scale, params.covariance, const_t, params.smooth_halflife,
                                   (rel, rel_scales) if rel is not None else None)
@@ -419,6 +425,7 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
         relation_resid_std=spec.relations.resid_std.tolist() if spec.relations is not None else [],
         relation_use=spec.relations.use.tolist() if spec.relations is not None else [],
         relation_weight=spec.relations.weight if spec.relations is not None else 0.0,
+        stream_scaled=bool(own),
         forecast_std=spec.forecast_std.tolist() if spec.forecast_std is not None else [],
         forecast_weight=spec.forecast_weight if spec.forecast_std is not None else 0.0,
         calibration_levels=list(levels),
@@ -571,13 +578,23 @@ def _forecast_weight(next_err: list[torch.Tensor], runs: list[tuple], scored: li
 
 
 def _fit_relations(usable: list[tuple[str, np.ndarray]], role: dict[str, np.ndarray], constant: np.ndarray,
-                   tails_hop: int = 0) -> tuple[Relations, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Each stream's scale over its trained-on rows, and the relations fitted on those rows on that scale (with
-    each sensor's tail evened over windows of `tails_hop` readings, when above 0)."""
-    scales = {s: stream_scales(v[role[s] == TRAIN]) for s, v in usable}
+                   tails_hop: int = 0, scales: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                   ) -> tuple[Relations, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Each stream's scale over its trained-on rows (unless given), and the relations fitted on those rows on that
+    scale (with each sensor's tail evened over windows of `tails_hop` readings, when above 0)."""
+    scales = scales or {s: stream_scales(v[role[s] == TRAIN]) for s, v in usable}
     blocks = [(v[role[s] == TRAIN] - scales[s][0]) / scales[s][1] for s, v in usable]
     rel = fit_relations(np.concatenate(blocks), constant)
     return (even_tails(rel, blocks, tails_hop) if tails_hop > 0 else rel), scales
+
+
+def _own_scale(rows: np.ndarray, mean: np.ndarray, std: np.ndarray,
+               constant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One stream's mean and spread over its trained-on rows (relations.stream_scales), float32; the fleet's
+    `mean` and `std` for a feature the stream never had a value of, or one constant in all training."""
+    m, sd = stream_scales(rows)
+    seen = ~np.isnan(rows).all(axis=0) & ~constant if len(rows) else np.zeros(len(mean), bool)
+    return np.where(seen, m, mean).astype(np.float32), np.where(seen, sd, std).astype(np.float32)
 
 
 def _duration(seconds: float) -> str:

@@ -163,3 +163,23 @@ def test_adaptation_does_not_learn_a_sensor_that_left_its_relations_but_learns_a
     assert Engine(art, adapt_halflife=10).adapt_gate
     assert not Engine(Artifact(model, dataclasses.replace(m, relation_weight=0.0), Path(".")),
                       adapt_halflife=10).adapt_gate, "no relations, nothing to gate by"
+
+
+def test_stream_scale_puts_each_known_stream_on_its_own_scale_and_warns_of_a_stranger(caplog) -> None:
+    names, v = two_pumps(900, seed=1)
+    params = TrainParams(window=8, hop=4, hidden_size=8, epochs=2, steps_per_epoch=5, relations=False,
+                         stream_scale=True, seed=0)
+    model, m = train_model(Series(["speed", "flow", "pressure"], names, [v[0], v[1]]), params, progress=False)
+    assert m.stream_scaled and m.relation_streams == names and m.relation_weight == 0
+    mean, std = stream_scales(v[1][:630])  # the trained-on rows: the first 70 % (validation, calibration after)
+    assert np.allclose(m.relation_mean[1], mean, rtol=1e-5) and np.allclose(m.relation_std[1], std, rtol=1e-5)
+    art = Artifact(model, m, Path("."))
+    engine = Engine(art)
+    engine.score_batch(readings("pump-b", T0 + 60.0 * np.arange(100), v[1][:100]))
+    seen = engine.last_val[0].numpy()
+    assert np.allclose(seen, (v[1][99] - mean) / std, atol=1e-4), "the model's input is the stream on its own scale"
+    with caplog.at_level("WARNING", logger="detector.engine"):
+        engine.score_batch(readings("pump-z", T0 + 60.0 * np.arange(100), v[1][:100]))
+    assert "not in the training data of a model trained with --stream-scale (e.g. pump-z)" in caplog.text
+    stranger = engine.last_val[1].numpy()
+    assert np.allclose(stranger, (v[1][99] - m.scaler_mean) / np.array(m.scaler_std), atol=1e-4)

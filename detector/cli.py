@@ -279,6 +279,9 @@ def _control(args: argparse.Namespace) -> int:
         return 2
     now = time.time()
     until = None
+    if (args.action == "label") != (args.alert_id is not None and args.label is not None):
+        print("error: label needs --alert-id and --as (and they are for label only)", file=sys.stderr)
+        return 2
     if args.until is not None:
         if args.action != "mute":
             print(f"error: --until is for mute only, not {args.action}", file=sys.stderr)
@@ -296,7 +299,8 @@ def _control(args: argparse.Namespace) -> int:
     except (OSError, KeyError):  # no user name in this environment
         user = "unknown"
     by = args.by or f"{user}@{socket.gethostname()}"
-    key, value = encode_command(Command(args.action, args.streams, until, args.reason, by))
+    key, value = encode_command(Command(args.action, args.streams, until, args.reason, by,
+                                        alert_id=args.alert_id or "", label=args.label or "", note=args.note))
     topic = ControlTopic(cfg.kafka.bootstrap_servers, cfg.control_topic(), client=kafka_client_settings(cfg))
     try:
         topic.ensure(cfg.control.replication)
@@ -534,15 +538,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the batched form, with --per-message above 1: a list of readings, or one list per field")
     m.set_defaults(func=_simulate)
 
-    k = sub.add_parser("control", help="mute, unmute or acknowledge streams on the running daemons (control topic)")
-    k.add_argument("action", choices=["mute", "unmute", "ack"],
+    k = sub.add_parser("control", help="mute, unmute, acknowledge or label on the running daemons (control topic)")
+    k.add_argument("action", choices=["mute", "unmute", "ack", "label"],
                    help="mute: no anomaly alerts (open ones are cleared); unmute: alerts again; ack: acknowledge "
-                   "the open alert of each matching stream (no escalation is announced after it)")
+                   "the open alert of each matching stream (no escalation is announced after it); label: say what "
+                   "one alert was (--alert-id, --as): a false alarm raises that stream's levels by 25 %%, at most "
+                   "to twice")
     k.add_argument("streams", help="a stream id or a glob on it, e.g. pump-17 or 'pump-0*'")
     k.add_argument("--until", help="mute: until this time (RFC 3339, epoch seconds, or a duration from now such "
                    "as 30m, 2h, 1d); default: until unmuted")
     k.add_argument("--reason", default="", help="why, carried in the command and the alert it produces")
     k.add_argument("--by", help="who (default: user@host)")
+    k.add_argument("--alert-id", help="label: the alert_id of the alert labelled")
+    k.add_argument("--as", dest="label", choices=["false_alarm", "confirmed"], help="label: what the alert was")
+    k.add_argument("--note", default="", help="label: a note kept with the label")
     k.add_argument("--config", default="config.yaml")
     k.set_defaults(func=_control)
 

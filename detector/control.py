@@ -1,4 +1,4 @@
-"""Operators' run-time commands: mute, unmute and acknowledge streams, as read from the control topic.
+"""Operators' run-time commands: mute, unmute, acknowledge and label alerts, as read from the control topic.
 
 A command is one JSON object per record of the compacted control topic:
 ``{"action": "mute" | "unmute" | "ack", "streams": "<stream id or glob>", "until": <RFC 3339 or epoch s>,
@@ -10,6 +10,12 @@ Muting follows "the newest command that matches decides": a stream is muted when
 commands whose glob matches its id, the newest is a mute whose `until` (wall clock) has not passed. So an
 ``unmute "pump-*"`` lifts an earlier ``mute "pump-17"``, and a later ``mute "pump-17"`` holds again.
 Compaction keeps that answer: it only removes a command that a newer one of the same glob replaced.
+
+A label says what an operator found an alert to be: ``{"action": "label", "streams": "<stream id>",
+"alert_id": "...", "as": "false_alarm" | "confirmed", "note": "...", "by": "..."}``, keyed
+``label:<alert_id>`` (a later label of the same alert replaces it). Every false alarm of a stream raises that
+stream's warning and critical levels by FALSE_ALARM_STEP, at most to FALSE_ALARM_MAX times (Feedback): a
+function of the labels held, so reading the topic again from its start gives the same levels.
 """
 
 from __future__ import annotations
@@ -24,11 +30,16 @@ import orjson
 
 from detector.rows import grown, step
 
-__all__ = ["ACTIONS", "Command", "BadCommand", "Mutes", "parse_command", "encode_command", "command_key",
-           "deleted", "parse_until"]
+__all__ = ["ACTIONS", "LABELS", "Command", "BadCommand", "Mutes", "Feedback", "parse_command", "encode_command",
+           "command_key", "deleted", "parse_until", "parse_since", "FALSE_ALARM_STEP", "FALSE_ALARM_MAX"]
 
-ACTIONS = ("mute", "unmute", "ack")
-_FIELDS = {"action", "streams", "until", "reason", "by"}
+ACTIONS = ("mute", "unmute", "ack", "label")
+LABELS = ("false_alarm", "confirmed")
+_FIELDS = {"action", "streams", "until", "reason", "by", "alert_id", "as", "note"}
+FALSE_ALARM_STEP = 1.25
+"""Each alert of a stream labelled a false alarm multiplies that stream's warning and critical levels by this."""
+FALSE_ALARM_MAX = 2.0
+"""The most the false-alarm labels of one stream raise its levels (x 2: four labels reach it)."""
 _MAX_TEXT = 1000
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -53,6 +64,9 @@ class Command:
     reason: str = ""
     by: str = ""
     at: float = 0.0
+    alert_id: str = ""  # label: the alert labelled, what it was found to be, and a note
+    label: str = ""
+    note: str = ""
 
 
 def parse_since(value: object, now: float) -> float:
@@ -101,7 +115,7 @@ def parse_command(value: bytes | None, at: float) -> Command | None:
     """The command in a control record's value (None for a tombstone: see `deleted`); BadCommand if not one.
 
     >>> parse_command(b'{"action": "mute", "streams": "pump-*", "by": "ann"}', at=5.0)
-    Command(action='mute', streams='pump-*', until=None, reason='', by='ann', at=5.0)
+    Command(action='mute', streams='pump-*', until=None, reason='', by='ann', at=5.0, alert_id='', label='', note='')
     """
     if value is None:
         return None
@@ -129,30 +143,39 @@ def parse_command(value: bytes | None, at: float) -> Command | None:
             until = parse_until(doc["until"])
         except ValueError as exc:
             raise BadCommand("control_bad_until", f"until: {exc}") from None
-    for name in ("reason", "by"):
+    for name in ("reason", "by", "alert_id", "note"):
         v = doc.get(name, "")
         if not isinstance(v, str) or len(v) > _MAX_TEXT:
             raise BadCommand("control_bad_field", f"{name} must be text of at most {_MAX_TEXT} characters")
-    return Command(action, streams, until, doc.get("reason", ""), doc.get("by", ""), at)
+    if action == "label":
+        if not doc.get("alert_id") or doc.get("as") not in LABELS:
+            raise BadCommand("control_bad_label", f"a label needs alert_id and as: one of {', '.join(LABELS)}")
+    elif any(k in doc for k in ("alert_id", "as", "note")):
+        raise BadCommand("control_bad_field", f"alert_id, as and note are for label only, not {action}")
+    return Command(action, streams, until, doc.get("reason", ""), doc.get("by", ""), at, doc.get("alert_id", ""),
+                   doc.get("as", ""), doc.get("note", ""))
 
 
 def deleted(key: bytes | None) -> tuple[str, str] | None:
-    """What a tombstone with this key deletes: ("mute", glob) or ("ack", glob); None for another key.
+    """What a tombstone with this key deletes: ("mute", glob), ("ack", glob) or ("label", alert id); None for
+    another key.
 
-    >>> deleted(b"mute:pump-*"), deleted(b"ack:pump-1"), deleted(b"pump-1")
-    (('mute', 'pump-*'), ('ack', 'pump-1'), None)
+    >>> deleted(b"mute:pump-*"), deleted(b"ack:pump-1"), deleted(b"label:a1"), deleted(b"pump-1")
+    (('mute', 'pump-*'), ('ack', 'pump-1'), ('label', 'a1'), None)
     """
     kind, sep, glob = (key or b"").decode(errors="replace").partition(":")
-    return (kind, glob) if sep and kind in ("mute", "ack") and glob else None
+    return (kind, glob) if sep and kind in ("mute", "ack", "label") and glob else None
 
 
 def command_key(action: str, streams: str) -> bytes:
-    """The record key of a command: mute and unmute of one glob share a key, its ack has another.
+    """The record key of a command: mute and unmute of one glob share a key, its ack has another; a label's is
+    its alert id (give it as `streams`).
 
-    >>> command_key("unmute", "pump-*"), command_key("ack", "pump-*")
-    (b'mute:pump-*', b'ack:pump-*')
+    >>> command_key("unmute", "pump-*"), command_key("ack", "pump-*"), command_key("label", "a1")
+    (b'mute:pump-*', b'ack:pump-*', b'label:a1')
     """
-    return f"{'ack' if action == 'ack' else 'mute'}:{streams}".encode()
+    kind = action if action in ("ack", "label") else "mute"
+    return f"{kind}:{streams}".encode()
 
 
 def encode_command(cmd: Command) -> tuple[bytes, bytes]:
@@ -161,7 +184,53 @@ def encode_command(cmd: Command) -> tuple[bytes, bytes]:
     if cmd.until is not None:
         doc["until"] = datetime.fromtimestamp(cmd.until, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     doc.update({"reason": cmd.reason, "by": cmd.by})
+    if cmd.action == "label":
+        doc.update({"alert_id": cmd.alert_id, "as": cmd.label, "note": cmd.note})
+        return command_key("label", cmd.alert_id), orjson.dumps(doc)
     return command_key(cmd.action, cmd.streams), orjson.dumps(doc)
+
+
+class Feedback:
+    """The operators' labels of alerts seen so far, and what they do to each stream's levels.
+
+    >>> fb = Feedback()
+    >>> for i in range(5):
+    ...     fb.apply(Command("label", "pump-1", alert_id=f"a{i}", label="false_alarm"))
+    >>> fb.apply(Command("label", "pump-2", alert_id="b", label="confirmed"))
+    >>> fb.factors(["pump-1", "pump-2", "pump-3"]).tolist()
+    [2.0, 1.0, 1.0]
+    >>> fb.forget("a4"); fb.forget("a3"); fb.factors(["pump-1"]).tolist()  # three left: 1.25 ** 3
+    [1.953125]
+    """
+
+    def __init__(self) -> None:
+        self.labels: dict[str, tuple[str, str]] = {}  # alert id: (stream, label)
+        self._false: dict[str, int] = {}  # stream: alerts labelled false alarms
+
+    def apply(self, cmd: Command) -> None:
+        """Hold a label (a later one of the same alert replaces it)."""
+        self.forget(cmd.alert_id)
+        self.labels[cmd.alert_id] = (cmd.streams, cmd.label)
+        if cmd.label == "false_alarm":
+            self._false[cmd.streams] = self._false.get(cmd.streams, 0) + 1
+
+    def forget(self, alert_id: str) -> None:
+        """Drop the label of this alert (its key was deleted from the topic)."""
+        old = self.labels.pop(alert_id, None)
+        if old is not None and old[1] == "false_alarm":
+            self._false[old[0]] -= 1
+            if not self._false[old[0]]:
+                del self._false[old[0]]
+
+    def factors(self, streams: list[str]) -> np.ndarray:
+        """What each stream's levels are multiplied by: FALSE_ALARM_STEP per false alarm, at most FALSE_ALARM_MAX."""
+        n = np.array([self._false.get(s, 0) for s in streams], np.float64) if self._false else np.zeros(len(streams))
+        return np.minimum(FALSE_ALARM_STEP**n, FALSE_ALARM_MAX)
+
+    @property
+    def any_false(self) -> bool:
+        """Whether any stream has a false-alarm label (else every factor is 1)."""
+        return bool(self._false)
 
 
 class Mutes:

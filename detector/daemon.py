@@ -449,7 +449,10 @@ class Daemon:
                                                        "offset": rec.offset})
             if history:
                 continue
-            if cmd.action == "ack":
+            if cmd.action == "label":
+                log.info("control: alert %s of %s labelled %s by %s (%s)", cmd.alert_id, cmd.streams, cmd.label,
+                         cmd.by or "?", cmd.note or "no note")
+            elif cmd.action == "ack":
                 log.info("control: ack %s by %s (%s): %s", cmd.streams, cmd.by or "?", cmd.reason or "no reason",
                          f"{len(out)} open episodes acknowledged" if out else
                          "no open episode among the streams held here; ignored")

@@ -18,7 +18,7 @@ from detector import __version__
 from detector.alert import ESCALATED, NORMAL, AlertMachine, alert_id
 from detector.artifact import Artifact
 from detector.config import Config, config_hash
-from detector.control import Command, Mutes
+from detector.control import Command, Feedback, Mutes
 from detector.decode import Decoder, Readings, Reject
 from detector.engine import Engine, WindowScores
 from detector.interpolate import Interpolator, build_interpolator
@@ -91,6 +91,7 @@ class Pipeline(RowState):
         self.maintenance = MaintenanceSchedule(cfg.alerts.maintenance, self.engine.streams, self.labels)
         self.mutes = Mutes(self.engine.streams)  # operators' mutes (control topic): kept across reloads
         self.acks: dict[str, tuple[Command, dict[str, Any]]] = {}  # newest ack per glob, with where it was read
+        self.feedback = Feedback()  # operators' labels of alerts: false alarms raise their streams' levels
         self.topics: list[str] = []  # input topics seen, indexed by in_topic
         self.forgotten: list[tuple[str, str, int]] = []  # (stream, topic, partition) forgotten since the last commit
         self._sweep_at: dict[int, float] = {}  # per input (topic, partition) key: event time of the next look for
@@ -296,6 +297,9 @@ class Pipeline(RowState):
         ws = res.windows
         self.alerts.ensure(self.engine.capacity)
         warning, critical = self.threshold.levels(ws.rows)
+        if self.feedback.any_false:  # operators' false-alarm labels raise their streams' levels
+            f = self.feedback.factors([self.engine.streams[r] for r in ws.rows.tolist()])
+            warning, critical = warning * f, critical * f
         # warming streams and streams in maintenance or muted neither alert nor teach the thresholds
         muted = self.mutes.muted(ws.rows, now)
         paused = self.maintenance.active(ws.rows, ws.end_ts) | muted
@@ -388,8 +392,12 @@ class Pipeline(RowState):
 
         mute and unmute take effect from the next batch on (a muted stream's open episode is cleared at its
         next window); ack marks the open episode of each matching stream acknowledged and returns one
-        `acknowledged` record per episode. `source` ({topic, partition, offset}) says where it was read.
+        `acknowledged` record per episode. `source` ({topic, partition, offset}) says where it was read. A label
+        is held (control.Feedback): a false alarm raises its stream's levels from the next batch on.
         """
+        if cmd.action == "label":
+            self.feedback.apply(cmd)
+            return [], len(self.mutes.matching(cmd.streams))
         if cmd.action != "ack":
             self.mutes.apply(cmd)
             return [], len(self.mutes.matching(cmd.streams))
@@ -398,8 +406,11 @@ class Pipeline(RowState):
         return self._acknowledge(rows, cmd, source, None), len(self.mutes.matching(cmd.streams))
 
     def forget(self, kind: str, glob: str) -> None:
-        """Drop the mute or unmute ("mute") or the ack ("ack") of this glob: its key was deleted from the topic."""
-        if kind == "ack":
+        """Drop the mute or unmute ("mute"), the ack ("ack") of this glob or the label ("label") of this alert id:
+        its key was deleted from the topic."""
+        if kind == "label":
+            self.feedback.forget(glob)
+        elif kind == "ack":
             self.acks.pop(glob, None)
         else:
             self.mutes.forget(glob)

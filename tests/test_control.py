@@ -263,3 +263,42 @@ def test_muted_streams_counts_only_the_partitions_held_now() -> None:
     daemon._io = (member, sink)
     daemon._follow_control(sink)
     assert daemon.metrics.muted_streams._value.get() == 2
+
+
+def test_a_label_parses_and_a_false_alarm_raises_exactly_its_streams_levels_within_bounds() -> None:
+    raw = b'{"action": "label", "streams": "m1", "alert_id": "a1", "as": "false_alarm", "note": "valve test"}'
+    cmd = parse_command(raw, at=5.0)
+    assert (cmd.action, cmd.streams, cmd.alert_id, cmd.label, cmd.note) == ("label", "m1", "a1", "false_alarm",
+                                                                             "valve test")
+    key, value = encode_command(cmd)
+    assert key == b"label:a1" and parse_command(value, at=5.0) == cmd, "keyed by the alert: a relabel replaces it"
+    for bad, reason in [(b'{"action": "label", "streams": "m1", "as": "false_alarm"}', "control_bad_label"),
+                        (b'{"action": "label", "streams": "m1", "alert_id": "a", "as": "maybe"}', "control_bad_label"),
+                        (b'{"action": "mute", "streams": "m1", "alert_id": "a"}', "control_bad_field")]:
+        with pytest.raises(BadCommand) as err:
+            parse_command(bad, at=0.0)
+        assert err.value.reason == reason, bad
+
+    def levels(labels: list[Command]) -> tuple[np.ndarray, list[tuple[str, str]]]:
+        pipe = Pipeline(parse_config(RULES), random_artifact())
+        for c in labels:
+            pipe.command(c, SRC)
+        out = pipe.process(readings(0, 160), NOW)
+        names = [pipe.engine.streams[r] for r in out.windows.rows.tolist()]
+        by_stream = {n: float(w) for n, w in zip(names, out.warning.tolist(), strict=True)}
+        return np.array([by_stream[f"m{s}"] for s in range(3)]), anomalies(out)
+
+    plain, raised = levels([])
+    assert plain.tolist() == [5.0, 5.0, 5.0] and ("m1", "raised") in raised
+    one, _ = levels([Command("label", "m1", alert_id="a1", label="false_alarm")])
+    assert one.tolist() == [5.0, 6.25, 5.0], "x 1.25 for the labelled stream only"
+    many = [Command("label", "m1", alert_id=f"a{i}", label="false_alarm") for i in range(6)]
+    capped, _ = levels(many + [Command("label", "m2", alert_id="b", label="confirmed")])
+    assert capped.tolist() == [5.0, 10.0, 5.0], "at most twice; a confirmed fault changes nothing"
+    relabelled, _ = levels([Command("label", "m1", alert_id="a1", label="false_alarm"),
+                            Command("label", "m1", alert_id="a1", label="confirmed")])
+    assert relabelled.tolist() == [5.0, 5.0, 5.0], "a later label of the same alert replaces the earlier"
+    pipe = Pipeline(parse_config(RULES), random_artifact())
+    pipe.command(Command("label", "m1", alert_id="a1", label="false_alarm"), SRC)
+    pipe.forget("label", "a1")  # its key deleted from the topic
+    assert not pipe.feedback.any_false

@@ -178,3 +178,18 @@ def test_churn_bench_drains_with_and_without_forgetting_and_writes_its_section(t
     assert forget["forget_after_s"] == 600 and never["forget_after_s"] == 0 and never["forgotten"] == 0
     assert forget["forgotten"] > 0 and forget["held_max"] < 600 and never["held_max"] >= forget["held_max"]
     assert "## Memory under stream churn" in out.read_text()
+
+
+def test_decode_bench_checks_both_paths_agree_and_writes_its_section(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "decode.py"), "--readings", "600", "--repeat", "1",
+                           "--out", str(out), "--results", str(tmp_path / "d.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr  # it asserts the two decoders give the same arrays
+    forms = json.loads((tmp_path / "d.json").read_text())["forms"]
+    assert set(forms) == {"row", "list", "columnar"}
+    assert all(r["decoder"] > 0 and r["msgspec"] > 0 and r["ratio_msgspec_to_decoder"] > 0 for r in forms.values())
+    text = out.read_text()
+    assert "## Decoding: orjson and checks against msgspec" in text and "| columnar |" in text
+

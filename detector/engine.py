@@ -192,6 +192,7 @@ class Engine:
             # a model trained with --stream-scale sees each known stream on that stream's own scale (the others:
             # on the fleet's, the scaler's)
             self._stream_scaled = m.stream_scaled
+            self._warned_unscaled = False
             self._rel_index = pd.Index(m.relation_streams if self.spec.relations is not None or m.stream_scaled else [],
                                        dtype=object)
             self._rel_shift = (as_t(m.relation_mean).reshape(-1, len(m.features)) - self._mean) / self._std
@@ -313,11 +314,12 @@ class Engine:
     def _known_scales(self, rows: np.ndarray, at: np.ndarray) -> None:
         """Give new rows the scale their stream had in training (at: its index there, -1: not in training)."""
         hit = at >= 0
-        if self._stream_scaled and not hit.all():
+        if self._stream_scaled and not hit.all() and not self._warned_unscaled:  # once: a fleet may add many
+            self._warned_unscaled = True
             names = [self.streams[r] for r in rows[~hit][:3].tolist()]
-            log.warning("%d stream(s) not in the training data of a model trained with --stream-scale (e.g. %s): "
+            log.warning("stream(s) not in the training data of a model trained with --stream-scale (e.g. %s): "
                         "seen on the fleet's scale, which the model never saw, so expect high scores; retrain with "
-                        "them in the data", int((~hit).sum()), ", ".join(names))
+                        "them in the data (logged once)", ", ".join(names))
         if hit.any():
             r = torch.as_tensor(rows[hit], device=self.device)
             i = torch.as_tensor(at[hit], device=self.device)

@@ -16,7 +16,7 @@ from detector.errors import ModelError
 from detector.model import LSTMAutoencoder
 from detector.score import AGGREGATES, COVARIANCES
 
-__all__ = ["Manifest", "Artifact", "save_artifact", "load_artifact", "check_features", "FORMAT_VERSION"]
+__all__ = ["Manifest", "Artifact", "save_artifact", "load_artifact", "check_features", "check_shadow", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -174,3 +174,12 @@ def check_features(artifact: Artifact, expected: list[str] | None) -> None:
             f"{artifact.path}: the model's features are {','.join(have)} but model.features asks for "
             f"{','.join(expected)} (point model.path at a model trained on those features, or fix model.features)"
         )
+
+
+def check_shadow(shadow: Artifact, live: Artifact) -> None:
+    """Raise ModelError unless the shadow model (model.shadow) has the live model's features, in order."""
+    if list(shadow.manifest.features) != list(live.manifest.features):
+        raise ModelError(
+            f"{shadow.path}: model.shadow has the features {','.join(shadow.manifest.features)} but the live model "
+            f"{live.path} has {','.join(live.manifest.features)}: a shadow must score the same readings "
+            f"(train it on the same features)")

@@ -229,7 +229,7 @@ def _check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     print(f"{args.config}: valid")
     if args.model:
-        from detector.artifact import check_features, load_artifact
+        from detector.artifact import check_features, check_shadow, load_artifact
         from detector.engine import Engine, pick_device
 
         art = load_artifact(cfg.model.path)
@@ -238,6 +238,12 @@ def _check_config(args: argparse.Namespace) -> int:
         engine = Engine(art, device=device, capacity=1, precision=cfg.model.precision)  # runs the model once there
         print(f"{cfg.model.path}: model {art.manifest.name} with features {','.join(art.manifest.features)}; "
               f"runs on {device} in {engine.precision}")
+        if cfg.model.shadow:
+            shadow = load_artifact(cfg.model.shadow)
+            check_shadow(shadow, art)
+            Engine(shadow, device=device, capacity=1, precision=cfg.model.precision)
+            print(f"{cfg.model.shadow}: shadow model {shadow.manifest.name}; its alerts go to "
+                  f"{cfg.shadow_alerts_topic()}")
     if args.kafka:
         from kafka import KafkaAdminClient
         from kafka.errors import KafkaError
@@ -252,7 +258,8 @@ def _check_config(args: argparse.Namespace) -> int:
             print(f"{args.config}: kafka.bootstrap_servers: cannot reach Kafka at {cfg.kafka.bootstrap_servers} "
                   f"({type(exc).__name__})")
             return 1
-        wanted = [*cfg.input.topics, cfg.output.alerts_topic, cfg.output.dead_letter_topic]
+        wanted = [*cfg.input.topics, cfg.output.alerts_topic, cfg.output.dead_letter_topic,
+                  *([cfg.shadow_alerts_topic()] if cfg.model.shadow else [])]
         missing = [t for t in wanted if t not in topics]
         if missing:
             print(f"{args.config}: topic(s) not found on {cfg.kafka.bootstrap_servers}: {', '.join(missing)}")

@@ -172,6 +172,9 @@ class ModelConfig(_Section):
     threads: int = Field(1, ge=0, le=1024)  # torch's CPU threads; 0: its default (one per core)
     # the model's arithmetic (autocast); auto: bfloat16 where a test pass of the model runs in it, else float32
     precision: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    # a candidate model folder scored beside the live one (same features): its would-be alerts go to the shadow
+    # alerts topic, never to operators; None: no shadow
+    shadow: str | None = None
 
 
 class ScoringConfig(_Section):
@@ -461,6 +464,10 @@ class Config(_Section):
         """The compacted topic of per-stream checkpoints."""
         return self.delivery.state_topic or f"{self.input.group_id}-state"
 
+    def shadow_alerts_topic(self) -> str:
+        """Where the shadow model's would-be alerts go (model.shadow): the alerts topic's name + `-shadow`."""
+        return f"{self.output.alerts_topic}-shadow"
+
     def control_topic(self) -> str:
         """The compacted topic of operators' mute, unmute and ack commands."""
         return self.control.topic or f"{self.input.group_id}-control"
@@ -546,8 +553,9 @@ def load_config(path: str | Path) -> Config:
 
 
 def config_hash(cfg: Config) -> str:
-    """A short stable hash of the effective configuration, carried in every alert."""
-    raw = cfg.model_dump_json(exclude={"kafka"}).encode()
+    """A short stable hash of the effective configuration, carried in every alert (a shadow model changes no live
+    alert, so model.shadow is left out, as are the Kafka client settings)."""
+    raw = cfg.model_dump_json(exclude={"kafka": True, "model": {"shadow"}}).encode()
     return hashlib.sha256(raw).hexdigest()[:12]
 
 

@@ -65,7 +65,7 @@ from consumers.kafka import (
     StateTopicError,
     max_message_bytes,
 )
-from detector.artifact import check_features, load_artifact
+from detector.artifact import check_features, check_shadow, load_artifact
 from detector.checkpoint import restore_chunks, snapshot
 from detector.config import Config, config_hash, load_config
 from detector.control import BadCommand, deleted, parse_command
@@ -116,9 +116,13 @@ class Daemon:
     """Runs batches from a source through the pipeline into sinks until stopped."""
 
     def __init__(self, cfg: Config, pipeline: Pipeline, metrics: Metrics | None = None,
-                 state: StateTopic | None = None, control: Source | None = None) -> None:
+                 state: StateTopic | None = None, control: Source | None = None,
+                 shadow: Pipeline | None = None) -> None:
         self.cfg = cfg
         self.pipeline = pipeline
+        # a candidate model scored beside the live one (model.shadow): its alerts go to the shadow topic only,
+        # its state is never checkpointed (a restore or rebalance starts it cold)
+        self.shadow = shadow
         self.metrics = metrics or Metrics()
         self.state = state
         self.control = control  # operators' commands (ControlTopic), applied between batches
@@ -182,12 +186,28 @@ class Daemon:
                                    "reason": rej.reason})
         if self.cfg.output.scores_topic and out.windows is not None:
             self._send_scores(out, sink)
+        if self.shadow is not None:
+            self._score_shadow(records, sink)
         for tp, offset in next_offsets(records).items():
             self.pending[tp] = max(offset, self.pending.get(tp, 0))
         self._observe(records, out, t0)
         if time.monotonic() - self._last_commit >= self.cfg.delivery.commit_interval_ms / 1000:
             self.commit(source, sink)
         return out
+
+    def _score_shadow(self, records: list[Record], sink: Sink) -> None:
+        """Score the batch with the shadow model; its alerts go to the shadow topic (rejects: the live's did)."""
+        assert self.shadow is not None
+        out = self.shadow.process(records, now=time.time())
+        topic = self.cfg.shadow_alerts_topic()
+        for alert in out.alerts:
+            sink.send(topic, *encode_alert(alert))
+            self.metrics.shadow_alerts.labels(alert["kind"], alert["state"]).inc()
+        if out.windows is not None and len(out.windows):
+            self.metrics.shadow_windows.inc(len(out.windows))
+            self.metrics.shadow_windows_above_p99.inc(
+                int((out.windows.score >= self.shadow.manifest.quantile(0.99)).sum()))
+        self.shadow.forgotten = []  # nothing of the shadow is checkpointed, so nothing to delete
 
     def _dead_letter(self, sink: Sink, rec: Record, reason: str, detail: str,
                      tag: tuple[str, int, int] | None) -> None:
@@ -364,6 +384,8 @@ class Daemon:
         assigned = source.assignment()
         pipe = self.pipeline
         pipe.release(pipe.engine.live_rows())  # every stream is forgotten (those of revoked partitions for good) ...
+        if self.shadow is not None:  # the shadow starts cold: it has no checkpoints
+            self.shadow.release(self.shadow.engine.live_rows())
         report = None
         if self.state is not None and assigned:  # ... from the checkpoint of those on our partitions
             log.info("restoring the streams of %d partitions from %s", len(assigned), self.state.topic)
@@ -447,6 +469,8 @@ class Daemon:
             self.metrics.control_commands.labels(cmd.action).inc()
             out, matched = self.pipeline.command(cmd, {"topic": rec.topic, "partition": rec.partition,
                                                        "offset": rec.offset})
+            if self.shadow is not None and cmd.action != "ack":  # mutes and labels hold for the shadow too
+                self.shadow.command(cmd, {})
             if history:
                 continue
             if cmd.action == "label":
@@ -522,6 +546,8 @@ class Daemon:
                 log.error("config reload rejected, the running config stays: %s: %s", exc.path, problem)
             return False
         try:
+            if self.shadow is not None:  # first: a reload the shadow refuses changes nothing in the live pipeline
+                self.shadow.reconfigure(new)
             changes = self.pipeline.reconfigure(new)
         except DetectorError as exc:
             log.error("config reload rejected, the running config stays: %s", exc)
@@ -757,6 +783,13 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
     artifact = load_artifact(cfg.model.path)  # on the CPU: the engine takes its own copy to the device
     check_features(artifact, cfg.model.features)
     pipeline = Pipeline(cfg, artifact, str(device))  # its engine refuses a model.precision the device cannot run
+    shadow = None
+    if cfg.model.shadow:
+        candidate = load_artifact(cfg.model.shadow)
+        check_shadow(candidate, artifact)
+        shadow = Pipeline(cfg, candidate, str(device))
+        log.info("shadow model %s (%s) from %s: its would-be alerts go to %s", candidate.manifest.name,
+                 candidate.manifest.model_version, cfg.model.shadow, cfg.shadow_alerts_topic())
     precision = pipeline.engine.precision  # in use: auto resolved
     log.info("model %s (%s) on %s (%d CPU thread%s, %s%s): %d features, window %d, hop %d; config %s",
              artifact.manifest.name, artifact.manifest.model_version, device, threads, "" if threads == 1 else "s",
@@ -766,7 +799,7 @@ def run_daemon(cfg: Config, stop: threading.Event | None = None, config_path: st
     state = StateTopic(cfg.kafka.bootstrap_servers, cfg.state_topic(), client=kafka_client_settings(cfg))
     control = ControlTopic(cfg.kafka.bootstrap_servers, cfg.control_topic(), client=kafka_client_settings(cfg)) \
         if cfg.control.enabled else None
-    daemon = Daemon(cfg, pipeline, state=state, control=control)
+    daemon = Daemon(cfg, pipeline, state=state, control=control, shadow=shadow)
     daemon.metrics.ready.set_function(lambda: float(daemon.is_ready()))
     # what start-up built (modules, the model) lives as long as the process: keep the cyclic garbage collector
     # from scanning it again and again (each full collection then stalled the loop for 0.1-0.4 s)

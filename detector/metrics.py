@@ -21,6 +21,14 @@ class Metrics:
         r = self.registry
         self.readings = Counter("detector_readings_total", "Readings decoded from input records", registry=r)
         self.windows = Counter("detector_windows_scored_total", "Windows scored by the model", registry=r)
+        self.shadow_alerts = Counter("detector_shadow_alerts_total", "Alert transitions the shadow model "
+                                     "(model.shadow) would have published, by kind and state", ["kind", "state"],
+                                     registry=r)
+        self.shadow_windows = Counter("detector_shadow_windows_scored_total", "Windows the shadow model scored",
+                                      registry=r)
+        self.shadow_windows_above_p99 = Counter(
+            "detector_shadow_windows_above_calibration_p99_total", "Windows the shadow model scored at or above its "
+            "own calibrated 0.99 quantile", registry=r)
         self.windows_above_p99 = Counter(
             "detector_windows_above_calibration_p99_total", "Windows scored at or above the model's calibrated 0.99 "
             "quantile: about 1 % of the windows while the data look like the calibration's (model drift watch)",

@@ -64,6 +64,7 @@ def test_root_config_yaml_lists_every_key_with_its_default() -> None:
         ({"metrics": {"port": 70000}}, "metrics.port: Input should be less than or equal to 65535"),
         ({"model": {"device": "tpu"}}, "model.device: Input should be 'auto', 'cpu' or 'cuda'"),
         ({"model": {"threads": -1}}, "model.threads: Input should be greater than or equal to 0"),
+        ({"model": {"shadow": 5}}, "model.shadow: Input should be a valid string"),
         ({"model": {"precision": "fp16"}},
          "model.precision: Input should be 'float32', 'bfloat16', 'float16' or 'auto'"),
         ({"output": {"batch_bytes": 1000}}, "output.batch_bytes: Input should be greater than or equal to 16384"),

@@ -17,11 +17,11 @@ from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailable
 
 from consumers.kafka import KafkaSink
 from detector.artifact import save_artifact
-from detector.config import parse_config
+from detector.config import config_hash, load_config, parse_config
 from detector.daemon import producer_settings
 from detector.train import Series, train_model
 from tests.helpers import FEATURES, bfloat16_error, sine_values
-from tests.kafka_broker import free_ports
+from tests.kafka_broker import create_topic, delete_topics, free_ports
 from tests.test_pipeline import PARAMS, T0
 
 pytestmark = pytest.mark.kafka
@@ -277,3 +277,58 @@ def test_a_stream_silent_past_forget_after_s_leaves_a_tombstone_in_the_state_top
     assert "detector_forgotten_streams_total 1.0" in metrics and "detector_active_streams 1.0" in metrics, metrics
     values = StateTopic(kafka_bootstrap, f"{group_id}-state", client={}).read({0, 1}, 30)
     assert sorted(decode(x)[0]["stream"] for x in values) == ["stays"], "gone's checkpoint was deleted (a tombstone)"
+
+
+def test_a_shadow_model_publishes_to_its_own_topic_and_leaves_the_live_alerts_as_they_were(
+        kafka_bootstrap: str, topic_factory, model_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    topic, alerts, dlq = topic_factory(partitions=4), topic_factory(partitions=2), topic_factory(partitions=1)
+    total = produce(kafka_bootstrap, topic)
+    candidate = tmp_path / "candidate"  # the same weights, levels at half the live model's: it alerts more
+    shutil.copytree(model_dir, candidate)
+    manifest = json.loads((candidate / "manifest.json").read_text())
+    manifest.update(name="candidate", model_version="candidate-1",
+                    calibration_scores=[0.5 * s for s in manifest["calibration_scores"]])
+    (candidate / "manifest.json").write_text(json.dumps(manifest))
+    ends = end_offsets(kafka_bootstrap, topic, 4)
+    assert sum(ends.values()) == total
+
+    def run(group: str, out: str, shadow: bool) -> None:
+        cfg = write_config(tmp_path / f"{group}.yaml", kafka_bootstrap, topic, out, dlq, group, model_dir,
+                           free_ports(1)[0])
+        if shadow:
+            cfg.write_text(cfg.read_text().replace("device: cpu}", f'device: cpu, shadow: "{candidate}"}}'))
+        log = tmp_path / f"{group}.log"
+        proc = start_daemon(cfg, log)
+        try:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and committed(kafka_bootstrap, group, topic) != ends:
+                assert proc.poll() is None, log.read_text()
+                time.sleep(0.5)
+            assert committed(kafka_bootstrap, group, topic) == ends, log.read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, log.read_text()
+        if shadow:
+            assert f"shadow model candidate (candidate-1) from {candidate}" in log.read_text()
+
+    plain_alerts = topic_factory(partitions=2)
+    create_topic(kafka_bootstrap, f"{alerts}-shadow", 2)  # as the alerts topic, it must exist (no auto-creation)
+    run(f"plain-{topic}", plain_alerts, shadow=False)
+    run(f"shadowed-{topic}", alerts, shadow=True)
+    def without_hash(values: list[bytes]) -> list[bytes]:  # the two configs name other groups and topics
+        return sorted(orjson.dumps({k: v for k, v in orjson.loads(b).items() if k != "config_hash"}) for b in values)
+
+    plain = [m.value for m in drain(kafka_bootstrap, plain_alerts, 3)]
+    live = [m.value for m in drain(kafka_bootstrap, alerts, len(plain))]
+    assert plain and without_hash(live) == without_hash(plain), "the live alerts, as without a shadow"
+    cfg = load_config(tmp_path / f"shadowed-{topic}.yaml")
+    unshadowed = cfg.model_copy(update={"model": cfg.model.model_copy(update={"shadow": None})})
+    assert {orjson.loads(b)["config_hash"] for b in live} == {config_hash(unshadowed)}, "a shadow is not in it"
+    shadow = [orjson.loads(m.value) for m in drain(kafka_bootstrap, f"{alerts}-shadow", len(plain))]
+    assert shadow and {a["model_version"] for a in shadow} == {"candidate-1"}
+    raised = {a["stream"] for a in shadow if a["state"] == "raised" and a["kind"] == "anomaly"}
+    assert {f"m{s}" for s in FAULTY} <= raised
+    delete_topics(kafka_bootstrap, [f"{alerts}-shadow"])

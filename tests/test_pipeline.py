@@ -319,3 +319,39 @@ def test_a_partition_read_far_behind_another_ages_none_of_its_streams() -> None:
     pipe.process([rec("ahead", 0, 40)], now=2e9)
     assert pipe.forgotten == [("gone", "in", 0)], "partition 0's own newest reading ages its streams"
     assert pipe.engine.find(["behind", "gone"]).tolist()[1] == -1 and pipe.engine.find(["behind"])[0] >= 0
+
+
+def test_a_shadow_model_leaves_the_live_alerts_byte_for_byte_and_publishes_its_own_to_the_shadow_topic(
+        trained: Artifact) -> None:
+    import dataclasses
+
+    from detector.artifact import check_shadow
+    from detector.errors import ModelError
+
+    cfg = parse_config({"model": {"shadow": "models/candidate"}})
+    m = trained.manifest  # the candidate: the same weights, levels at half the live's, so it alerts more
+    candidate = Artifact(trained.model, dataclasses.replace(
+        m, name="candidate", model_version="candidate-1",
+        calibration_scores=[0.5 * s for s in m.calibration_scores]), None)  # type: ignore[arg-type]
+    recs = feed(6, 400, {2: 200, 4: 300})
+    plain, _ = run(Config(), trained, recs, batch=61)
+    daemon = Daemon(cfg, Pipeline(cfg, trained), shadow=Pipeline(cfg, candidate))
+    src, sink = IterSource(recs, batch_size=61), ListSink()
+    while not src.exhausted:
+        daemon.process(src.poll_batch(0), src, sink)
+    daemon.commit(src, sink)
+    assert [r.value for r in sink.on(cfg.output.alerts_topic)] == [r.value for r in plain.on(cfg.output.alerts_topic)]
+    shadow = [orjson.loads(r.value) for r in sink.on("sensor-alerts-shadow")]
+    live = [orjson.loads(r.value) for r in sink.on(cfg.output.alerts_topic)]
+    assert shadow and {a["model_version"] for a in shadow} == {"candidate-1"}
+    assert sum(a["state"] == "raised" for a in shadow) >= sum(a["state"] == "raised" for a in live)
+    lines = daemon.metrics.render().decode().splitlines()
+    counted = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("detector_shadow_alerts_total{")]
+    assert sum(counted) == len(shadow)
+    assert daemon.metrics.shadow_windows._value.get() == daemon.metrics.windows._value.get() > 0
+
+    daemon.rewind(src, sink, "test")  # a rebalance: the live streams come back from checkpoints, the shadow's cold
+    assert daemon.shadow is not None and daemon.shadow.engine.live_streams == 0
+    other = Artifact(trained.model, dataclasses.replace(m, features=["a", "b", "c", "d"]), None)  # type: ignore
+    with pytest.raises(ModelError, match="a shadow must score the same readings"):
+        check_shadow(other, trained)

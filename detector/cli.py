@@ -323,6 +323,53 @@ def _control(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    import time
+
+    import orjson
+    from kafka.errors import KafkaError
+
+    from consumers.kafka import read_span
+    from detector.compare import compare_alerts, format_comparison
+    from detector.config import Config, load_config
+    from detector.control import parse_since
+    from detector.daemon import kafka_client_settings
+
+    cfg = load_config(args.config) if args.config else Config()
+    live_topic = args.live or cfg.output.alerts_topic
+    shadow_topic = args.shadow or cfg.shadow_alerts_topic()
+    try:
+        since = int(parse_since(args.since, time.time()) * 1000)
+    except ValueError as exc:
+        raise DataError(f"--since: {exc}") from None
+    sides = []
+    for topic in (live_topic, shadow_topic):
+        try:
+            records = [r for chunk in read_span(cfg.kafka.bootstrap_servers, topic, since, None,
+                                                client=kafka_client_settings(cfg)) for r in chunk]
+        except LookupError as exc:
+            raise DataError(f"{exc} (kafka.bootstrap_servers in {args.config or 'the default config'})") from None
+        except KafkaError as exc:
+            raise DataError(f"cannot read topic {topic} at {cfg.kafka.bootstrap_servers} "
+                            f"({type(exc).__name__})") from None
+        alerts = []
+        for r in records:
+            try:
+                doc = orjson.loads(r.value or b"")
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(doc, dict):
+                alerts.append(doc)
+        sides.append(alerts)
+    result = compare_alerts(*sides)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"alerts since {args.since}: live {live_topic}, shadow {shadow_topic}")
+        print(format_comparison(result))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     import threading
 
@@ -544,6 +591,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--form", choices=["list", "columns"], default="list",
                    help="the batched form, with --per-message above 1: a list of readings, or one list per field")
     m.set_defaults(func=_simulate)
+
+    cmp = sub.add_parser("compare", help="the live model's alerts beside the shadow model's (model.shadow)")
+    cmp.add_argument("--live", help="the live alerts topic (default: output.alerts_topic of --config)")
+    cmp.add_argument("--shadow", help="the shadow's alerts topic (default: the live one + -shadow)")
+    cmp.add_argument("--since", default="24h", help="from this record time: a duration before now (24h, 7d) or a "
+                     "time (RFC 3339 or epoch seconds); default 24h")
+    cmp.add_argument("--config", help="the YAML config naming the brokers and the alerts topic")
+    cmp.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    cmp.set_defaults(func=_compare)
 
     k = sub.add_parser("control", help="mute, unmute, acknowledge or label on the running daemons (control topic)")
     k.add_argument("action", choices=["mute", "unmute", "ack", "label"],

@@ -280,7 +280,7 @@ def test_a_stream_silent_past_forget_after_s_leaves_a_tombstone_in_the_state_top
 
 
 def test_a_shadow_model_publishes_to_its_own_topic_and_leaves_the_live_alerts_as_they_were(
-        kafka_bootstrap: str, topic_factory, model_dir: Path, tmp_path: Path) -> None:
+        kafka_bootstrap: str, topic_factory, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import json
     import shutil
 
@@ -331,4 +331,12 @@ def test_a_shadow_model_publishes_to_its_own_topic_and_leaves_the_live_alerts_as
     assert shadow and {a["model_version"] for a in shadow} == {"candidate-1"}
     raised = {a["stream"] for a in shadow if a["state"] == "raised" and a["kind"] == "anomaly"}
     assert {f"m{s}" for s in FAULTY} <= raised
+
+    from detector.cli import main  # the operator's report of the two topics
+    assert main(["compare", "--config", str(tmp_path / f"shadowed-{topic}.yaml"), "--since", "1h", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    live_raised = {orjson.loads(b)["stream"] for b in live if orjson.loads(b)["state"] == "raised"
+                   and orjson.loads(b)["kind"] == "anomaly"}
+    assert set(report["shadow"]["streams"]) == raised and set(report["live"]["streams"]) == live_raised
+    assert report["shadow"]["models"] == ["candidate-1"] and set(report["only_shadow"]) == raised - live_raised
     delete_topics(kafka_bootstrap, [f"{alerts}-shadow"])

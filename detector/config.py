@@ -212,7 +212,7 @@ class RollingLevels(_Section):
     """Levels from each stream's own recent window scores (median + k x MAD, or a quantile), never below the
     calibrated ones."""
 
-    method: Literal["mad", "quantile"] = "mad"
+    method: Literal["mad", "quantile", "telemanom"] = "mad"
     history: int = Field(1000, ge=10, le=100000)
     min_history: int = Field(50, ge=5)
     warning_k: float = Field(8.0, gt=0)

@@ -104,7 +104,9 @@ class RollingThreshold(ThresholdPolicy):
     `min_history` windows, and whenever the rolling level would be lower, the base policy's levels apply.
     With `learn_from_flagged` False, windows at or above warning are left out of the history (River's
     `protect_anomaly_detector`): a fault never becomes the new normal, but neither does a lasting rise of
-    the normal level, whose alert then stays open until an operator acts (see docs/operators.md).
+    the normal level, whose alert then stays open until an operator acts (see docs/operators.md). With
+    `telemanom`, the warning level is telemanom's nonparametric threshold of the history (`telemanom_level`)
+    and the critical level that times the base policy's critical / warning ratio.
 
     >>> base = StaticThreshold(5.0, 9.0)
     >>> t = RollingThreshold(base, history=10, min_history=4, warning_k=3.0, critical_k=6.0)
@@ -120,8 +122,9 @@ class RollingThreshold(ThresholdPolicy):
 
     def __init__(self, base: ThresholdPolicy, history: int, min_history: int, warning_k: float,
                  critical_k: float, learn_from_flagged: bool = True,
-                 quantiles: tuple[float, float] | None = None) -> None:
+                 quantiles: tuple[float, float] | None = None, telemanom: bool = False) -> None:
         self.base = base
+        self.telemanom = telemanom
         self.quantiles = quantiles  # (warning, critical): levels are these quantiles of the history instead
         self.learn_from_flagged = learn_from_flagged
         self.history, self.min_history = history, min_history
@@ -147,7 +150,12 @@ class RollingThreshold(ThresholdPolicy):
         if ready.any():
             r = np.unique(rows[ready])
             hist = self.buf[r]
-            if self.quantiles is None:
+            if self.telemanom:  # each history in time order: oldest first, from the ring's write position
+                ordered = [np.roll(h, -int(p)) for h, p in zip(hist, self.pos[r], strict=True)]
+                own_w = np.array([telemanom_level(h) for h in ordered])
+                ratio = np.divide(critical, warning, out=np.ones_like(critical), where=warning > 0)
+                own_c = own_w * float(np.max(ratio[ready])) if len(ratio[ready]) else own_w
+            elif self.quantiles is None:
                 med = np.nanmedian(hist, axis=1)
                 mad = 1.4826 * np.nanmedian(np.abs(hist - med[:, None]), axis=1)
                 own_w, own_c = med + self.warning_k * mad, med + self.critical_k * mad
@@ -179,6 +187,56 @@ class RollingThreshold(ThresholdPolicy):
         u, counts = np.unique(rows, return_counts=True)
         self.pos[u] = (self.pos[u] + counts) % self.history
         self.n[u] += counts
+
+
+TELEMANOM_Z = np.arange(2.0, 10.5, 0.5)
+"""The candidate thresholds mean + z x std that `telemanom_level` chooses from (Hundman et al. 2018)."""
+TELEMANOM_PRUNE = 0.13
+"""Pruning: an anomalous run whose peak is within this share of the next lower peak is taken back as normal."""
+
+
+def telemanom_level(history: np.ndarray) -> float:
+    """Telemanom's nonparametric threshold of one stream's scores in time order (NaN: none yet).
+
+    Of the candidates mean + z x std, the one that removes the most of the mean and spread per anomalous value
+    and run above it: argmax (dmean / mean + dstd / std) / (n_above + runs^2). Then pruning: the peaks of the
+    runs above it, in falling order with the highest value below it last; where a peak is within
+    TELEMANOM_PRUNE of the next, it and every lower run are taken back as normal, and the level rises to the
+    highest peak taken back.
+
+    >>> rng = np.random.default_rng(0)
+    >>> e = np.abs(rng.normal(0, 1, 500)); e[300:305] = 9.0
+    >>> level = telemanom_level(e)
+    >>> bool(float(np.sort(e)[-6]) <= level < 9.0)
+    True
+    """
+    e = history[~np.isnan(history)]
+    mean, std = float(e.mean()), float(e.std())
+    if std <= 0:
+        return mean
+    best, best_eps = -np.inf, mean + TELEMANOM_Z[-1] * std
+    for z in TELEMANOM_Z:
+        eps = mean + z * std
+        above = e > eps
+        n = int(above.sum())
+        if n == 0 or n == len(e):
+            continue
+        runs = int(np.count_nonzero(above[1:] & ~above[:-1]) + above[0])
+        below = e[~above]
+        gain = ((mean - below.mean()) / mean if mean > 0 else 0.0) + (std - below.std()) / std
+        if gain / (n + runs**2) > best:
+            best, best_eps = gain / (n + runs**2), eps
+    above = e > best_eps
+    if not above.any():
+        return best_eps
+    starts = np.flatnonzero(above & ~np.r_[False, above[:-1]])
+    ends = np.flatnonzero(above & ~np.r_[above[1:], False]) + 1
+    peaks = np.sort([e[a:b].max() for a, b in zip(starts, ends, strict=True)])[::-1]
+    ladder = np.r_[peaks, e[~above].max()]
+    drop = (ladder[:-1] - ladder[1:]) / ladder[:-1]
+    keep = np.flatnonzero(drop > TELEMANOM_PRUNE)
+    kept = keep[-1] + 1 if len(keep) else 0  # runs 0..kept-1 stay anomalous
+    return float(peaks[kept]) if kept < len(peaks) else best_eps
 
 
 def fit_gpd(peaks: np.ndarray) -> tuple[float, float]:
@@ -407,7 +465,8 @@ def build_threshold(cfg: PolicyConfig, manifest: Manifest, names: list[str] | No
         r = cfg.rolling
         return RollingThreshold(calibrated, r.history, r.min_history, r.warning_k, r.critical_k,
                                 r.learn_from_flagged,
-                                (r.warning_quantile, r.critical_quantile) if r.method == "quantile" else None)
+                                (r.warning_quantile, r.critical_quantile) if r.method == "quantile" else None,
+                                telemanom=r.method == "telemanom")
     if cfg.policy == "evt":
         e = cfg.evt
         return EvtThreshold(calibration_sample(manifest), e.warning_risk, e.critical_risk, e.level, e.drift_window,

@@ -186,3 +186,30 @@ def test_budget_turns_alerts_per_day_into_calibrated_levels() -> None:
     # 2 of 3: 360 x 3 x p^2 = 3.6, so p = sqrt(1/300): a lower level than 1 of 1 needs
     assert two_of_three.levels(np.array([0]))[0][0] == pytest.approx(m.quantile(1 - (1 / 300) ** 0.5))
     assert two_of_three.levels(np.array([0]))[0][0] < one.levels(np.array([0]))[0][0]
+
+
+def test_telemanom_level_by_hand_with_pruning_and_the_policy_per_stream() -> None:
+    from detector.threshold import telemanom_level
+
+    e = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 10.0])  # mean 1.9, std 2.7
+    # every z from 2 to 2.5 puts the one run (10) alone above: gain (0.9/1.9 + 2.7/2.7) / (1 + 1); the
+    # smallest of those candidates wins the tie, mean + 2 x std = 7.3; pruning keeps it (10 is 90 % above 1)
+    assert telemanom_level(e) == pytest.approx(1.9 + 2 * 2.7)
+    close = np.r_[np.ones(40), 6.0, np.ones(40), 5.8, np.ones(40), 5.7]
+    assert telemanom_level(close) == 6.0, "the run above is within 13 % of the highest below: taken back"
+    far = np.r_[np.ones(40), 6.0, np.ones(40), 3.0, np.ones(40), 2.9]
+    assert 3.0 < telemanom_level(far) < 6.0, "6 is twice the highest below: it stays anomalous"
+    assert telemanom_level(np.full(30, 2.0)) == 2.0, "no spread: the mean"
+
+    cfg = parse_config({"thresholds": {"policy": "rolling", "rolling": {"method": "telemanom", "history": 200,
+                                                                        "min_history": 20}}})
+    art = random_artifact()
+    policy = build_threshold(cfg.thresholds, art.manifest)
+    rng = np.random.default_rng(1)
+    quiet = np.abs(rng.normal(0, 1, 300)) * art.manifest.quantile(0.5)
+    loud = quiet * 50  # a stream whose normal scores run far above the calibrated levels
+    warnings = feed(policy, {0: quiet, 1: loud})
+    base = art.manifest.quantile(0.999)
+    assert (warnings[0] >= base - 1e-9).all() and (warnings[1] >= base - 1e-9).all(), "never below calibrated"
+    assert warnings[1][-1] > 10 * warnings[0][-1] and (loud[-100:] < warnings[1][-1]).mean() > 0.95, "its own"
+    assert parse_config({"thresholds": {"rolling": {"method": "telemanom"}}}).thresholds.rolling.method == "telemanom"

@@ -96,12 +96,8 @@ def _series_from_topic(args: argparse.Namespace, feats: list[str] | None) -> tup
     """The training series read from the input topic over --since/--until, less alerted spans; and its source."""
     import time
 
-    from kafka.errors import KafkaError
-
-    from consumers.kafka import read_span
     from detector.config import Config, load_config
     from detector.control import parse_since
-    from detector.daemon import kafka_client_settings
     from detector.history import alerted_spans, features_in, series_from_records
 
     cfg = load_config(args.config) if args.config else Config()
@@ -113,25 +109,14 @@ def _series_from_topic(args: argparse.Namespace, feats: list[str] | None) -> tup
         raise DataError(f"--since/--until: {exc}") from None
     if until is not None and until <= since:
         raise DataError(f"--until ({args.until}) must be after --since ({args.since})")
-    client = kafka_client_settings(cfg)
     span = (int(since * 1000), None if until is None else int(until * 1000))
-
-    def read(topic: str) -> list:
-        where = f"kafka.bootstrap_servers in {args.config or 'the default config'}"
-        try:
-            return [r for chunk in read_span(cfg.kafka.bootstrap_servers, topic, *span, client=client) for r in chunk]
-        except LookupError as exc:
-            raise DataError(f"{exc} ({where})") from None
-        except KafkaError as exc:
-            raise DataError(f"cannot read topic {topic} at {cfg.kafka.bootstrap_servers} ({type(exc).__name__}; "
-                            f"{where})") from None
-
-    records = read(args.from_topic)
+    records = _read_topic(cfg, args.from_topic, *span, args.config)
     features = feats or features_in(records, cfg.input)
     if not features:
         raise DataError(f"topic {args.from_topic}: no readings between {args.since} and {args.until or 'now'} "
                         f"({len(records)} records)")
-    spans = alerted_spans(read(args.exclude_alerted), until or now) if args.exclude_alerted else None
+    spans = alerted_spans(_read_topic(cfg, args.exclude_alerted, *span, args.config), until or now) \
+        if args.exclude_alerted else None
     got = series_from_records(records, features, cfg.input, spans)
     log.info("read %d records of %s: %d readings kept, %d rejected %s, %d repeated, %d inside alerted spans",
              got.records, args.from_topic, got.readings, sum(got.rejected.values()), got.rejected or "",
@@ -323,17 +308,32 @@ def _control(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_topic(cfg: Any, topic: str, since_ms: int, until_ms: int | None, config_path: str | None) -> list:
+    """The records of `topic` in [since_ms, until_ms) by record time; DataError naming the topic and the brokers."""
+    from kafka.errors import KafkaError
+
+    from consumers.kafka import read_span
+    from detector.daemon import kafka_client_settings
+
+    where = f"kafka.bootstrap_servers in {config_path or 'the default config'}"
+    try:
+        return [r for chunk in read_span(cfg.kafka.bootstrap_servers, topic, since_ms, until_ms,
+                                         client=kafka_client_settings(cfg)) for r in chunk]
+    except LookupError as exc:
+        raise DataError(f"{exc} ({where})") from None
+    except KafkaError as exc:
+        raise DataError(f"cannot read topic {topic} at {cfg.kafka.bootstrap_servers} ({type(exc).__name__}; "
+                        f"{where})") from None
+
+
 def _compare(args: argparse.Namespace) -> int:
     import time
 
     import orjson
-    from kafka.errors import KafkaError
 
-    from consumers.kafka import read_span
     from detector.compare import compare_alerts, format_comparison
     from detector.config import Config, load_config
     from detector.control import parse_since
-    from detector.daemon import kafka_client_settings
 
     cfg = load_config(args.config) if args.config else Config()
     live_topic = args.live or cfg.output.alerts_topic
@@ -344,16 +344,8 @@ def _compare(args: argparse.Namespace) -> int:
         raise DataError(f"--since: {exc}") from None
     sides = []
     for topic in (live_topic, shadow_topic):
-        try:
-            records = [r for chunk in read_span(cfg.kafka.bootstrap_servers, topic, since, None,
-                                                client=kafka_client_settings(cfg)) for r in chunk]
-        except LookupError as exc:
-            raise DataError(f"{exc} (kafka.bootstrap_servers in {args.config or 'the default config'})") from None
-        except KafkaError as exc:
-            raise DataError(f"cannot read topic {topic} at {cfg.kafka.bootstrap_servers} "
-                            f"({type(exc).__name__})") from None
         alerts = []
-        for r in records:
+        for r in _read_topic(cfg, topic, since, None, args.config):
             try:
                 doc = orjson.loads(r.value or b"")
             except orjson.JSONDecodeError:

@@ -135,3 +135,48 @@ def test_a_control_topic_that_is_not_compacted_is_refused(kafka_bootstrap: str, 
     cli = subprocess.run([sys.executable, "-m", "detector", "control", "mute", "m1", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=60)
     assert cli.returncode == 2 and "it must be compact" in cli.stderr and cli.stdout == ""
+
+
+def test_a_false_alarm_label_raises_the_levels_of_exactly_that_stream(kafka_bootstrap: str, topic_factory,
+                                                                       group_id: str, model_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    topic, alerts, dlq = topic_factory(partitions=2), topic_factory(partitions=1), topic_factory(partitions=1)
+    scores = topic_factory(partitions=1)  # every window's score and warning level
+    port = free_ports(1)[0]
+    cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topic, alerts, dlq, group_id, model_dir, port)
+    cfg.write_text(cfg.read_text().replace(f"dead_letter_topic: {dlq}}}",
+                                           f"dead_letter_topic: {dlq}, scores_topic: {scores}}}"))
+    log = tmp_path / "daemon.log"
+    produce(kafka_bootstrap, topic, 0, 120)
+    proc = start_daemon(cfg, log)
+
+    def caught_up() -> bool:
+        return committed(kafka_bootstrap, group_id, topic) == end_offsets(kafka_bootstrap, topic, 2)
+
+    try:
+        wait_for("the first readings", caught_up, proc, log, 90)
+        sent = control(cfg, "label", "m1", "--alert-id", "a-1", "--as", "false_alarm", "--note", "valve test")
+        assert "key=label:a-1 " in sent
+        wait_for("the label", lambda: "control: alert a-1 of m1 labelled false_alarm" in log.read_text(), proc, log)
+        produce(kafka_bootstrap, topic, 120, 200)
+        wait_for("the readings after it", caught_up, proc, log)
+        assert 'detector_control_commands_total{action="label"} 1.0' in metrics(port)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+        delete_topics(kafka_bootstrap, [f"{group_id}-control"])
+    assert rc == 0 and "Traceback" not in log.read_text()
+
+    windows = [orjson.loads(m.value) for m in drain(kafka_bootstrap, scores, 4 * 190 // 8)]
+    split = T0 + 60 * 120  # windows ending at or after it were scored after the label was applied
+
+    def levels(stream: str, after: bool) -> list[float]:
+        got = [w["warning"] for w in windows if w["stream"] == stream and (w["end"] >= split) == after]
+        assert got, (stream, after)
+        return got
+
+    level = levels("m0", False)[0]  # the calibrated level, the same for every stream and window
+    assert levels("m1", False) == pytest.approx([level] * len(levels("m1", False)))
+    assert levels("m1", True) == pytest.approx([1.25 * level] * len(levels("m1", True))), "x 1.25 from the label on"
+    for other in ("m0", "m2", "m3"):
+        assert levels(other, True) == pytest.approx([level] * len(levels(other, True))), other

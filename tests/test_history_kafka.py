@@ -103,7 +103,7 @@ def test_training_from_a_topic_equals_training_from_the_same_rows_in_a_file(
         return b"pump-1", orjson.dumps({"alert_id": aid, "kind": kind, "stream": "pump-1", "state": state,
                                          "first_seen": T0 + 60 * 100, "window_end": T0 + 60 * end})
     produce(kafka_bootstrap, alerts, [alert("raised", "anomaly", 100), alert("escalated", "anomaly", 110),
-                                      alert("cleared", "anomaly", 139), alert("raised", "regime", 200, "r1")],
+                                      alert("cleared", "anomaly", 139), alert("detected", "regime_change", 200, "r1")],
             at_ms=(T0 - 3 * 86_400) * 1000)
     assert main(["train", "--from-topic", topic, *span, "--config", str(cfg), "--exclude-alerted", alerts,
                  "--out", str(tmp_path / "clean"), *TRAIN]) == 0

@@ -318,12 +318,23 @@ def test_a_shadow_model_publishes_to_its_own_topic_and_leaves_the_live_alerts_as
     create_topic(kafka_bootstrap, f"{alerts}-shadow", 2)  # as the alerts topic, it must exist (no auto-creation)
     run(f"plain-{topic}", plain_alerts, shadow=False)
     run(f"shadowed-{topic}", alerts, shadow=True)
-    def without_hash(values: list[bytes]) -> list[bytes]:  # the two configs name other groups and topics
-        return sorted(orjson.dumps({k: v for k, v in orjson.loads(b).items() if k != "config_hash"}) for b in values)
+    def split(values: list[bytes]) -> tuple[list[bytes], list[float]]:
+        """Alerts without config_hash (the two configs name other groups and topics) and their numbers apart:
+        two runs poll other batches, and a batch's shape moves a score's last digits (the in-memory shadow test
+        in test_pipeline compares the same batches byte for byte)."""
+        rest, numbers = [], []
+        for b in sorted(values, key=lambda b: (orjson.loads(b)["alert_id"], orjson.loads(b)["state"])):
+            a = {k: v for k, v in orjson.loads(b).items() if k != "config_hash"}
+            numbers.append(a.pop("score", 0.0))
+            for f in a.get("top_features", []):
+                numbers.append(f.pop("share"))
+            rest.append(orjson.dumps(a, option=orjson.OPT_SORT_KEYS))
+        return rest, numbers
 
     plain = [m.value for m in drain(kafka_bootstrap, plain_alerts, 3)]
     live = [m.value for m in drain(kafka_bootstrap, alerts, len(plain))]
-    assert plain and without_hash(live) == without_hash(plain), "the live alerts, as without a shadow"
+    (a, x), (b, y) = split(live), split(plain)
+    assert plain and a == b and x == pytest.approx(y, rel=1e-4, abs=1e-3), "the live alerts, as without a shadow"
     cfg = load_config(tmp_path / f"shadowed-{topic}.yaml")
     unshadowed = cfg.model_copy(update={"model": cfg.model.model_copy(update={"shadow": None})})
     assert {orjson.loads(b)["config_hash"] for b in live} == {config_hash(unshadowed)}, "a shadow is not in it"

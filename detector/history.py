@@ -122,14 +122,19 @@ def series_from_records(records: list[Record], features: list[str], cfg: InputCo
     keep = np.ones(len(ts), bool)
     keep[1:] = (streams[1:] != streams[:-1]) | (ts[1:] != ts[:-1])
     duplicates = int((~keep).sum())
-    excluded = 0
-    for stream, ranges in (spans or {}).items():
-        mine = streams == stream
-        inside = np.zeros(len(ts), bool)
-        for a, b in ranges:
-            inside |= mine & (ts >= a) & (ts <= b)
-        excluded += int((inside & keep).sum())
-        keep &= ~inside
+    inside = np.zeros(len(ts), bool)
+    if spans:  # each stream's readings are one slice, in time order: a span is a searchsorted range of it
+        starts = np.flatnonzero(np.r_[True, streams[1:] != streams[:-1]])
+        slices = dict(zip(streams[starts].tolist(), zip(starts, np.r_[starts[1:], len(ts)], strict=True),
+                          strict=True))
+        for stream, ranges in spans.items():
+            if stream not in slices:
+                continue
+            a, b = slices[stream]
+            for lo, hi in ranges:
+                inside[a + np.searchsorted(ts[a:b], lo, "left"):a + np.searchsorted(ts[a:b], hi, "right")] = True
+    excluded = int((inside & keep).sum())
+    keep &= ~inside
     streams, values = streams[keep], values[keep]
     if not len(streams):
         raise DataError(f"no readings left to learn from: all {len(readings)} lie inside alerted spans or repeat")

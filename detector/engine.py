@@ -160,12 +160,16 @@ class EngineResult:
     resets: int  # streams whose state was reset (new, or back after a gap)
 
 
+FINETUNE_QUANTILE = 0.99
+"""Online fine-tuning learns only from windows scored below this quantile of the calibration scores."""
+
+
 class Engine:
     """Scores batches of readings for any number of streams with one stateful model."""
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", max_gap_s: float = 3600.0,
                  capacity: int = 256, adapt_halflife: float = 0.0, precision: str = "float32",
-                 adapt_gate: bool = True) -> None:
+                 adapt_gate: bool = True, learn_scale: int = 0, finetune_rate: float = 0.0) -> None:
         m = artifact.manifest
         self.device = torch.device(device)
         # its own copy: moving the artifact's module in place would move it under any other user of the artifact
@@ -201,7 +205,23 @@ class Engine:
             # the other): the model's own shares and directions stay; decided once, not per batch on the device
             rel = self.spec.relations
             self._rel_attributes = rel is not None and int(rel.use.sum()) >= 3
+        # online fine-tuning: one Adam step per batch on the decoder (bridge, positions, decoder LSTM, head) over
+        # the batch's windows scored below the calibrated 0.99 quantile; the encoder (whose state is checkpointed)
+        # and the score's calibration stay as trained, so the score keeps its scale
+        self.finetune_rate = finetune_rate
+        if finetune_rate > 0:
+            tuned = [p for name, p in self.model.named_parameters()
+                     if name.split(".")[0] in ("bridge", "position", "decoder", "head")]
+            self._opt = torch.optim.Adam(tuned, lr=finetune_rate)
+            self._tune_below = m.quantile(FINETUNE_QUANTILE)
         self._tables = dict(self._TABLES)
+        # a stream the model was not trained on learns its own scale from its first `learn_scale` readings (per
+        # feature: count, sum and sum of squares in the scaler's units), then gets the relation score and, with a
+        # stream-scaled model, its own input scale, as a training stream would
+        scaled = self.spec.relations is not None or m.stream_scaled
+        self.learn_scale = learn_scale if learn_scale > 0 and scaled else 0
+        if self.learn_scale:
+            self._tables |= {name: (torch.float64, 0.0) for name in self._LEARNT}
         if self.spec.forecast_std is not None:  # each stream's newest `hop` forecast errors (NaN: not counted)
             self._tables["fz"] = (torch.float32, math.nan)
         self.streams: list[str] = []  # stream id by row; "" where the row was released (reused first)
@@ -218,19 +238,24 @@ class Engine:
                "ewma": (torch.float32, 0.0)}
     """Every per-stream table: dtype and the value of a fresh row. h and c hold the layer first, then the row.
     A model with a forecast head adds `fz` (Engine._tables)."""
-    _ADDED = ("ewma", "fz")
+    _ADDED = ("ewma", "fz", "ls_n", "ls_sum", "ls_sq")
     """Tables added after the first checkpoint format: a checkpoint without one restores it fresh."""
     _FROM_MODEL = {"rel_shift": (torch.float32, 0.0), "rel_scale": (torch.float32, 1.0),
                    "rel_known": (torch.bool, False)}
     """Per-stream tables that come from the model, not from the stream's readings (never checkpointed): the
-    stream's own scale for the relation score, and whether the model knows the stream."""
+    stream's own scale for the relation score, and whether the model knows the stream (or learnt its scale)."""
+    _LEARNT = ("ls_n", "ls_sum", "ls_sq")
+    """A new stream's scale being learnt (Engine.learn_scale): per feature, readings, sum and sum of squares."""
+    _KEPT = ("last_ts", "level", *_LEARNT)
+    """Tables a reset (new stream, back after a gap) leaves as they are."""
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         """Each table's shape per stream (h and c: per layer)."""
         L, H, W, F = self.model.num_layers, self.model.hidden_size, self.window, self.n_features
         shapes = {"h": (L, H), "c": (L, H), "buf": (W, F), "bmask": (W, F), "bts": (W,), "count": (),
-                  "last_ts": (), "last_val": (F,), "level": (F,), "ewma": (F,)}
-        return {**shapes, "fz": (self.hop, F)} if "fz" in self._tables else shapes
+                  "last_ts": (), "last_val": (F,), "level": (F,), "ewma": (F,), "fz": (self.hop, F),
+                  "ls_n": (F,), "ls_sum": (F,), "ls_sq": (F,)}
+        return {name: shape for name, shape in shapes.items() if name in self._tables}
 
     @torch.inference_mode()
     def _grow(self, capacity: int) -> None:
@@ -317,9 +342,15 @@ class Engine:
         if self._stream_scaled and not hit.all() and not self._warned_unscaled:  # once: a fleet may add many
             self._warned_unscaled = True
             names = [self.streams[r] for r in rows[~hit][:3].tolist()]
-            log.warning("stream(s) not in the training data of a model trained with --stream-scale (e.g. %s): "
-                        "seen on the fleet's scale, which the model never saw, so expect high scores; retrain with "
-                        "them in the data (logged once)", ", ".join(names))
+            if self.learn_scale:
+                log.info("stream(s) not in the training data of a model trained with --stream-scale (e.g. %s): "
+                         "seen on the fleet's scale until each has learnt its own from %d readings (logged once)",
+                         ", ".join(names), self.learn_scale)
+            else:
+                log.warning("stream(s) not in the training data of a model trained with --stream-scale (e.g. %s): "
+                            "seen on the fleet's scale, which the model never saw, so expect high scores; retrain "
+                            "with them in the data, or set scoring.learn_scale_readings (logged once)",
+                            ", ".join(names))
         if hit.any():
             r = torch.as_tensor(rows[hit], device=self.device)
             i = torch.as_tensor(at[hit], device=self.device)
@@ -339,13 +370,13 @@ class Engine:
     def reset(self, rows: np.ndarray | torch.Tensor) -> None:
         """Forget the model state and window of these rows (new stream, or back after a gap).
 
-        The last event time (late readings stay late) and the adaptation levels are kept.
+        The last event time (late readings stay late), the adaptation levels and a learnt scale are kept.
         """
         if len(rows) == 0:
             return
         rt = torch.as_tensor(rows, device=self.device)
         for name, (_, fill) in self._tables.items():
-            if name not in ("last_ts", "level"):
+            if name not in self._KEPT:
                 self._put(name, rt, fill)
 
     def _put(self, name: str, rt: torch.Tensor, value: torch.Tensor | float) -> None:
@@ -380,6 +411,8 @@ class Engine:
         for name, (dtype, _) in self._tables.items():
             if name in state:
                 self._put(name, rt, torch.as_tensor(state[name], device=self.device).to(dtype))
+        if self.learn_scale:
+            self._learnt_scales(rt)  # a scale learnt before the checkpoint holds again
         return []
 
     # ----- scoring ---------------------------------------------------------------------------------------
@@ -462,7 +495,7 @@ class Engine:
 
         pad = torch.full((R, T + 1, F), math.nan, dtype=torch.float32, device=dev)
         pad[:, 0] = self.last_val[u]
-        xin = (values[idx] - self._mean) / self._std
+        xin = raw = (values[idx] - self._mean) / self._std
         if self._stream_scaled:  # known streams on their own scale (a stream not in training: rel_* are 0 and 1)
             xin = (xin - self.rel_shift[r]) / self.rel_scale[r]
         pad[gid, j + 1] = xin
@@ -499,6 +532,8 @@ class Engine:
                 score, share = self._smooth(u[gi], zmean, score, share)
             if self.adapt_rate:
                 self._adapt(u[gi], per_feature * scale, broken if self.adapt_gate else None)
+            if self.finetune_rate:
+                self._finetune(out[gi, gj], win, wmask, score)
             fields = {"rows": u[gi], "score": score.double(), "feature_score": per_feature, "share": share,
                       "direction": direction.to(torch.int8), "start_ts": text[gi, gj + 1], "end_ts": text[gi, gj + W],
                       "reading": idx[start[gi] + gj], "nth": nth[gi, gj]}
@@ -517,7 +552,59 @@ class Engine:
         self.count[u] += counts
         self.last_ts[u] = t[start + counts - 1]
         self.last_val[u] = filled[torch.arange(R, device=dev), counts]
+        if self.learn_scale:
+            self._learn(u, gid, raw)
         return result
+
+    def _finetune(self, z: torch.Tensor, win: torch.Tensor, wmask: torch.Tensor, score: torch.Tensor) -> None:
+        """One Adam step of the decoder towards the windows win (K, W, F; wmask: present) scored below the tuning
+        level, from their encoder outputs z (K, H)."""
+        keep = score < self._tune_below
+        if not bool(keep.any()):
+            return
+        with torch.inference_mode(False), torch.enable_grad():
+            z, x, m = z[keep].float().clone(), win[keep].clone(), wmask[keep].float().clone()  # out of inference
+            if self._model_sees is not None:
+                m = m * self._model_sees
+            loss = ((self.model.decode(z) - x) ** 2 * m).sum() / m.sum().clamp(min=1)
+            self._opt.zero_grad()
+            loss.backward()
+            self._opt.step()
+
+    def _learn(self, u: torch.Tensor, gid: torch.Tensor, xin: torch.Tensor) -> None:
+        """Add the new readings xin (scaler units, NaN: missing) of the rows u still learning their scale (gid:
+        each reading's index into u) to their sums; rows that reach `learn_scale` readings take their scale."""
+        learning = ~self.rel_known[u]
+        if not bool(learning.any()):
+            return
+        x = xin.double()
+        seen = ~torch.isnan(x) & learning[gid][:, None]
+        x = torch.where(seen, x, 0.0)
+        for name, v in (("ls_n", seen.double()), ("ls_sum", x), ("ls_sq", x * x)):
+            table = getattr(self, name)
+            table[u] = table[u].index_add(0, gid, v)
+        self._learnt_scales(u[learning])
+
+    def _learnt_scales(self, rows: torch.Tensor) -> None:
+        """Give rows not known to the model that have `learn_scale` readings their learnt scale (the training
+        streams' rule, relations.stream_scales: spread floored at 1e-3 of the mean; a feature with fewer than two
+        readings, or constant in training, keeps the fleet's)."""
+        rows = rows[~self.rel_known[rows] & (self.ls_n[rows].amax(dim=1) >= self.learn_scale)]
+        if not len(rows):
+            return
+        n = self.ls_n[rows]
+        mean = self.ls_sum[rows] / n.clamp(min=1)
+        std = (self.ls_sq[rows] / n.clamp(min=1) - mean**2).clamp(min=0).sqrt()
+        mu, sd = self._mean.double(), self._std.double()  # to the sensors' units for the floor, and back
+        floor = torch.maximum(1e-3 * (mean * sd + mu).abs(), torch.tensor(1e-6, dtype=torch.float64)) / sd
+        use = n >= 2
+        if self.spec.constant is not None:
+            use &= ~self.spec.constant
+        self.rel_shift[rows] = torch.where(use, mean, 0.0).float()
+        self.rel_scale[rows] = torch.where(use, torch.maximum(std, floor), 1.0).float()
+        self.rel_known[rows] = True
+        if self._stream_scaled:  # the window so far is on the fleet's scale: start it over on the stream's own
+            self.reset(rows)
 
     def _encode(self, x: torch.Tensor, counts: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The encoder over rows u's new readings x, CHUNK streams per call: outputs and new float32 (h, c)."""

@@ -306,3 +306,28 @@ def test_released_rows_go_to_new_streams_which_start_fresh_and_the_others_go_on(
     for s in "da":  # a new stream in a reused row scores as one in a new engine
         assert np.allclose(got[s], list(alone(art, s, ts[20:], v[s][20:]).values()), rtol=1e-5)
     assert np.allclose(got["b"], list(alone(art, "b", ts, v["b"]).values())[-len(got["b"]):], rtol=1e-5)
+
+
+def test_online_finetuning_learns_normal_windows_in_the_decoder_only_and_never_an_anomaly() -> None:
+    art = random_artifact(window=8, hop=4, hidden=16)  # untrained: much to learn
+    n = 1600
+    v, ts = sine_values(n, seed=3), T0 + 60.0 * np.arange(n)
+    plain, tuned = Engine(art), Engine(art, finetune_rate=1e-2)
+    level = art.manifest.quantile(engine_mod.FINETUNE_QUANTILE)
+    scores = {}
+    for name, eng in (("plain", plain), ("tuned", tuned)):
+        parts = [eng.score_batch(readings("m", ts[a:a + 50], v[a:a + 50])).windows for a in range(0, n, 50)]
+        scores[name] = np.concatenate([p.score for p in parts])
+    assert np.median(scores["plain"]) < level, "normal windows score under the tuning level"
+    late = slice(-100, None)
+    assert np.median(scores["tuned"][late]) < 0.5 * np.median(scores["plain"][late])
+    for name, p in tuned.model.named_parameters():
+        same = torch.equal(p, dict(plain.model.named_parameters())[name])
+        assert same == name.startswith(("encoder", "next_head")), name  # the encoder's state stays valid
+    assert all(torch.equal(p, q) for p, q in zip(plain.model.parameters(), art.model.parameters(), strict=True)), \
+        "the artifact's model is never tuned"
+
+    far = Engine(art, finetune_rate=1e-2)  # every window past the level: nothing is learnt
+    out = far.score_batch(readings("m", ts[:400], v[:400] + np.array([60.0, 10.0, 20.0], np.float32))).windows
+    assert (out.score >= level).all()
+    assert all(torch.equal(p, q) for p, q in zip(far.model.parameters(), art.model.parameters(), strict=True))

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from detector.artifact import Artifact, load_artifact, save_artifact
+from detector.config import parse_config
 from detector.engine import Engine
+from detector.pipeline import Pipeline
 from detector.relations import (
     TAIL_QUANTILE,
     Relations,
@@ -183,3 +185,72 @@ def test_stream_scale_puts_each_known_stream_on_its_own_scale_and_warns_of_a_str
     assert "not in the training data of a model trained with --stream-scale (e.g. pump-z)" in caplog.text
     stranger = engine.last_val[1].numpy()
     assert np.allclose(stranger, (v[1][99] - m.scaler_mean) / np.array(m.scaler_std), atol=1e-4)
+
+
+def test_a_stream_not_in_training_learns_its_own_scale_and_then_gets_the_relation_score() -> None:
+    names, v = two_pumps(900, seed=1)
+    params = TrainParams(window=8, hop=4, hidden_size=8, epochs=2, steps_per_epoch=5, relations=True, seed=0)
+    model, m = train_model(Series(["speed", "flow", "pressure"], names, [v[0], v[1]]), params, progress=False)
+    art = Artifact(model, m, Path("."))
+    _, test = two_pumps(600, seed=2)
+    test[1, 300:, 1] += 6.0  # the flow of a pump like pump-b reads 20 noise spreads high from reading 300 on
+    ts = T0 + 60.0 * np.arange(600)
+    critical = m.quantile(0.9999)
+
+    engine = Engine(art, learn_scale=200)
+    engine.score_batch(readings("pump-z", ts[:150], test[1][:150]))
+    assert not bool(engine.rel_known[0]), "150 readings: still learning"
+    engine.score_batch(readings("pump-z", ts[150:200], test[1][150:200]))
+    mean, std = stream_scales(test[1][:200].astype(np.float64))
+    assert bool(engine.rel_known[0])
+    assert np.allclose(engine.rel_shift[0].numpy(), (mean - m.scaler_mean) / np.array(m.scaler_std), atol=1e-4)
+    assert np.allclose(engine.rel_scale[0].numpy(), std / np.array(m.scaler_std), rtol=1e-4)
+    w = engine.score_batch(readings("pump-z", ts[200:], test[1][200:])).windows
+    late = w.end_ts >= T0 + 60.0 * 400
+    assert (w.score[late] > critical).all(), "the lasting shift is now scored past critical, as on a known stream"
+    assert (w.share[late].argmax(axis=1) == 1).all(), "and names the flow sensor"
+    plain = Engine(art).score_batch(readings("pump-z", ts, test[1])).windows  # no learning: the autoencoder alone
+    assert (plain.score[plain.end_ts >= T0 + 60.0 * 400] <= critical).mean() > 0.5
+
+    state = engine.export_rows(np.array([0]))
+    assert state["ls_n"][0].tolist() == [200.0] * 3, "a learnt scale stays as learnt"
+    engine.reset(np.array([0]))  # back after a gap: the window starts over, the scale stays
+    assert bool(engine.rel_known[0]) and engine.export_rows(np.array([0]))["ls_n"][0].tolist() == [200.0] * 3
+
+    again = Engine(art, learn_scale=200)  # a restore: the checkpointed sums give the scale back
+    rows = again.rows_for(np.array(["pump-z"], dtype=object))
+    assert not bool(again.rel_known[rows[0]])
+    assert again.import_rows(rows, state) == []
+    assert bool(again.rel_known[rows[0]]) and torch.equal(again.rel_scale[rows[0]], engine.rel_scale[0])
+    older = {k: v for k, v in state.items() if not k.startswith("ls_")}  # a checkpoint from before: learns anew
+    fresh = Engine(art, learn_scale=200)
+    rows = fresh.rows_for(np.array(["pump-z"], dtype=object))
+    assert fresh.import_rows(rows, older) == [] and not bool(fresh.rel_known[rows[0]])
+    assert "ls_n" not in Engine(art).export_rows(np.array([0])), "off: no tables"
+    cfg = parse_config({"scoring": {"learn_scale_readings": 200}})
+    assert Pipeline(cfg, art).engine.learn_scale == 200, "the daemon's pipeline takes the key"
+    assert Engine(Artifact(model, dataclasses.replace(m, relation_weight=0.0), Path(".")),
+                  learn_scale=200).learn_scale == 0, "nothing to learn a scale for"
+
+
+def test_a_stream_scaled_model_sees_a_stranger_on_its_learnt_scale_from_a_fresh_window() -> None:
+    names, v = two_pumps(900, seed=1)
+    params = TrainParams(window=8, hop=4, hidden_size=8, epochs=2, steps_per_epoch=5, relations=False,
+                         stream_scale=True, seed=0)
+    model, m = train_model(Series(["speed", "flow", "pressure"], names, [v[0], v[1]]), params, progress=False)
+    art = Artifact(model, m, Path("."))
+    _, test = two_pumps(900, seed=2)
+    # a third pump at another duty point: half again pump-b's speed, twice its flow, 3 bar more pressure
+    other = (test[1] * np.array([1.5, 2.0, 1.0]) + np.array([0.0, 0.0, 3.0])).astype(np.float32)
+    ts = T0 + 60.0 * np.arange(900)
+    engine = Engine(art, learn_scale=200)
+    engine.score_batch(readings("pump-z", ts[:200], other[:200]))
+    assert bool(engine.rel_known[0]) and int(engine.count[0]) == 0, "learnt: its window starts over"
+    w = engine.score_batch(readings("pump-z", ts[200:], other[200:])).windows
+    mean, std = stream_scales(other[:200].astype(np.float64))
+    assert np.allclose(engine.last_val[0].numpy(), (other[899] - mean) / std, atol=1e-3)
+    known = Engine(art).score_batch(readings("pump-b", ts, test[1])).windows  # on its own scale, the same signal
+    unlearnt = Engine(art).score_batch(readings("pump-z", ts, other)).windows
+    ratio = np.median(w.score) / np.median(known.score)
+    assert 0.5 < ratio < 2.0, ratio
+    assert np.median(unlearnt.score) > 5 * np.median(w.score), "on the fleet's scale it scores far off"

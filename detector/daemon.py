@@ -127,6 +127,9 @@ class Daemon:
         self.state = state
         self.control = control  # operators' commands (ControlTopic), applied between batches
         self._control_restore = -math.inf  # the restore whose episodes the acks seen so far have reached
+        # bad control commands dead-lettered in the open transaction (exactly_once): an abort loses their dead
+        # letters, and the control topic is not read again, so they are sent again after the rewind
+        self._control_dead: list[tuple[Record, BadCommand]] = []
         self._muted_counted = -math.inf
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
@@ -267,6 +270,7 @@ class Daemon:
         if self.exactly_once:
             sink.commit_transaction(self.pending, self._group if self._group is not None else source.group_metadata())
             self._in_txn = False
+            self._control_dead = []
         else:
             self._flush(sink)
             source.commit(self.pending)
@@ -496,8 +500,10 @@ class Daemon:
         except KafkaError:
             return True
 
-    def _publish_control(self, sink: Sink, alerts: list[dict[str, Any]], bad: tuple[Record, BadCommand] | None) -> None:
-        """Send acknowledgements, or a bad command to the dead-letter topic (exactly_once: in the open transaction)."""
+    def _publish_control(self, sink: Sink, alerts: list[dict[str, Any]], bad: tuple[Record, BadCommand] | None,
+                         count: bool = True) -> None:
+        """Send acknowledgements, or a bad command to the dead-letter topic (exactly_once: in the open transaction;
+        `count`: False where it is sent again)."""
         if not alerts and bad is None:
             return
         if self.exactly_once and not self._in_txn:
@@ -511,7 +517,10 @@ class Daemon:
         if bad is not None:
             rec, exc = bad
             self._dead_letter(sink, rec, exc.reason, exc.detail, None)
-            self.metrics.rejects.labels(exc.reason).inc()
+            if count:
+                self.metrics.rejects.labels(exc.reason).inc()
+            if self.exactly_once:
+                self._control_dead.append(bad)
         if not self.exactly_once:
             self._flush(sink)  # rare, and tied to no input offset: made durable now, not at the next commit
 
@@ -522,6 +531,9 @@ class Daemon:
         if self._control_restore != self._rewound_at:  # a restore since the last turn
             self._control_restore = self._rewound_at
             self._publish_control(sink, self.pipeline.reapply_acks(), None)
+            lost, self._control_dead = self._control_dead, []  # dead letters of an aborted transaction
+            for bad in lost if self._reports_control() else []:
+                self._publish_control(sink, [], bad, count=False)
         try:
             records = self.control.poll_batch(0)
         except KafkaError as exc:

@@ -302,3 +302,22 @@ def test_a_label_parses_and_a_false_alarm_raises_exactly_its_streams_levels_with
     pipe.command(Command("label", "m1", alert_id="a1", label="false_alarm"), SRC)
     pipe.forget("label", "a1")  # its key deleted from the topic
     assert not pipe.feedback.any_false
+
+
+def test_a_bad_commands_dead_letter_lost_with_an_aborted_transaction_is_sent_again() -> None:
+    cfg = parse_config({**RULES, "delivery": {"guarantee": "exactly_once"}})
+    daemon = Daemon(cfg, Pipeline(cfg, random_artifact()), control=IterSource([]))
+    src, sink = IterSource(readings(0, 20), batch_size=10_000), ListSink()
+    daemon.apply_control([control_record(7, b'{"action": "mute", "streams": "m2"')], sink)
+    assert [r.topic for r in sink.pending] == [cfg.output.dead_letter_topic], "in the open transaction"
+    daemon.rewind(src, sink, "test")  # the transaction aborts: its dead letter is gone, the command read
+    assert sink.pending == [] and sink.on(cfg.output.dead_letter_topic) == []
+    daemon._follow_control(sink)  # the next turn sends it again
+    daemon.commit(src, sink)
+    dead = sink.on(cfg.output.dead_letter_topic)
+    assert [dict(r.headers)["source"] for r in dead] == [b"ctl[0]@7"]
+    assert daemon.metrics.rejects.labels("control_bad_json")._value.get() == 1, "counted once"
+    daemon.rewind(src, sink, "test")  # committed: a later rewind has nothing to send again
+    daemon._follow_control(sink)
+    daemon.commit(src, sink)
+    assert len(sink.on(cfg.output.dead_letter_topic)) == 1

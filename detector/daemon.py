@@ -77,7 +77,7 @@ from detector.metrics import HealthServer, Metrics
 from detector.pipeline import BatchOutput, Pipeline, encode_alert, iso
 from detector.signals import install_signals
 
-__all__ = ["Daemon", "kafka_client_settings", "run_daemon"]
+__all__ = ["Daemon", "above_p99", "kafka_client_settings", "run_daemon"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,11 @@ def next_offsets(records: list[Record]) -> Offsets:
         if r.offset + 1 > out.get(tp, -1):
             out[tp] = r.offset + 1
     return out
+
+
+def above_p99(pipeline: Pipeline, out: BatchOutput) -> int:
+    """How many of the batch's windows scored at or above the calibrated 0.99 quantile (the drift watch)."""
+    return int((out.windows.score >= pipeline.manifest.quantile(0.99)).sum()) if out.windows is not None else 0
 
 
 class Daemon:
@@ -208,8 +213,7 @@ class Daemon:
             self.metrics.shadow_alerts.labels(alert["kind"], alert["state"]).inc()
         if out.windows is not None and len(out.windows):
             self.metrics.shadow_windows.inc(len(out.windows))
-            self.metrics.shadow_windows_above_p99.inc(
-                int((out.windows.score >= self.shadow.manifest.quantile(0.99)).sum()))
+            self.metrics.shadow_windows_above_p99.inc(above_p99(self.shadow, out))
         self.shadow.forgotten = []  # nothing of the shadow is checkpointed, so nothing to delete
 
     def _dead_letter(self, sink: Sink, rec: Record, reason: str, detail: str,
@@ -421,7 +425,7 @@ class Daemon:
         m.replayed.inc(out.replayed)
         if out.windows is not None and len(out.windows):
             m.windows.inc(len(out.windows))
-            m.windows_above_p99.inc(int((out.windows.score >= self.pipeline.manifest.quantile(0.99)).sum()))
+            m.windows_above_p99.inc(above_p99(self.pipeline, out))
         for alert in out.alerts:
             m.alerts.labels(alert["kind"], alert["state"]).inc()
             if alert["kind"] == "regime_change":
@@ -557,11 +561,14 @@ class Daemon:
             for problem in exc.problems:
                 log.error("config reload rejected, the running config stays: %s: %s", exc.path, problem)
             return False
+        shadow_cfg = self.shadow.cfg if self.shadow is not None else None
         try:
             if self.shadow is not None:  # first: a reload the shadow refuses changes nothing in the live pipeline
                 self.shadow.reconfigure(new)
             changes = self.pipeline.reconfigure(new)
         except DetectorError as exc:
+            if self.shadow is not None and self.shadow.cfg is not shadow_cfg:  # the live one refused: back too
+                self.shadow.reconfigure(shadow_cfg)  # type: ignore[arg-type]
             log.error("config reload rejected, the running config stays: %s", exc)
             return False
         self.cfg = self.pipeline.cfg

@@ -299,7 +299,8 @@ class Pipeline(RowState):
         self.alerts.ensure(self.engine.capacity)
         warning, critical = self.threshold.levels(ws.rows)
         if self.feedback.any_false:  # operators' false-alarm labels raise their streams' levels
-            f = self.feedback.factors([self.engine.streams[r] for r in ws.rows.tolist()])
+            held, at = np.unique(ws.rows, return_inverse=True)  # one lookup per stream, not per window
+            f = self.feedback.factors([self.engine.streams[r] for r in held.tolist()])[at]
             warning, critical = warning * f, critical * f
         # warming streams and streams in maintenance or muted neither alert nor teach the thresholds
         muted = self.mutes.muted(ws.rows, now)

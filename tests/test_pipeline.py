@@ -322,11 +322,11 @@ def test_a_partition_read_far_behind_another_ages_none_of_its_streams() -> None:
 
 
 def test_a_shadow_model_leaves_the_live_alerts_byte_for_byte_and_publishes_its_own_to_the_shadow_topic(
-        trained: Artifact) -> None:
+        trained: Artifact, tmp_path, monkeypatch) -> None:
     import dataclasses
 
     from detector.artifact import check_shadow
-    from detector.errors import ModelError
+    from detector.errors import DetectorError, ModelError
 
     cfg = parse_config({"model": {"shadow": "models/candidate"}})
     m = trained.manifest  # the candidate: the same weights, levels at half the live's, so it alerts more
@@ -355,3 +355,15 @@ def test_a_shadow_model_leaves_the_live_alerts_byte_for_byte_and_publishes_its_o
     other = Artifact(trained.model, dataclasses.replace(m, features=["a", "b", "c", "d"]), None)  # type: ignore
     with pytest.raises(ModelError, match="a shadow must score the same readings"):
         check_shadow(other, trained)
+
+    path = tmp_path / "config.yaml"  # a reload goes to both pipelines, or to neither
+    path.write_text("model: {shadow: models/candidate}\nalerts: {k: 3, n: 4}\n")
+    assert daemon.reload(path) and daemon.shadow.cfg.alerts.k == daemon.pipeline.cfg.alerts.k == 3
+    path.write_text("model: {shadow: models/candidate}\nalerts: {k: 1, n: 4}\n")
+
+    def refuse(new: Config) -> list[str]:
+        raise DetectorError("the live pipeline refuses it")
+
+    monkeypatch.setattr(daemon.pipeline, "reconfigure", refuse)
+    assert not daemon.reload(path)
+    assert daemon.shadow.cfg.alerts.k == daemon.pipeline.cfg.alerts.k == 3, "the shadow went back with the live one"

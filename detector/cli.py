@@ -116,15 +116,22 @@ def _series_from_topic(args: argparse.Namespace, feats: list[str] | None) -> tup
         raise DataError(f"topic {args.from_topic}: no readings between {args.since} and {args.until or 'now'} "
                         f"({len(records)} records)")
     spans = alerted_spans(_read_topic(cfg, args.exclude_alerted, *span, args.config), until or now) \
-        if args.exclude_alerted else None
-    got = series_from_records(records, features, cfg.input, spans)
-    log.info("read %d records of %s: %d readings kept, %d rejected %s, %d repeated, %d inside alerted spans",
-             got.records, args.from_topic, got.readings, sum(got.rejected.values()), got.rejected or "",
+        if args.exclude_alerted else {}
+    control = None
+    if args.exclude_muted:  # a mute written before the span may hold in it
+        if not cfg.control.enabled:
+            raise DataError("--exclude-muted: control.enabled is false in --config, so there is no control topic")
+        control = _read_topic(cfg, cfg.control_topic(), 0, None, args.config)  # small, compacted: all of it
+    got = series_from_records(records, features, cfg.input, spans, control)
+    log.info("read %d records of %s: %d readings kept, %d rejected %s, %d repeated, %d inside alerted or muted "
+             "spans", got.records, args.from_topic, got.readings, sum(got.rejected.values()), got.rejected or "",
              got.duplicates, got.excluded)
     return got.series, {"topic": args.from_topic, "bootstrap_servers": cfg.kafka.bootstrap_servers,
                         "since": since, "until": until if until is not None else now, "records": got.records,
                         "readings": got.readings, "rejected": got.rejected, "repeated": got.duplicates,
-                        "alerts_topic": args.exclude_alerted, "alerted_readings_left_out": got.excluded}
+                        "alerts_topic": args.exclude_alerted, "alerted_readings_left_out": got.excluded,
+                        "control_topic": cfg.control_topic() if args.exclude_muted else None,
+                        "muted_spans": got.muted_spans}
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -453,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--exclude-alerted", metavar="ALERTS_TOPIC",
                    help="with --from-topic: leave out each stream's readings inside its anomaly and sensor-fault "
                    "episodes on this alerts topic (raised to cleared)")
+    t.add_argument("--exclude-muted", action="store_true",
+                   help="with --from-topic: also leave out each stream's readings while operators held it muted, "
+                   "from the control topic of --config (control.topic)")
     t.add_argument("--config", help="with --from-topic: the YAML config naming the brokers and the input fields")
     t.add_argument("--out", required=True, help="folder to write the model into")
     t.add_argument("--features", help="comma-separated feature columns (default: every numeric column)")

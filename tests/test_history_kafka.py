@@ -111,6 +111,22 @@ def test_training_from_a_topic_equals_training_from_the_same_rows_in_a_file(
     assert src["alerted_readings_left_out"] == 40 and src["readings"] == len(df) - 40
     assert manifest(tmp_path / "clean")["training"]["readings"] == len(df) - 40
 
+    # operators muted pump-2 from reading 50 until reading 80, and pump-0 from reading 200 on (no end)
+    ctl = topic_factory(partitions=1)
+    cfg.write_text(f'kafka: {{bootstrap_servers: "{kafka_bootstrap}"}}\ncontrol: {{topic: {ctl}}}\n')
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    for at, cmd in ((T0 + 60 * 50, {"action": "mute", "streams": "pump-2", "until": T0 + 60 * 80}),
+                    (T0 + 60 * 200, {"action": "mute", "streams": "pump-0"}), (T0, b"not a command")):
+        value = cmd if isinstance(cmd, bytes) else orjson.dumps(cmd)
+        producer.send(ctl, key=b"mute:x", value=value, timestamp_ms=at * 1000)
+    producer.flush()
+    producer.close()
+    assert main(["train", "--from-topic", topic, *span, "--config", str(cfg), "--exclude-alerted", alerts,
+                 "--exclude-muted", "--out", str(tmp_path / "quiet"), *TRAIN]) == 0
+    src = manifest(tmp_path / "quiet")["training"]["source"]
+    assert src["control_topic"] == ctl and src["muted_spans"] == 2
+    assert src["alerted_readings_left_out"] == 40 + 31 + 40 and src["readings"] == len(df) - 111
+
 
 def test_a_missing_topic_or_an_empty_span_is_one_clear_line(kafka_bootstrap: str, topic_factory, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:

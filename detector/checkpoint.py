@@ -131,6 +131,7 @@ class RestoreReport:
     restored: int = 0
     skipped: dict[str, int] | None = None
     misfit: list[str] | None = None
+    also_restored: int = 0  # into the model a promotion replaced (restore_chunks' `also`)
 
 
 _NP = {v: np.dtype(k) for k, v in _DTYPES.items()}
@@ -212,11 +213,12 @@ def restore(pipeline: Pipeline, values: list[bytes], only: set[tuple[str, int]] 
 
 
 def restore_chunks(pipeline: Pipeline, chunks: Iterable[list[tuple[bytes | None, bytes | None]]],
-                   only: set[tuple[str, int]] | None = None) -> RestoreReport:
+                   only: set[tuple[str, int]] | None = None, also: Pipeline | None = None) -> RestoreReport:
     """Load a state topic's records, oldest first, as they are fetched: (key, value) chunks, value None for a
     tombstone. Each stream ends with the state of its key's newest record; where that record is a tombstone or
     cannot be used (unreadable, another model, with `only` another input partition than those given) the stream
-    is fresh, as if never seen.
+    is fresh, as if never seen. With `also` (the model a promotion or rollback replaced), records of its model
+    version are restored into it instead (`report.also_restored`), never into `pipeline`.
 
     Records are decoded in bulk: those with the same layout (every stream of one model and config) become one
     array per field, CHUNK_ROWS at a time, and one `import_rows` call sets them. So a restore holds one fetch of
@@ -225,8 +227,8 @@ def restore_chunks(pipeline: Pipeline, chunks: Iterable[list[tuple[bytes | None,
     """
     report = RestoreReport(skipped={}, misfit=[])
     skipped = report.skipped
-    version = pipeline.manifest.model_version or pipeline.manifest.name
-    held: set[str] = set()
+    targets = {(p.manifest.model_version or p.manifest.name): (p, set[str]())
+               for p in (also, pipeline) if p is not None}  # the live pipeline's wins a tie of versions
     layouts: dict[bytes, list | None] = {}  # a layout's tensors (None: not a layout this version reads)
     for chunk in _gathered(chunks, CHUNK_ROWS):
         newest: dict[bytes, bytes | None] = {}
@@ -238,7 +240,7 @@ def restore_chunks(pipeline: Pipeline, chunks: Iterable[list[tuple[bytes | None,
             else:
                 newest.pop(key, None)  # keeps the newest last: the order of the chunk
                 newest[key] = value
-        groups: dict[bytes, tuple[list[str], list[int], list[bytes]]] = {}
+        groups: dict[tuple[str, bytes], tuple[list[str], list[int], list[bytes]]] = {}
         gone: list[str] = []
         for key, value in [*newest.items(), *((None, v) for v in unkeyed)]:
             why = None
@@ -262,30 +264,40 @@ def restore_chunks(pipeline: Pipeline, chunks: Iterable[list[tuple[bytes | None,
                     why = "unreadable"
                 elif only is not None and (topic, int(partition)) not in only:
                     why = "other_partition"
-                elif meta.get("model_version") != version:
+                elif meta.get("model_version") not in targets:
                     why = "other_model"
             if why is not None:
                 skipped[why] = skipped.get(why, 0) + 1
                 if key is not None:
                     gone.append(key.decode(errors="replace"))
                 continue
-            if topic not in pipeline.topics:
-                pipeline.topics.append(topic)
-            streams, topics, data = groups.setdefault(layout, ([], [], []))
+            target = targets[meta["model_version"]][0]
+            if topic not in target.topics:
+                target.topics.append(topic)
+            streams, topics, data = groups.setdefault((meta["model_version"], layout), ([], [], []))
             streams.append(meta["stream"])
-            topics.append(pipeline.topics.index(topic))  # the writer's index is this pipeline's
+            topics.append(target.topics.index(topic))  # the writer's index is this pipeline's
             data.append(value[start:])
         if gone:  # an older record of these streams was restored: they start fresh after all
-            rows = pipeline.engine.find(gone)
-            pipeline.release(rows[rows >= 0])
-            held.difference_update(gone)
-        for layout, (streams, topics, data) in groups.items():
+            for target, held in targets.values():
+                rows = target.engine.find(gone)
+                target.release(rows[rows >= 0])
+                held.difference_update(gone)
+        for (version, layout), (streams, topics, data) in groups.items():
+            target, held = targets[version]
+            for other, other_held in targets.values():  # a stream's newer record of the other model wins
+                if other is not target:
+                    rows = other.engine.find(streams)
+                    other.release(rows[rows >= 0])
+                    other_held.difference_update(streams)
             for lo in range(0, len(streams), CHUNK_ROWS):
                 part = slice(lo, lo + CHUNK_ROWS)
                 state = _columns(layouts[layout], data[part])  # type: ignore[arg-type]
                 state["pipeline.in_topic"] = np.array(topics[part], np.int64)
-                rows = pipeline.engine.rows_for(np.array(streams[part], dtype=object))
-                report.misfit = sorted(set(report.misfit) | set(pipeline.import_rows(rows, state)))
+                rows = target.engine.rows_for(np.array(streams[part], dtype=object))
+                report.misfit = sorted(set(report.misfit) | set(target.import_rows(rows, state)))
                 held.update(streams[part])
-    report.restored = len(held)
+    report.restored = len(targets[pipeline.manifest.model_version or pipeline.manifest.name][1])
+    if also is not None and also.manifest.model_version != pipeline.manifest.model_version:
+        report.also_restored = len(targets[also.manifest.model_version or also.manifest.name][1])
     return report

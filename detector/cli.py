@@ -268,6 +268,7 @@ def _control(args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
 
     from consumers.kafka import ControlTopic, ControlTopicError
+    from detector.artifact import load_artifact
     from detector.config import load_config
     from detector.control import Command, encode_command, parse_until
     from detector.daemon import kafka_client_settings
@@ -278,6 +279,27 @@ def _control(args: argparse.Namespace) -> int:
         return 2
     now = time.time()
     until = None
+    model_action = args.action in ("promote", "rollback")
+    if model_action == (args.streams is not None):
+        print(f"error: {args.action} " + ("takes no streams: it is for every stream" if model_action else
+                                          "needs the streams: a stream id or a glob on it"), file=sys.stderr)
+        return 2
+    if args.version is not None and args.action != "promote":
+        print(f"error: --version is for promote only, not {args.action}", file=sys.stderr)
+        return 2
+    version = ""
+    if args.action == "promote":
+        version = args.version or ""
+        if not version:
+            if not cfg.model.shadow:
+                print(f"error: {args.config}: model.shadow is not set: there is no shadow model to promote "
+                      f"(or give --version)", file=sys.stderr)
+                return 2
+            try:
+                version = load_artifact(cfg.model.shadow).manifest.model_version
+            except DetectorError as exc:
+                print(f"error: {args.config}: model.shadow: {exc}", file=sys.stderr)
+                return 2
     if (args.action == "label") != (args.alert_id is not None and args.label is not None):
         print("error: label needs --alert-id and --as (and they are for label only)", file=sys.stderr)
         return 2
@@ -298,8 +320,9 @@ def _control(args: argparse.Namespace) -> int:
     except (OSError, KeyError):  # no user name in this environment
         user = "unknown"
     by = args.by or f"{user}@{socket.gethostname()}"
-    key, value = encode_command(Command(args.action, args.streams, until, args.reason, by,
-                                        alert_id=args.alert_id or "", label=args.label or "", note=args.note))
+    key, value = encode_command(Command(args.action, "*" if model_action else args.streams, until, args.reason, by,
+                                        alert_id=args.alert_id or "", label=args.label or "", note=args.note,
+                                        version=version))
     topic = ControlTopic(cfg.kafka.bootstrap_servers, cfg.control_topic(), client=kafka_client_settings(cfg))
     try:
         topic.ensure(cfg.control.replication)
@@ -604,12 +627,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.set_defaults(func=_compare)
 
     k = sub.add_parser("control", help="mute, unmute, acknowledge or label on the running daemons (control topic)")
-    k.add_argument("action", choices=["mute", "unmute", "ack", "label"],
+    k.add_argument("action", choices=["mute", "unmute", "ack", "label", "promote", "rollback"],
                    help="mute: no anomaly alerts (open ones are cleared); unmute: alerts again; ack: acknowledge "
                    "the open alert of each matching stream (no escalation is announced after it); label: say what "
                    "one alert was (--alert-id, --as): a false alarm raises that stream's levels by 25 %%, at most "
-                   "to twice")
-    k.add_argument("streams", help="a stream id or a glob on it, e.g. pump-17 or 'pump-0*'")
+                   "to twice; promote: make the shadow model (model.shadow) live, the live one its shadow; "
+                   "rollback: make model.path's model live again")
+    k.add_argument("streams", nargs="?", help="a stream id or a glob on it, e.g. pump-17 or 'pump-0*' (not for "
+                   "promote and rollback: every stream)")
+    k.add_argument("--version", help="promote: the model_version made live (default: that of model.shadow in "
+                   "--config)")
     k.add_argument("--until", help="mute: until this time (RFC 3339, epoch seconds, or a duration from now such "
                    "as 30m, 2h, 1d); default: until unmuted")
     k.add_argument("--reason", default="", help="why, carried in the command and the alert it produces")

@@ -16,6 +16,11 @@ A label says what an operator found an alert to be: ``{"action": "label", "strea
 ``label:<alert_id>`` (a later label of the same alert replaces it). Every false alarm of a stream raises that
 stream's warning and critical levels by FALSE_ALARM_STEP, at most to FALSE_ALARM_MAX times (Feedback): a
 function of the labels held, so reading the topic again from its start gives the same levels.
+
+Which of the two loaded models is live: ``{"action": "promote", "streams": "*", "version": "<model_version>"}``
+makes the shadow model (model.shadow) of that version live, the model of model.path its shadow (the
+rollback); ``{"action": "rollback", "streams": "*"}`` makes model.path's live again. Both are keyed
+``model:*``: the newest decides, at start-up too, and a tombstone under that key is a rollback.
 """
 
 from __future__ import annotations
@@ -30,12 +35,16 @@ import orjson
 
 from detector.rows import grown, step
 
-__all__ = ["ACTIONS", "LABELS", "Command", "BadCommand", "Mutes", "Feedback", "parse_command", "encode_command",
-           "command_key", "deleted", "parse_until", "parse_since", "FALSE_ALARM_STEP", "FALSE_ALARM_MAX"]
+__all__ = ["ACTIONS", "LABELS", "MODEL_ACTIONS", "Command", "BadCommand", "Mutes", "Feedback", "parse_command",
+           "encode_command", "command_key", "deleted", "parse_until", "parse_since", "FALSE_ALARM_STEP",
+           "FALSE_ALARM_MAX"]
 
-ACTIONS = ("mute", "unmute", "ack", "label")
+ACTIONS = ("mute", "unmute", "ack", "label", "promote", "rollback")
 LABELS = ("false_alarm", "confirmed")
-_FIELDS = {"action", "streams", "until", "reason", "by", "alert_id", "as", "note"}
+MODEL_ACTIONS = ("promote", "rollback")
+"""Which model is live: `promote` makes the shadow (model.shadow) of the given version live, `rollback` makes
+model.path's live again. One key (`model:*`) holds both, so compaction keeps the newest."""
+_FIELDS = {"action", "streams", "until", "reason", "by", "alert_id", "as", "note", "version"}
 FALSE_ALARM_STEP = 1.25
 """Each alert of a stream labelled a false alarm multiplies that stream's warning and critical levels by this."""
 FALSE_ALARM_MAX = 2.0
@@ -67,6 +76,7 @@ class Command:
     alert_id: str = ""  # label: the alert labelled, what it was found to be, and a note
     label: str = ""
     note: str = ""
+    version: str = ""  # promote: the model version made live
 
 
 def parse_since(value: object, now: float) -> float:
@@ -114,8 +124,11 @@ def parse_until(value: object, now: float | None = None) -> float:
 def parse_command(value: bytes | None, at: float) -> Command | None:
     """The command in a control record's value (None for a tombstone: see `deleted`); BadCommand if not one.
 
-    >>> parse_command(b'{"action": "mute", "streams": "pump-*", "by": "ann"}', at=5.0)
-    Command(action='mute', streams='pump-*', until=None, reason='', by='ann', at=5.0, alert_id='', label='', note='')
+    >>> c = parse_command(b'{"action": "mute", "streams": "pump-*", "by": "ann"}', at=5.0)
+    >>> c.action, c.streams, c.until, c.by, c.at
+    ('mute', 'pump-*', None, 'ann', 5.0)
+    >>> parse_command(b'{"action": "promote", "streams": "*", "version": "pumps-7"}', at=6.0).version
+    'pumps-7'
     """
     if value is None:
         return None
@@ -133,6 +146,8 @@ def parse_command(value: bytes | None, at: float) -> Command | None:
     if action not in ACTIONS:
         raise BadCommand("control_bad_action", f"action {action!r} is not one of {', '.join(ACTIONS)}")
     streams = doc.get("streams")
+    if action in MODEL_ACTIONS and streams != "*":
+        raise BadCommand("control_bad_streams", f"{action} is for every stream: streams must be \"*\", not {streams!r}")
     if not isinstance(streams, str) or not streams.strip() or len(streams) > _MAX_TEXT:
         raise BadCommand("control_bad_streams", f"streams {streams!r} is not a stream id or glob (e.g. pump-*)")
     until = None
@@ -143,7 +158,7 @@ def parse_command(value: bytes | None, at: float) -> Command | None:
             until = parse_until(doc["until"])
         except ValueError as exc:
             raise BadCommand("control_bad_until", f"until: {exc}") from None
-    for name in ("reason", "by", "alert_id", "note"):
+    for name in ("reason", "by", "alert_id", "note", "version"):
         v = doc.get(name, "")
         if not isinstance(v, str) or len(v) > _MAX_TEXT:
             raise BadCommand("control_bad_field", f"{name} must be text of at most {_MAX_TEXT} characters")
@@ -152,19 +167,24 @@ def parse_command(value: bytes | None, at: float) -> Command | None:
             raise BadCommand("control_bad_label", f"a label needs alert_id and as: one of {', '.join(LABELS)}")
     elif any(k in doc for k in ("alert_id", "as", "note")):
         raise BadCommand("control_bad_field", f"alert_id, as and note are for label only, not {action}")
+    if action == "promote" and not doc.get("version"):
+        raise BadCommand("control_bad_field", "promote needs version: the model_version of the shadow model it makes "
+                         "live")
+    if action != "promote" and "version" in doc:
+        raise BadCommand("control_bad_field", f"version is for promote only, not {action}")
     return Command(action, streams, until, doc.get("reason", ""), doc.get("by", ""), at, doc.get("alert_id", ""),
-                   doc.get("as", ""), doc.get("note", ""))
+                   doc.get("as", ""), doc.get("note", ""), doc.get("version", ""))
 
 
 def deleted(key: bytes | None) -> tuple[str, str] | None:
-    """What a tombstone with this key deletes: ("mute", glob), ("ack", glob) or ("label", alert id); None for
-    another key.
+    """What a tombstone with this key deletes: ("mute", glob), ("ack", glob), ("label", alert id) or ("model", "*");
+    None for another key.
 
-    >>> deleted(b"mute:pump-*"), deleted(b"ack:pump-1"), deleted(b"label:a1"), deleted(b"pump-1")
-    (('mute', 'pump-*'), ('ack', 'pump-1'), ('label', 'a1'), None)
+    >>> deleted(b"mute:pump-*"), deleted(b"ack:pump-1"), deleted(b"label:a1"), deleted(b"model:*"), deleted(b"p1")
+    (('mute', 'pump-*'), ('ack', 'pump-1'), ('label', 'a1'), ('model', '*'), None)
     """
     kind, sep, glob = (key or b"").decode(errors="replace").partition(":")
-    return (kind, glob) if sep and kind in ("mute", "ack", "label") and glob else None
+    return (kind, glob) if sep and kind in ("mute", "ack", "label", "model") and glob else None
 
 
 def command_key(action: str, streams: str) -> bytes:
@@ -174,7 +194,7 @@ def command_key(action: str, streams: str) -> bytes:
     >>> command_key("unmute", "pump-*"), command_key("ack", "pump-*"), command_key("label", "a1")
     (b'mute:pump-*', b'ack:pump-*', b'label:a1')
     """
-    kind = action if action in ("ack", "label") else "mute"
+    kind = action if action in ("ack", "label") else "model" if action in MODEL_ACTIONS else "mute"
     return f"{kind}:{streams}".encode()
 
 
@@ -187,6 +207,8 @@ def encode_command(cmd: Command) -> tuple[bytes, bytes]:
     if cmd.action == "label":
         doc.update({"alert_id": cmd.alert_id, "as": cmd.label, "note": cmd.note})
         return command_key("label", cmd.alert_id), orjson.dumps(doc)
+    if cmd.action == "promote":
+        doc["version"] = cmd.version
     return command_key(cmd.action, cmd.streams), orjson.dumps(doc)
 
 

@@ -68,7 +68,7 @@ from consumers.kafka import (
 from detector.artifact import check_features, check_shadow, load_artifact
 from detector.checkpoint import restore_chunks, snapshot
 from detector.config import Config, config_hash, load_config
-from detector.control import BadCommand, deleted, parse_command
+from detector.control import MODEL_ACTIONS, BadCommand, Command, deleted, parse_command
 from detector.deadletter import dead_letter
 from detector.engine import pick_device, use_threads
 from detector.errors import ConfigError, DetectorError
@@ -128,7 +128,11 @@ class Daemon:
         # a candidate model scored beside the live one (model.shadow): its alerts go to the shadow topic only,
         # its state is never checkpointed (a restore or rebalance starts it cold)
         self.shadow = shadow
+        self._primary = pipeline  # model.path's: live again after a rollback (`promote` swaps the two)
+        self._switched: tuple[str, Record] | None = None  # the last switch of live model: its reason and command
+        self._retired: list[dict[str, Any]] = []  # clears of the outgoing model's episodes found by a restore
         self.metrics = metrics or Metrics()
+        self._show_models()
         self.state = state
         self.control = control  # operators' commands (ControlTopic), applied between batches
         self._control_restore = -math.inf  # the restore whose episodes the acks seen so far have reached
@@ -392,16 +396,26 @@ class Daemon:
         assigned = source.assignment()
         pipe = self.pipeline
         pipe.release(pipe.engine.live_rows())  # every stream is forgotten (those of revoked partitions for good) ...
-        if self.shadow is not None:  # the shadow starts cold: it has no checkpoints
+        if self.shadow is not None:  # the shadow starts cold: it has no checkpoints ...
             self.shadow.release(self.shadow.engine.live_rows())
         report = None
         if self.state is not None and assigned:  # ... from the checkpoint of those on our partitions
             log.info("restoring the streams of %d partitions from %s", len(assigned), self.state.topic)
             chunks = self.state.read_chunks({p for _, p in assigned}, self.cfg.delivery.restore_timeout_s,
                                             self.stop_event)  # decoded as fetched: one fetch in memory at a time
-            # Stopped: half-restored, nothing may be scored or committed
-            report = restore_chunks(pipe, chunks, only=assigned)
+            # Stopped: half-restored, nothing may be scored or committed. After a promotion or rollback, the
+            # checkpoints the outgoing model wrote before it (a crash came before the switch was committed) go to
+            # it, the shadow now, so that its open episodes are cleared once on the alerts topic
+            switched = self._switched is not None and self.shadow is not None
+            report = restore_chunks(pipe, chunks, only=assigned, also=self.shadow if switched else None)
             self.metrics.restored_streams.inc(report.restored)
+            if report.also_restored and self._switched is not None and self.shadow is not None:
+                self._retired += self.shadow.retire(*self._switched)
+                log.info("%d streams of model %s restored from before the switch: %d open episodes to clear",
+                         report.also_restored, self.shadow.manifest.model_version, len(self._retired))
+                gone = self.shadow.engine.live_rows()
+                self.pipeline.forgotten += self.shadow.forgotten_rows(gone)  # their checkpoints are deleted
+                self.shadow.release(gone)  # the shadow starts cold after all
         source.rewind(assigned)
         self._group = source.group_metadata()
         seconds = time.monotonic() - t0
@@ -471,10 +485,17 @@ class Daemon:
                 continue
             if cmd is None:  # a tombstone: an operator deleted the key, and a restart would not see it
                 gone = deleted(rec.key)
-                if gone is not None:
-                    self.pipeline.forget(*gone)
+                if gone is not None and gone[0] == "model":  # no promotion any more: model.path's is live
+                    self._switch_model(None, rec, sink, history)
+                elif gone is not None:
+                    for pipe in (self.pipeline, self.shadow):
+                        if pipe is not None:
+                            pipe.forget(*gone)
                 continue
             self.metrics.control_commands.labels(cmd.action).inc()
+            if cmd.action in MODEL_ACTIONS:
+                self._switch_model(cmd, rec, sink, history)
+                continue
             out, matched = self.pipeline.command(cmd, {"topic": rec.topic, "partition": rec.partition,
                                                        "offset": rec.offset})
             if self.shadow is not None and cmd.action != "ack":  # mutes and labels hold for the shadow too
@@ -494,6 +515,58 @@ class Daemon:
                          f" until {iso(cmd.until)}" if cmd.until is not None else "", matched)
             self._publish_control(sink, out, None)
 
+    def _switch_model(self, cmd: Command | None, rec: Record, sink: Sink, history: bool) -> None:
+        """Make live the model a command names (promote: the loaded model of its version; rollback, or the key
+        deleted: model.path's), between two batches; the other one goes on scoring as the shadow.
+
+        The outgoing model's open episodes get `cleared` records (reason `model_promoted` or `model_rolled_back`)
+        on the alerts topic; the incoming one's (until now on the shadow topic) are closed without a record and
+        open again on the alerts topic if they last. Every stream it holds is checkpointed at the next commit, in
+        its model version: a restore never mixes the two (another version's checkpoint starts the stream fresh).
+        """
+        action = cmd.action if cmd is not None else "rollback (the model:* key was deleted)"
+        if cmd is not None and cmd.action == "promote":
+            want = next((p for p in (self.pipeline, self.shadow)
+                         if p is not None and p.manifest.model_version == cmd.version), None)
+            if want is None:
+                log.warning("control: promote %s ignored: the models loaded are %s", cmd.version, ", ".join(
+                    f"{p.manifest.model_version} ({'live' if p is self.pipeline else 'shadow'})"
+                    for p in (self.pipeline, self.shadow) if p is not None))
+                return
+        else:
+            want = self._primary
+        if want is self.pipeline:
+            if not history:
+                log.info("control: %s: %s is live already", action, want.manifest.model_version)
+            return
+        old = self.pipeline
+        reason = "model_rolled_back" if want is self._primary else "model_promoted"
+        cleared = old.retire(reason, rec)
+        want.retire(reason, rec)
+        want.dirty[want.engine.live_rows()] = True  # every stream's state, in the new version, at the next commit
+        # the outgoing model's checkpoints that the incoming one will not overwrite (streams it has not seen since
+        # it started) are deleted: restored later, their episodes, cleared here, would be cleared again
+        held = old.engine.live_rows()
+        unseen = held[want.engine.find([old.engine.streams[r] for r in held.tolist()]) < 0]
+        want.forgotten = old.forgotten + old.forgotten_rows(unseen)
+        old.forgotten = []
+        self._switched = (reason, rec)
+        self.pipeline, self.shadow = want, old
+        self.cfg = want.cfg
+        self._show_models()
+        log.info("control: %s by %s: model %s is live, %s scores beside it as the shadow (%d open episodes cleared)",
+                 action, cmd.by if cmd is not None and cmd.by else "?", want.manifest.model_version,
+                 old.manifest.model_version, len(cleared))
+        if not history:
+            self._publish_control(sink, cleared, None)
+
+    def _show_models(self) -> None:
+        """Set the model gauge: which version is live, which the shadow."""
+        self.metrics.model.clear()
+        self.metrics.model.labels(self.pipeline.manifest.model_version, "live").set(1)
+        if self.shadow is not None:
+            self.metrics.model.labels(self.shadow.manifest.model_version, "shadow").set(1)
+
     def _reports_control(self) -> bool:
         """Whether this member dead-letters bad control commands: every member reads each one, so only the one
         holding partition 0 of the first input topic does (or a daemon outside a consumer group)."""
@@ -506,8 +579,8 @@ class Daemon:
 
     def _publish_control(self, sink: Sink, alerts: list[dict[str, Any]], bad: tuple[Record, BadCommand] | None,
                          count: bool = True) -> None:
-        """Send acknowledgements, or a bad command to the dead-letter topic (exactly_once: in the open transaction;
-        `count`: False where it is sent again)."""
+        """Send the records a command produced (acknowledgements, clears of a model switch), or a bad command to the
+        dead-letter topic (exactly_once: in the open transaction; `count`: False where it is sent again)."""
         if not alerts and bad is None:
             return
         if self.exactly_once and not self._in_txn:
@@ -516,8 +589,9 @@ class Daemon:
         for alert in alerts:
             sink.send(self.cfg.output.alerts_topic, *encode_alert(alert))
             self.metrics.alerts.labels(alert["kind"], alert["state"]).inc()
-            log.info("alert acknowledged %s stream=%s by=%s", alert["alert_id"], alert["stream"], alert["by"],
-                     extra={"stream": alert["stream"]})
+            if alert["state"] == "acknowledged":
+                log.info("alert acknowledged %s stream=%s by=%s", alert["alert_id"], alert["stream"], alert["by"],
+                         extra={"stream": alert["stream"]})
         if bad is not None:
             rec, exc = bad
             self._dead_letter(sink, rec, exc.reason, exc.detail, None)
@@ -534,7 +608,8 @@ class Daemon:
             return
         if self._control_restore != self._rewound_at:  # a restore since the last turn
             self._control_restore = self._rewound_at
-            self._publish_control(sink, self.pipeline.reapply_acks(), None)
+            retired, self._retired = self._retired, []
+            self._publish_control(sink, retired + self.pipeline.reapply_acks(), None)
             lost, self._control_dead = self._control_dead, []  # dead letters of an aborted transaction
             for bad in lost if self._reports_control() else []:
                 self._publish_control(sink, [], bad, count=False)

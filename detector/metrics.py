@@ -20,6 +20,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.readings = Counter("detector_readings_total", "Readings decoded from input records", registry=r)
+        self.model = Gauge("detector_model", "The model versions loaded: 1 per version, by role (live: its alerts "
+                           "reach operators; shadow: model.shadow, or the model a promotion replaced)",
+                           ["version", "role"], registry=r)
         self.windows = Counter("detector_windows_scored_total", "Windows scored by the model", registry=r)
         self.shadow_alerts = Counter("detector_shadow_alerts_total", "Alert transitions the shadow model "
                                      "(model.shadow) would have published, by kind and state", ["kind", "state"],

@@ -26,7 +26,7 @@ from detector.labels import Labeler
 from detector.maintenance import MaintenanceSchedule
 from detector.regime import RegimeDetector
 from detector.rows import RowState, grown, take
-from detector.sensors import OrderWatch, SensorEvents, SensorGate, SilenceWatch
+from detector.sensors import REASONS, OrderWatch, SensorEvents, SensorGate, SilenceWatch
 from detector.threshold import build_threshold
 
 __all__ = ["Pipeline", "BatchOutput", "iso"]
@@ -383,8 +383,7 @@ class Pipeline(RowState):
         if self.silence is not None:
             silent = take(self.silence.silent, gone, False)
             alerts = [self._silence_alert(rec, int(r), "cleared") for r in gone[silent].tolist()]
-        self.forgotten.extend((self.engine.streams[r], self.topics[int(self.in_topic[r])], int(self.in_partition[r]))
-                              for r in gone.tolist() if self.in_topic[r] >= 0)
+        self.forgotten += self.forgotten_rows(gone)
         self.release(gone)
         return alerts
 
@@ -426,6 +425,53 @@ class Pipeline(RowState):
         out: list[dict[str, Any]] = []
         for cmd, source in self.acks.values():
             out += self._acknowledge(self._open_matching(cmd.streams), cmd, source, cmd.at)
+        return out
+
+    def forgotten_rows(self, rows: np.ndarray) -> list[tuple[str, str, int]]:
+        """(stream, topic, partition) of these rows, as `forgotten` lists them (their checkpoints get deleted)."""
+        return [(self.engine.streams[r], self.topics[int(self.in_topic[r])], int(self.in_partition[r]))
+                for r in np.asarray(rows, np.int64).tolist() if self.in_topic[r] >= 0]
+
+    def retire(self, reason: str, rec: Record) -> list[dict[str, Any]]:
+        """End every open episode at once, as when another model takes over: a `cleared` record of each, with
+        `reason` and stamped with `rec` (the control command), and every stage left with no episode open (a
+        condition that lasts opens a new one at its stream's next readings)."""
+        n = len(self.engine.streams)
+        self._ensure_rows()
+        m = self.manifest
+        out: list[dict[str, Any]] = []
+        source = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
+        rows = np.flatnonzero(self.alerts.state[:n] > NORMAL)
+        for r in rows.tolist():
+            at = float(self.alerts.raised_at[r])
+            out.append({
+                "alert_id": alert_id(m.model_version or m.name, self.engine.streams[r], at),
+                "kind": "anomaly", "stream": self.engine.streams[r], "model": m.name,
+                "model_version": m.model_version, "state": "cleared",
+                "severity": "critical" if self.alerts.state[r] == ESCALATED else "warning",
+                "first_seen": iso(at), "reason": reason, "input": source, "config_hash": self.config_hash,
+                "detector_version": __version__})
+        self.alerts.close(rows)
+        self.dirty[rows] = True
+        g = self.gate
+        for r, f, k in np.argwhere(g.open[:n]).tolist():
+            end = float(self.engine.last_ts[r])
+            out.append({**self._sensor_record(rec, r, f, REASONS[k], "cleared", float(g.opened_at[r, f, k]), end),
+                        "cause": reason})
+        self.dirty[np.flatnonzero(g.open[:n].any(axis=(1, 2)))] = True
+        g.open[:n] = False
+        late = np.flatnonzero(~np.isnan(self.order.since[:n]))
+        for r in late.tolist():
+            out.append({**self._order_alert(rec, r, "cleared", float(self.order.since[r]),
+                                            float(self.engine.last_ts[r]), int(self.order.reason[r])),
+                        "cause": reason})
+        self.order.since[late] = np.nan
+        self.dirty[late] = True
+        if self.silence is not None:
+            quiet = np.flatnonzero(self.silence.silent[:n])
+            out += [{**self._silence_alert(rec, r, "cleared"), "cause": reason} for r in quiet.tolist()]
+            self.silence.silent[quiet] = False
+            self.dirty[quiet] = True
         return out
 
     def _open_matching(self, glob: str) -> np.ndarray:
@@ -554,25 +600,29 @@ class Pipeline(RowState):
         }
 
     def _sensor_alert(self, records: list[Record], readings: Readings, ev: SensorEvents, e: int) -> dict[str, Any]:
-        stream = self.engine.streams[int(ev.rows[e])]
-        feature = self.manifest.features[int(ev.feature[e])]
-        reason = str(ev.reason[e])
-        reading = int(ev.reading[e])
-        rec = records[int(readings.source[reading])]
+        rec = records[int(readings.source[int(ev.reading[e])])]
+        return self._sensor_record(rec, int(ev.rows[e]), int(ev.feature[e]), str(ev.reason[e]), str(ev.state[e]),
+                                   float(ev.raised_at[e]), float(ev.ts[e]))
+
+    def _sensor_record(self, rec: Record, row: int, f: int, reason: str, state: str, raised_at: float,
+                       end: float) -> dict[str, Any]:
+        """A sensor_fault record about feature f of a stream, its episode raised at event time `raised_at`."""
+        stream = self.engine.streams[row]
+        feature = self.manifest.features[f]
         m = self.manifest
         return {
-            "alert_id": alert_id(f"{m.model_version or m.name}|{feature}|{reason}", stream, float(ev.raised_at[e])),
+            "alert_id": alert_id(f"{m.model_version or m.name}|{feature}|{reason}", stream, raised_at),
             "kind": "sensor_fault",
             "stream": stream,
             "model": m.name,
             "model_version": m.model_version,
-            "state": str(ev.state[e]),
+            "state": state,
             "severity": "warning",
             "reason": reason,
             "feature": feature,
-            "window_start": iso(float(ev.raised_at[e])),
-            "window_end": iso(float(ev.ts[e])),
-            "first_seen": iso(float(ev.raised_at[e])),
+            "window_start": iso(raised_at),
+            "window_end": iso(end),
+            "first_seen": iso(raised_at),
             "top_features": [{"name": feature, "share": 1.0, "direction": {
                 "flatline": "stuck", "out_of_range": "outside limits", "missing": "missing"}[reason]}],
             "input": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset},

@@ -55,6 +55,10 @@ def test_commands_parse_and_bad_ones_name_their_reason() -> None:
     key, value = encode_command(cmd)
     assert key == b"mute:pump-*" and parse_command(value, at=5.0) == cmd
     assert encode_command(Command("ack", "pump-1"))[0] == b"ack:pump-1"
+    promote = Command("promote", "*", by="ann", at=5.0, version="pumps-7")
+    key, value = encode_command(promote)
+    assert key == b"model:*" and parse_command(value, at=5.0) == promote
+    assert encode_command(Command("rollback", "*"))[0] == b"model:*", "one key: the newest decides"
     for raw, reason in [(b"{oops", "control_bad_json"), (b"[1]", "control_bad_json"),
                         (b'{"action": "silence", "streams": "x"}', "control_bad_action"),
                         (b'{"action": "mute"}', "control_bad_streams"),
@@ -62,7 +66,11 @@ def test_commands_parse_and_bad_ones_name_their_reason() -> None:
                         (b'{"action": "mute", "streams": "x", "until": "tomorrow"}', "control_bad_until"),
                         (b'{"action": "ack", "streams": "x", "until": 5}', "control_bad_until"),
                         (b'{"action": "ack", "streams": "x", "by": 7}', "control_bad_field"),
-                        (b'{"action": "mute", "streams": "x", "util": 5}', "control_unknown_field")]:
+                        (b'{"action": "mute", "streams": "x", "util": 5}', "control_unknown_field"),
+                        (b'{"action": "promote", "streams": "*"}', "control_bad_field"),
+                        (b'{"action": "promote", "streams": "pump-1", "version": "v2"}', "control_bad_streams"),
+                        (b'{"action": "rollback", "streams": "*", "version": "v2"}', "control_bad_field"),
+                        (b'{"action": "mute", "streams": "x", "version": "v2"}', "control_bad_field")]:
         with pytest.raises(BadCommand) as err:
             parse_command(raw, at=0.0)
         assert err.value.reason == reason, raw
@@ -321,3 +329,16 @@ def test_a_bad_commands_dead_letter_lost_with_an_aborted_transaction_is_sent_aga
     daemon._follow_control(sink)
     daemon.commit(src, sink)
     assert len(sink.on(cfg.output.dead_letter_topic)) == 1
+
+
+def test_control_promote_and_rollback_refuse_what_they_cannot_do(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from detector.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("kafka: {bootstrap_servers: '127.0.0.1:1'}\n")  # never reached: each case fails before
+    for args, said in ((["promote", "m1"], "promote takes no streams: it is for every stream"),
+                       (["mute"], "mute needs the streams"),
+                       (["rollback", "--version", "v2"], "--version is for promote only, not rollback"),
+                       (["promote"], f"{cfg}: model.shadow is not set: there is no shadow model to promote")):
+        assert main(["control", *args, "--config", str(cfg)]) == 2, args
+        assert said in capsys.readouterr().err, args

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import orjson
 import pytest
+import torch
 
 from consumers.base import Record, SinkError
 from consumers.memory import IterSource, ListSink
@@ -367,3 +370,125 @@ def test_a_shadow_model_leaves_the_live_alerts_byte_for_byte_and_publishes_its_o
     monkeypatch.setattr(daemon.pipeline, "reconfigure", refuse)
     assert not daemon.reload(path)
     assert daemon.shadow.cfg.alerts.k == daemon.pipeline.cfg.alerts.k == 3, "the shadow went back with the live one"
+
+
+class SinkState:
+    """The state topic as what a ListSink holds of it (newest last): enough for Daemon.commit and rewind."""
+
+    topic = "state"
+
+    def __init__(self, sink: ListSink) -> None:
+        self.sink = sink
+
+    def read_chunks(self, partitions: set[int], timeout_s: float, stop: object = None) -> Iterator[list]:
+        yield [(r.key, r.value) for r in self.sink.on(self.topic)]
+
+
+def test_promote_makes_the_warm_shadow_live_and_rollback_brings_the_old_model_back(trained: Artifact) -> None:
+    import dataclasses
+
+    from detector.checkpoint import restore_chunks
+
+    cfg = parse_config({"model": {"shadow": "models/candidate"}, "delivery": {"guarantee": "exactly_once"}})
+    m = trained.manifest
+    candidate = Artifact(trained.model, dataclasses.replace(
+        m, name="candidate", model_version="candidate-1",
+        calibration_scores=[0.5 * s for s in m.calibration_scores]), None)  # type: ignore[arg-type]
+    recs = feed(6, 400, {2: 150, 4: 200})
+    sink = ListSink()
+    daemon = Daemon(cfg, Pipeline(cfg, trained), shadow=Pipeline(cfg, candidate), state=SinkState(sink))
+    old, new = daemon.pipeline, daemon.shadow
+    src = IterSource(recs[: 6 * 300], batch_size=61)
+    while not src.exhausted:
+        daemon.process(src.poll_batch(0), src, sink)
+    daemon.commit(src, sink)
+    before = len(sink.records)
+    assert set(np.flatnonzero(old.alerts.state[:6] > 0)) == {2, 4} and (new.alerts.state[:6] > 0).sum() >= 2
+
+    promote = Record("ctl", 0, 9, b"model:*", b'{"action": "promote", "streams": "*", "version": "candidate-1"}',
+                     int(T0 * 1000))
+    daemon.apply_control([promote], sink)
+    assert daemon.pipeline is new and daemon.shadow is old
+    assert "detector_model{role=\"live\",version=\"candidate-1\"} 1.0" in daemon.metrics.render().decode()
+    daemon.commit(src, sink)
+    out = [orjson.loads(r.value) for r in sink.records[before:] if r.topic == cfg.output.alerts_topic]
+    assert sorted((a["stream"], a["state"], a["reason"], a["model_version"]) for a in out) == [
+        ("m2", "cleared", "model_promoted", m.model_version), ("m4", "cleared", "model_promoted", m.model_version)]
+    assert out[0]["input"] == {"topic": "ctl", "partition": 0, "offset": 9}
+    assert (old.alerts.state[:6] == 0).all() and (new.alerts.state[:6] == 0).all(), "no episode open on either"
+    fresh = Pipeline(cfg, candidate)  # every stream's newest checkpoint is now the candidate's
+    report = restore_chunks(fresh, SinkState(sink).read_chunks(set(), 0))
+    assert report.restored == 6 and not report.skipped
+    assert torch.equal(fresh.engine.h[:, :6], new.engine.h[:, :6]), "its warm state, not a cold start"
+
+    src = IterSource(recs[6 * 300:], batch_size=61)
+    mark = len(sink.records)
+    while not src.exhausted:
+        daemon.process(src.poll_batch(0), src, sink)
+    daemon.commit(src, sink)
+    live = [orjson.loads(r.value) for r in sink.records[mark:] if r.topic == cfg.output.alerts_topic]
+    shadowed = [orjson.loads(r.value) for r in sink.records[mark:] if r.topic == "sensor-alerts-shadow"]
+    assert {a["stream"] for a in live if a["state"] == "raised"} >= {"m2", "m4"}, "the lasting faults raise again"
+    assert {a["model_version"] for a in live} == {"candidate-1"}
+    assert {a["model_version"] for a in shadowed} <= {m.model_version}
+
+    daemon.apply_control([Record("ctl", 0, 10, b"model:*", b'{"action": "rollback", "streams": "*"}', 0)], sink)
+    assert daemon.pipeline is old
+    rolled = [orjson.loads(r.value) for r in sink.pending if r.topic == cfg.output.alerts_topic]
+    assert rolled and {(a["reason"], a["model_version"]) for a in rolled} == {("model_rolled_back", "candidate-1")}
+
+    again = Daemon(cfg, Pipeline(cfg, trained), shadow=Pipeline(cfg, candidate))  # a restart reads the topic first
+    quiet = ListSink()
+    again.apply_control([promote], quiet, history=True)
+    assert again.pipeline.manifest.model_version == "candidate-1" and quiet.pending == [] and quiet.records == []
+    again.apply_control([Record("ctl", 0, 11, b"model:*", None, 0)], quiet, history=True)  # the key deleted
+    assert again.pipeline.manifest.model_version == m.model_version
+    again.apply_control([Record("ctl", 0, 12, b"model:*", b'{"action": "promote", "streams": "*", '
+                                                             b'"version": "nobody"}', 0)], quiet)
+    assert again.pipeline.manifest.model_version == m.model_version, "a version not loaded changes nothing"
+
+
+class Assigned(IterSource):
+    """An in-memory source that holds the three input partitions of `feed`."""
+
+    def assignment(self) -> set[tuple[str, int]]:
+        return {("in", 0), ("in", 1), ("in", 2)}
+
+
+def test_a_crash_between_a_promotion_and_its_commit_clears_the_old_models_episodes_once(trained: Artifact) -> None:
+    import dataclasses
+
+    cfg = parse_config({"model": {"shadow": "models/candidate"}, "delivery": {"guarantee": "exactly_once"}})
+    candidate = Artifact(trained.model, dataclasses.replace(trained.manifest, name="candidate",
+                                                            model_version="candidate-1"), None)  # type: ignore
+    sink = ListSink()
+
+    def daemon() -> Daemon:
+        return Daemon(cfg, Pipeline(cfg, trained), shadow=Pipeline(cfg, candidate), state=SinkState(sink),
+                      control=IterSource([]))
+
+    first = daemon()
+    src = Assigned(feed(6, 300, {2: 150, 4: 200}), batch_size=61)
+    while not src.exhausted:
+        first.process(src.poll_batch(0), src, sink)
+    first.commit(src, sink)  # the old model's checkpoints: m2 and m4 with an episode open
+    promote = Record("ctl", 0, 9, b"model:*", b'{"action": "promote", "streams": "*", "version": "candidate-1"}', 0)
+    first.apply_control([promote], sink)
+    assert sink.pending, "the clears wait in the open transaction ..."
+    sink.abort()  # ... which the crash aborts
+
+    cleared = []
+    for _ in range(2):  # a restart, and one more after it
+        mark = len(sink.records)
+        again = daemon()
+        again.apply_control([promote], sink, history=True)  # the control topic, read at start
+        assert again.pipeline.manifest.model_version == "candidate-1"
+        again.rewind(src, sink, "start")
+        again._follow_control(sink)
+        again.commit(src, sink)
+        cleared.append(sorted((a["stream"], a["reason"], a["model_version"]) for a in
+                              map(orjson.loads, (r.value for r in sink.records[mark:]
+                                                 if r.topic == cfg.output.alerts_topic))))
+        assert again.pipeline.engine.live_streams == 0, "the candidate never mixes the old model's state in"
+    old = trained.manifest.model_version
+    assert cleared == [[("m2", "model_promoted", old), ("m4", "model_promoted", old)], []], "once, not again"

@@ -272,6 +272,9 @@ class Daemon:
             sink.send(self.state.topic, cp.stream.encode(), cp.value, partition=cp.partition)  # type: ignore[union-attr]
             n_bytes += len(cp.value)
         forgotten = self.pipeline.forgotten
+        if forgotten:  # a stream held again since (it came back, or a new model took it up) keeps its checkpoint
+            back = self.pipeline.engine.find([s for s, _, _ in forgotten]) >= 0
+            forgotten = [f for f, b in zip(forgotten, back.tolist(), strict=True) if not b]
         if self.state is not None:  # a tombstone: the compacted topic drops the stream, a restore leaves it out
             for stream, _, partition in forgotten:
                 sink.send(self.state.topic, stream.encode(), None, partition=partition)

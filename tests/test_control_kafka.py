@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,10 +13,10 @@ from pathlib import Path
 
 import orjson
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 
 from tests.helpers import FEATURES, sine_values
-from tests.kafka_broker import delete_topics, free_ports
+from tests.kafka_broker import create_topic, delete_topics, free_ports
 from tests.test_daemon_kafka import committed, drain, end_offsets, model_dir, start_daemon, write_config
 from tests.test_pipeline import T0
 
@@ -180,3 +182,75 @@ def test_a_false_alarm_label_raises_the_levels_of_exactly_that_stream(kafka_boot
     assert levels("m1", True) == pytest.approx([1.25 * level] * len(levels("m1", True))), "x 1.25 from the label on"
     for other in ("m0", "m2", "m3"):
         assert levels(other, True) == pytest.approx([level] * len(levels(other, True))), other
+
+
+def committed_records(bootstrap: str, topic: str) -> list[dict]:
+    """Every committed record of a one-partition topic, in order (what a read_committed consumer sees)."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None,
+                             enable_auto_commit=False, isolation_level="read_committed", consumer_timeout_ms=3000)
+    try:
+        return [orjson.loads(m.value) for m in consumer]
+    finally:
+        consumer.close()
+
+
+@pytest.mark.parametrize("kill", ["before", "after"])
+def test_promote_and_rollback_through_the_control_topic_survive_a_sigkill(
+        kafka_bootstrap: str, topic_factory, group_id: str, model_dir: Path, tmp_path: Path, kill: str) -> None:
+    topic, alerts, dlq = topic_factory(partitions=2), topic_factory(partitions=1), topic_factory(partitions=1)
+    create_topic(kafka_bootstrap, f"{alerts}-shadow", 1)
+    candidate = tmp_path / "candidate"  # the same weights, another version
+    shutil.copytree(model_dir, candidate)
+    manifest = json.loads((candidate / "manifest.json").read_text())
+    old = manifest["model_version"]
+    manifest.update(name="candidate", model_version="candidate-1")
+    (candidate / "manifest.json").write_text(json.dumps(manifest))
+    cfg = write_config(tmp_path / "c.yaml", kafka_bootstrap, topic, alerts, dlq, group_id, model_dir,
+                       free_ports(1)[0], extra="delivery: {guarantee: exactly_once}")
+    cfg.write_text(cfg.read_text().replace("device: cpu}", f'device: cpu, shadow: "{candidate}"}}'))
+
+    def caught_up() -> bool:
+        return committed(kafka_bootstrap, group_id, topic) == end_offsets(kafka_bootstrap, topic, 2)
+
+    produce(kafka_bootstrap, topic, 0, 150)  # m1 raises a warning under the live model, committed
+    log = tmp_path / "first.log"
+    proc = start_daemon(cfg, log)
+    try:
+        wait_for("the first readings", caught_up, proc, log, 120)
+        if kill == "after":  # the switch committed (its clear visible), then the crash
+            control(cfg, "promote")
+            wait_for("the committed switch", lambda: any(a.get("reason") == "model_promoted" for a in
+                                                         committed_records(kafka_bootstrap, alerts)), proc, log)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    if kill == "before":  # the command lands while the daemon is down: the restart switches before it restores
+        assert control(cfg, "promote").startswith(f"sent to {group_id}-control[0]@0: key=model:* ")
+    log = tmp_path / "second.log"
+    proc = start_daemon(cfg, log)
+    try:
+        wait_for("the restart", lambda: "model candidate-1 is live" in log.read_text(), proc, log, 120)
+        produce(kafka_bootstrap, topic, 150, 250)  # m1 reaches critical: raised by the candidate
+        wait_for("the second readings", caught_up, proc, log, 120)
+        control(cfg, "rollback")
+        wait_for("the rollback", lambda: f"model {old} is live" in log.read_text(), proc, log)
+        produce(kafka_bootstrap, topic, 250, 300)
+        wait_for("the last readings", caught_up, proc, log, 120)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        delete_topics(kafka_bootstrap, [f"{group_id}-control", f"{alerts}-shadow"])
+    assert rc == 0 and "Traceback" not in log.read_text(), log.read_text()
+    restored = ("4 streams of model " + old + " restored from before the switch" if kill == "before" else
+                "restored 4 streams")  # the old model's checkpoints, or already the candidate's
+    assert restored in log.read_text(), log.read_text()
+
+    m1 = [(a["model_version"], a["state"], a.get("reason")) for a in committed_records(kafka_bootstrap, alerts)
+          if a["stream"] == "m1" and a["kind"] == "anomaly"]
+    promoted = m1.index((old, "cleared", "model_promoted"))
+    rolled = m1.index(("candidate-1", "cleared", "model_rolled_back"))
+    assert m1.count((old, "cleared", "model_promoted")) == 1, f"cleared once, the crash or not: {m1}"
+    assert {v for v, *_ in m1[:promoted + 1]} == {old} and (old, "raised", None) in m1[:promoted], m1
+    assert {v for v, *_ in m1[promoted + 1:rolled + 1]} == {"candidate-1"}, f"no mix of the two models: {m1}"
+    assert ("candidate-1", "raised", None) in m1[promoted + 1:rolled], "the lasting fault raised by the candidate"
+    assert {v for v, *_ in m1[rolled + 1:]} == {old} and ("raised" in {s for _, s, _ in m1[rolled + 1:]}), m1

@@ -134,7 +134,54 @@ def _series_from_topic(args: argparse.Namespace, feats: list[str] | None) -> tup
                         "muted_spans": got.muted_spans}
 
 
+def _evaluate_labels(args: argparse.Namespace) -> int:
+    """`evaluate --labels-from-topic`: the live and shadow alerts against operators' labels."""
+    import time
+
+    import orjson
+
+    from detector.compare import format_labels, labels_held, score_labels
+    from detector.config import Config, load_config
+    from detector.control import parse_since
+
+    cfg = load_config(args.config) if args.config else Config()
+    if not cfg.control.enabled:
+        raise DataError("--labels-from-topic: control.enabled is false in --config, so there is no control topic")
+    now = time.time()
+    try:
+        since = int(parse_since(args.since, now) * 1000)
+    except ValueError as exc:
+        raise DataError(f"--since: {exc}") from None
+    labels = labels_held(_read_topic(cfg, cfg.control_topic(), 0, None, args.config))
+    sides = {}
+    for name, topic in (("live", cfg.output.alerts_topic), ("shadow", cfg.shadow_alerts_topic())):
+        if name == "shadow" and not cfg.model.shadow:
+            continue
+        docs = []
+        for r in _read_topic(cfg, topic, since, None, args.config):
+            try:
+                doc = orjson.loads(r.value or b"")
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(doc, dict):
+                docs.append(doc)
+        sides[name] = docs
+    result = score_labels(labels, sides, now)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"labels of {cfg.control_topic()}; alerts since {args.since}: "
+              + ", ".join(f"{n} {t}" for n, t in (("live", cfg.output.alerts_topic),
+                                                 ("shadow", cfg.shadow_alerts_topic())) if n in sides))
+        print(format_labels(result))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.labels_from_topic:
+        return _evaluate_labels(args)
+    if not (args.data and args.format and args.out):
+        raise DataError("evaluate needs --data, --format and --out (or --labels-from-topic)")
     from dataclasses import replace
 
     from detector.config import Config, load_config
@@ -537,11 +584,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", help="score the detector and baselines on labelled data (NAB, SKAB, CSV)")
-    e.add_argument("--data", required=True, help="the dataset folder (nab, skab), or a CSV file or folder (csv); "
+    e.add_argument("--labels-from-topic", action="store_true",
+                   help="instead of a dataset: score the live alerts (and the shadow's, with model.shadow) of "
+                   "--config against operators' labels in its control topic (detector control label), over --since")
+    e.add_argument("--since", default="30d", help="with --labels-from-topic: the alerts read, a duration before "
+                   "now (30d) or a time; default 30d")
+    e.add_argument("--json", action="store_true", help="with --labels-from-topic: print the report as JSON")
+    e.add_argument("--data", help="the dataset folder (nab, skab), or a CSV file or folder (csv); "
                    "skab: one folder of experiments (e.g. SKAB/valve1) or the SKAB folder for all of them "
                    "(valve1, valve2, other; not anomaly-free)")
-    e.add_argument("--format", required=True, choices=["nab", "skab", "csv"])
-    e.add_argument("--out", required=True, help="folder for summary.json, scores/ and report.html")
+    e.add_argument("--format", choices=["nab", "skab", "csv"])
+    e.add_argument("--out", help="folder for summary.json, scores/ and report.html")
     e.add_argument("--model", help="a trained model folder to use for every file (default: train one per file "
                    "on the protocol's training rows)")
     e.add_argument("--train-protocol", choices=["per-file", "pretrained", "anomaly-free"], default="per-file",

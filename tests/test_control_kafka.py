@@ -163,6 +163,16 @@ def test_a_false_alarm_label_raises_the_levels_of_exactly_that_stream(kafka_boot
         produce(kafka_bootstrap, topic, 120, 200)
         wait_for("the readings after it", caught_up, proc, log)
         assert 'detector_control_commands_total{action="label"} 1.0' in metrics(port)
+        raised = [a for a in map(orjson.loads, (m.value for m in drain(kafka_bootstrap, alerts, 1)))
+                  if a["stream"] == "m1" and a["kind"] == "anomaly" and a["state"] == "raised"]
+        assert raised, log.read_text()
+        control(cfg, "label", "m1", "--alert-id", raised[0]["alert_id"], "--as", "confirmed")
+        report = subprocess.run([sys.executable, "-m", "detector", "evaluate", "--labels-from-topic", "--since",
+                                 "1h", "--json", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+        assert report.returncode == 0, report.stderr
+        got = json.loads(report.stdout)  # a-1 names no alert; m1's real one is confirmed and was raised live
+        assert (got["confirmed"], got["false_alarms"], got["not_found"]) == (1, 0, 1), got
+        assert got["live"]["confirmed_caught"] == 1 and "shadow" not in got, got
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=30)

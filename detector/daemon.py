@@ -65,6 +65,7 @@ from consumers.kafka import (
     StateTopicError,
     max_message_bytes,
 )
+from detector.alert import NORMAL
 from detector.artifact import check_features, check_shadow, load_artifact
 from detector.checkpoint import restore_chunks, snapshot
 from detector.config import Config, config_hash, load_config
@@ -75,9 +76,10 @@ from detector.errors import ConfigError, DetectorError
 from detector.logs import OncePerKind
 from detector.metrics import HealthServer, Metrics
 from detector.pipeline import BatchOutput, Pipeline, encode_alert, iso
+from detector.rows import take
 from detector.signals import install_signals
 
-__all__ = ["Daemon", "above_p99", "kafka_client_settings", "run_daemon"]
+__all__ = ["Daemon", "above_p99", "agreement", "kafka_client_settings", "run_daemon"]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,27 @@ def next_offsets(records: list[Record]) -> Offsets:
     return out
 
 
+AGREEMENT_EVERY_S = 10.0
+"""How often the live and shadow models' agreement is measured (seconds of wall clock, between batches)."""
+
+
+def agreement(live: Pipeline, shadow: Pipeline) -> float | None:
+    """Of the streams both models hold, the share for which they agree on whether an anomaly episode is open
+    (None: no stream in common)."""
+    rows = live.engine.live_rows()
+    other = shadow.engine.find([live.engine.streams[r] for r in rows.tolist()])
+    both = other >= 0
+    if not both.any():
+        return None
+    a = take(live.alerts.state, rows[both], 0) > NORMAL
+    b = take(shadow.alerts.state, other[both], 0) > NORMAL
+    return float((a == b).mean())
+
+
+DRIFT_LOGGED = 5
+"""Streams that start drifting in one batch named in the log, at most (the gauge counts them all)."""
+
+
 def above_p99(pipeline: Pipeline, out: BatchOutput) -> int:
     """How many of the batch's windows scored at or above the calibrated 0.99 quantile (the drift watch)."""
     return int((out.windows.score >= pipeline.manifest.quantile(0.99)).sum()) if out.windows is not None else 0
@@ -140,6 +163,7 @@ class Daemon:
         # letters, and the control topic is not read again, so they are sent again after the rewind
         self._control_dead: list[tuple[Record, BadCommand]] = []
         self._muted_counted = -math.inf
+        self._agreement_at = -math.inf
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
         self.ready = threading.Event()
@@ -219,6 +243,11 @@ class Daemon:
             self.metrics.shadow_windows.inc(len(out.windows))
             self.metrics.shadow_windows_above_p99.inc(above_p99(self.shadow, out))
         self.shadow.forgotten = []  # nothing of the shadow is checkpointed, so nothing to delete
+        if time.monotonic() - self._agreement_at >= AGREEMENT_EVERY_S:  # it costs a lookup per stream
+            self._agreement_at = time.monotonic()
+            share = agreement(self.pipeline, self.shadow)
+            if share is not None:
+                self.metrics.shadow_agreement.set(share)
 
     def _dead_letter(self, sink: Sink, rec: Record, reason: str, detail: str,
                      tag: tuple[str, int, int] | None) -> None:
@@ -457,6 +486,12 @@ class Daemon:
                      alert["stream"], alert["score"], alert["threshold"], alert["top_features"][0]["name"],
                      extra={"stream": alert["stream"]})
         engine = self.pipeline.engine
+        for r in (out.drifting if out.drifting is not None else [])[:DRIFT_LOGGED]:  # a few names; the gauge counts
+            share = float(self.pipeline.drift.share[r])
+            log.info("stream %s drifting: %.0f %% of its recent windows at or above the model's calibrated 0.99 "
+                     "quantile (about 1 %% expected); a candidate for retraining", engine.streams[r], 100 * share,
+                     extra={"stream": engine.streams[r]})
+        m.drifting_streams.set(int(self.pipeline.drift.drifting(engine.live_rows()).sum()))
         m.active_streams.set(engine.live_streams)
         seen = engine.readings_seen()
         m.warming_streams.set(int((seen[engine.live_rows()] < self.cfg.alerts.warmup_readings).sum()))  # held ones

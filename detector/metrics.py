@@ -20,6 +20,13 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.readings = Counter("detector_readings_total", "Readings decoded from input records", registry=r)
+        self.shadow_agreement = Gauge(
+            "detector_shadow_agreement", "Of the streams both the live and the shadow model hold, the share on "
+            "which they agree whether an anomaly episode is open (measured every 10 s)", registry=r)
+        self.drifting_streams = Gauge(
+            "detector_drifting_streams", "Streams held whose recent windows score at or above the live model's "
+            "calibrated 0.99 quantile in 5 % or more of cases (weighted, half-life 200 windows, after 100 windows; "
+            "not checkpointed)", registry=r)
         self.model = Gauge("detector_model", "The model versions loaded: 1 per version, by role (live: its alerts "
                            "reach operators; shadow: model.shadow, or the model a promotion replaced)",
                            ["version", "role"], registry=r)

@@ -20,6 +20,7 @@ from detector.artifact import Artifact
 from detector.config import Config, config_hash
 from detector.control import Command, Feedback, Mutes
 from detector.decode import Decoder, Readings, Reject
+from detector.drift import DriftWatch
 from detector.engine import Engine, WindowScores
 from detector.interpolate import Interpolator, build_interpolator
 from detector.labels import Labeler
@@ -51,6 +52,7 @@ class BatchOutput:
     windows: WindowScores | None = None
     warning: np.ndarray | None = None  # (K,) level in force for each window
     replayed: int = 0  # readings skipped because the stream's restored state already holds them
+    drifting: np.ndarray | None = None  # rows whose streams started drifting with this batch (detector.drift)
 
     @property
     def n_readings(self) -> int:
@@ -93,6 +95,8 @@ class Pipeline(RowState):
         self.mutes = Mutes(self.engine.streams)  # operators' mutes (control topic): kept across reloads
         self.acks: dict[str, tuple[Command, dict[str, Any]]] = {}  # newest ack per glob, with where it was read
         self.feedback = Feedback()  # operators' labels of alerts: false alarms raise their streams' levels
+        self.drift = DriftWatch()  # per stream, the share of recent windows at or above the calibrated p99
+        self._p99 = m.quantile(0.99)
         self.topics: list[str] = []  # input topics seen, indexed by in_topic
         self.forgotten: list[tuple[str, str, int]] = []  # (stream, topic, partition) forgotten since the last commit
         self._sweep_at: dict[int, float] = {}  # per input (topic, partition) key: event time of the next look for
@@ -156,6 +160,7 @@ class Pipeline(RowState):
         self.threshold.forget_rows(rows)
         self.maintenance.forget_rows(rows)
         self.mutes.forget_rows(rows)
+        self.drift.forget_rows(rows)
         self.engine.release(rows)
 
     def streams_at(self, rows: np.ndarray) -> list[str]:
@@ -326,9 +331,10 @@ class Pipeline(RowState):
             alerts.extend(self._silence_alert(records[-1], int(r), state) for rows, state in
                           ((went, "raised"), (back, "cleared")) for r in rows)
         alerts.extend(order_alerts)
+        drifting = self.drift.update(ws.rows, ws.score >= self._p99)
         if self.cfg.scoring.forget_after_s > 0 and len(readings) and self._sweep_due(rows, readings.ts):
             alerts.extend(self._forget_silent(records[-1], now))
-        return BatchOutput(alerts, rejects, readings, ws, warning, replayed)
+        return BatchOutput(alerts, rejects, readings, ws, warning, replayed, drifting)
 
     def _partition_key(self, rows: np.ndarray) -> np.ndarray:
         """One int64 per row for the input (topic, partition) its newest reading came from."""

@@ -353,6 +353,17 @@ def test_a_shadow_model_leaves_the_live_alerts_byte_for_byte_and_publishes_its_o
     assert sum(counted) == len(shadow)
     assert daemon.metrics.shadow_windows._value.get() == daemon.metrics.windows._value.get() > 0
 
+    from detector.daemon import agreement
+    names = [f"m{s}" for s in range(6)]
+
+    def open_on(pipe: Pipeline) -> set[str]:
+        return {n for n, r in zip(names, pipe.engine.find(names).tolist(), strict=True) if pipe.alerts.state[r] > 0}
+
+    assert open_on(daemon.pipeline) != open_on(daemon.shadow), "the candidate alerts on more streams"
+    assert agreement(daemon.pipeline, daemon.shadow) == pytest.approx(
+        1 - len(open_on(daemon.pipeline) ^ open_on(daemon.shadow)) / 6)
+    assert daemon.metrics.shadow_agreement._value.get() == 1.0, "measured at the first batch, when both agreed"
+
     daemon.rewind(src, sink, "test")  # a rebalance: the live streams come back from checkpoints, the shadow's cold
     assert daemon.shadow is not None and daemon.shadow.engine.live_streams == 0
     other = Artifact(trained.model, dataclasses.replace(m, features=["a", "b", "c", "d"]), None)  # type: ignore
@@ -492,3 +503,21 @@ def test_a_crash_between_a_promotion_and_its_commit_clears_the_old_models_episod
         assert again.pipeline.engine.live_streams == 0, "the candidate never mixes the old model's state in"
     old = trained.manifest.model_version
     assert cleared == [[("m2", "model_promoted", old), ("m4", "model_promoted", old)], []], "once, not again"
+
+
+def test_a_stream_the_model_no_longer_describes_is_counted_and_named_as_drifting(
+        trained: Artifact, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = Config()
+    daemon = Daemon(cfg, Pipeline(cfg, trained))
+    src, sink = IterSource(feed(6, 700, {2: 300}), batch_size=97), ListSink()  # m2 shifted from reading 300 on
+    caplog.set_level("INFO", logger="detector.daemon")
+    while not src.exhausted:
+        daemon.process(src.poll_batch(0), src, sink)
+    drift = daemon.pipeline.drift
+    rows = daemon.pipeline.engine.find([f"m{s}" for s in range(6)])
+    assert drift.drifting(rows).tolist() == [False, False, True, False, False, False], drift.share[rows]
+    assert daemon.metrics.drifting_streams._value.get() == 1
+    assert caplog.text.count("stream m2 drifting:") == 1, "named once, when it starts"
+    assert (drift.windows[rows] >= 100).all() and drift.share[rows[0]] < 0.05
+    daemon.pipeline.release(rows[2:3])  # forgotten: it starts again
+    assert drift.windows[rows[2]] == 0 and not drift.drifting(rows[2:3])[0]

@@ -138,8 +138,6 @@ def _evaluate_labels(args: argparse.Namespace) -> int:
     """`evaluate --labels-from-topic`: the live and shadow alerts against operators' labels."""
     import time
 
-    import orjson
-
     from detector.compare import format_labels, labels_held, score_labels
     from detector.config import Config, load_config
     from detector.control import parse_since
@@ -157,15 +155,7 @@ def _evaluate_labels(args: argparse.Namespace) -> int:
     for name, topic in (("live", cfg.output.alerts_topic), ("shadow", cfg.shadow_alerts_topic())):
         if name == "shadow" and not cfg.model.shadow:
             continue
-        docs = []
-        for r in _read_topic(cfg, topic, since, None, args.config):
-            try:
-                doc = orjson.loads(r.value or b"")
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(doc, dict):
-                docs.append(doc)
-        sides[name] = docs
+        sides[name] = _read_json(cfg, topic, since, args.config)
     result = score_labels(labels, sides, now)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -403,10 +393,23 @@ def _read_topic(cfg: Any, topic: str, since_ms: int, until_ms: int | None, confi
                         f"{where})") from None
 
 
+def _read_json(cfg: Any, topic: str, since_ms: int, config_path: str | None) -> list[dict]:
+    """The JSON objects on `topic` from `since_ms` (record time) on; other records are left out."""
+    import orjson
+
+    out = []
+    for r in _read_topic(cfg, topic, since_ms, None, config_path):
+        try:
+            doc = orjson.loads(r.value or b"")
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(doc, dict):
+            out.append(doc)
+    return out
+
+
 def _compare(args: argparse.Namespace) -> int:
     import time
-
-    import orjson
 
     from detector.compare import compare_alerts, format_comparison
     from detector.config import Config, load_config
@@ -419,18 +422,7 @@ def _compare(args: argparse.Namespace) -> int:
         since = int(parse_since(args.since, time.time()) * 1000)
     except ValueError as exc:
         raise DataError(f"--since: {exc}") from None
-    sides = []
-    for topic in (live_topic, shadow_topic):
-        alerts = []
-        for r in _read_topic(cfg, topic, since, None, args.config):
-            try:
-                doc = orjson.loads(r.value or b"")
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(doc, dict):
-                alerts.append(doc)
-        sides.append(alerts)
-    result = compare_alerts(*sides)
+    result = compare_alerts(*(_read_json(cfg, topic, since, args.config) for topic in (live_topic, shadow_topic)))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

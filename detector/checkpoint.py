@@ -227,7 +227,8 @@ def restore_chunks(pipeline: Pipeline, chunks: Iterable[list[tuple[bytes | None,
     """
     report = RestoreReport(skipped={}, misfit=[])
     skipped = report.skipped
-    targets = {(p.manifest.model_version or p.manifest.name): (p, set[str]())
+    held: set[str] = set()  # the streams restored into `pipeline` (into `also`: its own set)
+    targets = {(p.manifest.model_version or p.manifest.name): (p, held if p is pipeline else set())
                for p in (also, pipeline) if p is not None}  # the live pipeline's wins a tie of versions
     layouts: dict[bytes, list | None] = {}  # a layout's tensors (None: not a layout this version reads)
     for chunk in _gathered(chunks, CHUNK_ROWS):
@@ -279,12 +280,12 @@ def restore_chunks(pipeline: Pipeline, chunks: Iterable[list[tuple[bytes | None,
             topics.append(target.topics.index(topic))  # the writer's index is this pipeline's
             data.append(value[start:])
         if gone:  # an older record of these streams was restored: they start fresh after all
-            for target, held in targets.values():
+            for target, into in targets.values():
                 rows = target.engine.find(gone)
                 target.release(rows[rows >= 0])
-                held.difference_update(gone)
+                into.difference_update(gone)
         for (version, layout), (streams, topics, data) in groups.items():
-            target, held = targets[version]
+            target, into = targets[version]
             for other, other_held in targets.values():  # a stream's newer record of the other model wins
                 if other is not target:
                     rows = other.engine.find(streams)
@@ -296,8 +297,8 @@ def restore_chunks(pipeline: Pipeline, chunks: Iterable[list[tuple[bytes | None,
                 state["pipeline.in_topic"] = np.array(topics[part], np.int64)
                 rows = target.engine.rows_for(np.array(streams[part], dtype=object))
                 report.misfit = sorted(set(report.misfit) | set(target.import_rows(rows, state)))
-                held.update(streams[part])
-    report.restored = len(targets[pipeline.manifest.model_version or pipeline.manifest.name][1])
+                into.update(streams[part])
+    report.restored = len(held)
     if also is not None and also.manifest.model_version != pipeline.manifest.model_version:
         report.also_restored = len(targets[also.manifest.model_version or also.manifest.name][1])
     return report

@@ -596,7 +596,7 @@ class Engine:
         mean = self.ls_sum[rows] / n.clamp(min=1)
         std = (self.ls_sq[rows] / n.clamp(min=1) - mean**2).clamp(min=0).sqrt()
         mu, sd = self._mean.double(), self._std.double()  # to the sensors' units for the floor, and back
-        floor = torch.maximum(1e-3 * (mean * sd + mu).abs(), torch.tensor(1e-6, dtype=torch.float64)) / sd
+        floor = (1e-3 * (mean * sd + mu).abs()).clamp(min=1e-6) / sd
         use = n >= 2
         if self.spec.constant is not None:
             use &= ~self.spec.constant

@@ -455,8 +455,8 @@ class Pipeline(RowState):
                 "kind": "anomaly", "stream": self.engine.streams[r], "model": m.name,
                 "model_version": m.model_version, "state": "cleared",
                 "severity": "critical" if self.alerts.state[r] == ESCALATED else "warning",
-                "first_seen": iso(at), "reason": reason, "input": source, "config_hash": self.config_hash,
-                "detector_version": __version__})
+                "first_seen": iso(at), "window_end": iso(float(self.engine.last_ts[r])), "reason": reason,
+                "input": source, "config_hash": self.config_hash, "detector_version": __version__})
         self.alerts.close(rows)
         self.dirty[rows] = True
         g = self.gate

@@ -14,7 +14,7 @@ from consumers.memory import IterSource, ListSink
 from detector.artifact import Artifact
 from detector.config import Config, parse_config
 from detector.daemon import Daemon
-from detector.pipeline import Pipeline
+from detector.pipeline import Pipeline, iso
 from detector.train import Series, TrainParams, train_model
 from tests.helpers import FEATURES, sine_values
 
@@ -426,6 +426,7 @@ def test_promote_makes_the_warm_shadow_live_and_rollback_brings_the_old_model_ba
     assert sorted((a["stream"], a["state"], a["reason"], a["model_version"]) for a in out) == [
         ("m2", "cleared", "model_promoted", m.model_version), ("m4", "cleared", "model_promoted", m.model_version)]
     assert out[0]["input"] == {"topic": "ctl", "partition": 0, "offset": 9}
+    assert out[0]["window_end"] == iso(T0 + 60 * 299) > out[0]["first_seen"], "the stream's newest reading"
     assert (old.alerts.state[:6] == 0).all() and (new.alerts.state[:6] == 0).all(), "no episode open on either"
     fresh = Pipeline(cfg, candidate)  # every stream's newest checkpoint is now the candidate's
     report = restore_chunks(fresh, SinkState(sink).read_chunks(set(), 0))

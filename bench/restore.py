@@ -82,13 +82,15 @@ class PeakRss:
         self.peak = max(self.peak, rss_bytes())
 
 
-def measure(streams: int) -> dict:
-    """One fleet size, in this process (call it in a fresh one)."""
+def measure(streams: int, fetch_bytes: int | None = None, presize: bool = False) -> dict:
+    """One fleet size, in this process (call it in a fresh one); `fetch_bytes`: the state topic's fetch size per
+    partition (default: the daemon's); `presize`: size the target's table for the streams before restoring."""
     import numpy as np
     import orjson
     import torch
     from kafka import KafkaProducer
 
+    import consumers.kafka
     from consumers.base import Record
     from consumers.kafka import StateTopic
     from detector.checkpoint import restore, restore_chunks, snapshot
@@ -130,12 +132,19 @@ def measure(streams: int) -> dict:
         producer.flush()
         producer.close()
         del checkpoints, values, source
+        if fetch_bytes:
+            consumers.kafka.STATE_FETCH_BYTES = fetch_bytes
         state = StateTopic(broker.bootstrap, topic, client={})
         for way in ("whole", "fetched"):
             gc.collect()
             release_free_heap()
-            base = rss_bytes()  # the model, the runtime and an empty pipeline's worth
             target = Pipeline(Config(), art, "cpu")
+            if presize:  # what a restore would cost if it knew how many streams come (the daemon does not)
+                target.engine._grow(streams)
+                target._ensure_rows()
+            gc.collect()
+            release_free_heap()
+            base = rss_bytes()  # the model, the runtime and an empty (or presized) pipeline's worth
             with PeakRss() as peak:
                 t0 = time.perf_counter()
                 if way == "whole":  # the state topic read to its end, then every record decoded
@@ -160,14 +169,18 @@ def main() -> int:
     ap.add_argument("--streams", type=int, nargs="+", default=[10000, 100000])
     ap.add_argument("--out", help="markdown file whose restore section is replaced by the results")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "restore.json"), help="JSON results file")
+    ap.add_argument("--fetch-bytes", type=int, help="state topic fetch size per partition (default: the daemon's)")
+    ap.add_argument("--presize", action="store_true", help="size the restored pipeline's table beforehand")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one)))
+        print(json.dumps(measure(args.one, args.fetch_bytes, args.presize)))
         return 0
     rows = []
     for s in args.streams:
-        done = subprocess.run([sys.executable, __file__, "--one", str(s)], capture_output=True, text=True)
+        extra = [*(["--fetch-bytes", str(args.fetch_bytes)] if args.fetch_bytes else []),
+                 *(["--presize"] if args.presize else [])]
+        done = subprocess.run([sys.executable, __file__, "--one", str(s), *extra], capture_output=True, text=True)
         if done.returncode:
             sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
             return done.returncode

@@ -412,7 +412,7 @@ class Engine:
             if name in state:
                 self._put(name, rt, torch.as_tensor(state[name], device=self.device).to(dtype))
         if self.learn_scale:
-            self._learnt_scales(rt)  # a scale learnt before the checkpoint holds again
+            self._learnt_scales(rt, restart=False)  # a scale learnt before the checkpoint holds again
         return []
 
     # ----- scoring ---------------------------------------------------------------------------------------
@@ -585,10 +585,11 @@ class Engine:
             table[u] = table[u].index_add(0, gid, v)
         self._learnt_scales(u[learning])
 
-    def _learnt_scales(self, rows: torch.Tensor) -> None:
+    def _learnt_scales(self, rows: torch.Tensor, restart: bool = True) -> None:
         """Give rows not known to the model that have `learn_scale` readings their learnt scale (the training
         streams' rule, relations.stream_scales: spread floored at 1e-3 of the mean; a feature with fewer than two
-        readings, or constant in training, keeps the fleet's)."""
+        readings, or constant in training, keeps the fleet's); with `restart`, a stream-scaled model's window of
+        such a row starts over (not on a restore: the checkpointed window is already on the learnt scale)."""
         rows = rows[~self.rel_known[rows] & (self.ls_n[rows].amax(dim=1) >= self.learn_scale)]
         if not len(rows):
             return
@@ -603,7 +604,7 @@ class Engine:
         self.rel_shift[rows] = torch.where(use, mean, 0.0).float()
         self.rel_scale[rows] = torch.where(use, torch.maximum(std, floor), 1.0).float()
         self.rel_known[rows] = True
-        if self._stream_scaled:  # the window so far is on the fleet's scale: start it over on the stream's own
+        if self._stream_scaled and restart:  # the window so far is on the fleet's scale: start it over on its own
             self.reset(rows)
 
     def _encode(self, x: torch.Tensor, counts: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -251,6 +251,11 @@ def test_a_stream_scaled_model_sees_a_stranger_on_its_learnt_scale_from_a_fresh_
     assert np.allclose(engine.last_val[0].numpy(), (other[899] - mean) / std, atol=1e-3)
     known = Engine(art).score_batch(readings("pump-b", ts, test[1])).windows  # on its own scale, the same signal
     unlearnt = Engine(art).score_batch(readings("pump-z", ts, other)).windows
+    again = Engine(art, learn_scale=200)  # a restore keeps the window on the learnt scale as it was
+    rows = again.rows_for(np.array(["pump-z"], dtype=object))
+    assert again.import_rows(rows, engine.export_rows(np.array([0]))) == []
+    assert int(again.count[rows[0]]) == int(engine.count[0]) == 700 and bool(again.rel_known[rows[0]])
+    assert torch.equal(again.buf[rows[0]], engine.buf[0])
     ratio = np.median(w.score) / np.median(known.score)
     assert 0.5 < ratio < 2.0, ratio
     assert np.median(unlearnt.score) > 5 * np.median(w.score), "on the fleet's scale it scores far off"

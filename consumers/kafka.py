@@ -660,13 +660,6 @@ def read_span(bootstrap: str, topic: str, since_ms: int, until_ms: int | None, *
             found = consumer.offsets_for_times({tp: until_ms for tp in tps})
             ends = {tp: found[tp].offset if found.get(tp) is not None else ends[tp] for tp in tps}
         starts = consumer.offsets_for_times({tp: since_ms for tp in tps})
-        for _ in range(5):  # kafka-python leaves out a partition whose leader it does not know yet: ask again
-            unanswered = [tp for tp in tps if starts.get(tp) is None and ends[tp] > 0]
-            if not unanswered:
-                break
-            time.sleep(0.5)
-            starts |= {tp: at for tp, at in consumer.offsets_for_times({tp: since_ms for tp in unanswered}).items()
-                       if at is not None}
         todo = set()
         for tp in tps:
             start = starts.get(tp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,9 @@ from detector.cli import main
 
 pytestmark = pytest.mark.kafka
 
-T0 = 1_700_000_000
+# a day ago, to the day: the record times below (up to four days before it) stay inside the broker's default
+# retention of seven days, which deletes older segments whenever its check runs (every five minutes)
+T0 = (int(time.time()) // 86_400 - 1) * 86_400
 FEATURES = ("speed", "flow", "temp")
 TRAIN = ["--window", "8", "--hop", "4", "--hidden", "8", "--epochs", "2", "--seed", "0", "--quiet"]
 
@@ -73,7 +76,7 @@ def test_training_from_a_topic_equals_training_from_the_same_rows_in_a_file(
     df = fleet()
     topic, alerts = topic_factory(partitions=3), topic_factory(partitions=1)
     produce(kafka_bootstrap, topic, messages(df), at_ms=(T0 - 3 * 86_400) * 1000)  # "three days before T0"
-    late = fleet(8).assign(timestamp=lambda d: d.timestamp + 10**6)
+    late = fleet(8).assign(timestamp=lambda d: d.timestamp - 10**6)  # other event times (in the past: not future)
     produce(kafka_bootstrap, topic, messages(late) + [(b"pump-0", b"not json")], at_ms=(T0 - 86_400) * 1000)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f'kafka: {{bootstrap_servers: "{kafka_bootstrap}"}}\n')

@@ -338,6 +338,7 @@ def test_a_shadow_model_leaves_the_live_alerts_byte_for_byte_and_publishes_its_o
         calibration_scores=[0.5 * s for s in m.calibration_scores]), None)  # type: ignore[arg-type]
     recs = feed(6, 400, {2: 200, 4: 300})
     plain, _ = run(Config(), trained, recs, batch=61)
+    monkeypatch.setattr("detector.daemon.AGREEMENT_EVERY_S", 0.0)  # measured at every batch, whatever its speed
     daemon = Daemon(cfg, Pipeline(cfg, trained), shadow=Pipeline(cfg, candidate))
     src, sink = IterSource(recs, batch_size=61), ListSink()
     while not src.exhausted:
@@ -362,7 +363,7 @@ def test_a_shadow_model_leaves_the_live_alerts_byte_for_byte_and_publishes_its_o
     assert open_on(daemon.pipeline) != open_on(daemon.shadow), "the candidate alerts on more streams"
     assert agreement(daemon.pipeline, daemon.shadow) == pytest.approx(
         1 - len(open_on(daemon.pipeline) ^ open_on(daemon.shadow)) / 6)
-    assert daemon.metrics.shadow_agreement._value.get() == 1.0, "measured at the first batch, when both agreed"
+    assert daemon.metrics.shadow_agreement._value.get() == agreement(daemon.pipeline, daemon.shadow) < 1.0
 
     daemon.rewind(src, sink, "test")  # a rebalance: the live streams come back from checkpoints, the shadow's cold
     assert daemon.shadow is not None and daemon.shadow.engine.live_streams == 0

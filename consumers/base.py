@@ -104,6 +104,10 @@ class Sink(ABC):
     on_refused: Callable[[object, Exception], None] | None = None
     """Told of each record sent with `send_side` that Kafka refused for good: its tag and the error."""
 
+    on_blocked: Callable[[Exception], None] | None = None
+    """Told each time a send waited its limit for the brokers (they are away): it raises to give up, else the send
+    tries again. Without it, such a send raises SinkError."""
+
     @abstractmethod
     def send(self, topic: str, key: bytes | None, value: bytes | None,
              headers: list[tuple[str, bytes]] | None = None,

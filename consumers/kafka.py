@@ -243,7 +243,8 @@ class KafkaSink(Sink):
     """
 
     def __init__(self, bootstrap: str, *, client: dict[str, Any], linger_ms: int = 5, batch_bytes: int = 262144,
-                 transactional_id: str | None = None, transaction_timeout_ms: int = 60000) -> None:
+                 transactional_id: str | None = None, transaction_timeout_ms: int = 60000,
+                 max_block_ms: int = 30000) -> None:
         tx = {"transactional_id": transactional_id, "transaction_timeout_ms": transaction_timeout_ms} \
             if transactional_id else {}
         self.transactional = bool(transactional_id)
@@ -261,7 +262,7 @@ class KafkaSink(Sink):
             max_in_flight_requests_per_connection=5,
             delivery_timeout_ms=120000,
             compression_type=None,
-            max_block_ms=30000,
+            max_block_ms=max_block_ms,  # how long a send waits for a topic's metadata before on_blocked
             **tx,
             **client,
         )
@@ -276,7 +277,7 @@ class KafkaSink(Sink):
                 self._side = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False,
                                            linger_ms=linger_ms, batch_size=batch_bytes, retries=2147483647,
                                            max_in_flight_requests_per_connection=1, delivery_timeout_ms=120000,
-                                           compression_type=None, max_block_ms=30000, **client)
+                                           compression_type=None, max_block_ms=max_block_ms, **client)
             except Exception:
                 self._producer.close(timeout=0)
                 raise
@@ -289,12 +290,22 @@ class KafkaSink(Sink):
              headers: list[tuple[str, bytes]] | None = None,
              partition: int | None = None) -> None:
         """Queue one record."""
-        try:
-            self._futures.append(self._producer.send(topic, key=key, value=value, headers=headers or [],
-                                                     partition=partition))
-        except KafkaError as exc:  # e.g. no metadata for the topic within max_block_ms
-            self._raise_if_abortable(exc)
-            raise SinkError(f"cannot send to topic {topic!r}: {exc}") from exc
+        self._futures.append(self._blocking(lambda: self._producer.send(
+            topic, key=key, value=value, headers=headers or [], partition=partition), topic))
+
+    def _blocking(self, send: Callable[[], Any], topic: str) -> Any:
+        """send(), again after each max_block_ms spent waiting for the brokers, as long as `on_blocked` lets it."""
+        while True:
+            try:
+                return send()
+            except KafkaTimeoutError as exc:  # no metadata for the topic, or no buffer space, within max_block_ms
+                self._raise_if_abortable(exc)
+                if self.on_blocked is None:
+                    raise SinkError(f"cannot send to topic {topic!r}: {exc}") from exc
+                self.on_blocked(SinkTimeout(f"cannot send to topic {topic!r}: {exc}"))
+            except KafkaError as exc:
+                self._raise_if_abortable(exc)
+                raise SinkError(f"cannot send to topic {topic!r}: {exc}") from exc
 
     def _raise_if_abortable(self, exc: KafkaError) -> None:
         """RebalanceError when the open transaction failed (a record refused, say) and can only be aborted."""
@@ -307,13 +318,12 @@ class KafkaSink(Sink):
         """Queue a record that must not stop the work (a dead letter); Kafka's refusal goes to `on_refused`."""
         producer = self._side or self._producer
         try:
-            future = producer.send(topic, key=key, value=value, headers=headers)
-        except MessageSizeTooLargeError as exc:  # above max_request_size: refused before it was sent
-            self._refused(tag, exc)
+            future = self._blocking(lambda: producer.send(topic, key=key, value=value, headers=headers), topic)
+        except SinkError as exc:
+            if not isinstance(exc.__cause__, MessageSizeTooLargeError):
+                raise
+            self._refused(tag, exc.__cause__)  # above max_request_size: refused before it was sent
             return
-        except KafkaError as exc:
-            self._raise_if_abortable(exc)
-            raise SinkError(f"cannot send to topic {topic!r}: {exc}") from exc
         self._side_sent.append((future, _Side(topic, key, value, headers, tag)))
 
     def _refused(self, tag: object, exc: Exception) -> None:

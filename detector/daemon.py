@@ -176,6 +176,7 @@ class Daemon:
         self._in_txn = False
         self.beat = time.monotonic()  # the loop's last turn
         self._rewound_at = -math.inf
+        self._blocked = False  # a send waited for the brokers since the last flush
         self._work = threading.Lock()  # held while processing or committing; a hand-over waits for it
         self._io: tuple[Source, Sink] | None = None  # the source and sink of the running loop, for a hand-over
         self._fenced: SinkFenced | None = None  # a hand-over found the producer fenced: the loop deals with it
@@ -347,10 +348,22 @@ class Daemon:
                                 "waiting (nothing is committed until it does)", waited, exc)
                     self.ready.clear()
                     self.metrics.ready.set(0)
-        if waited and not self.ready.is_set():
-            log.info("Kafka acknowledged again after %.0f s; ready", waited)
+        if (waited or self._blocked) and not self.ready.is_set():
+            log.info("Kafka acknowledged again; ready")
             self.ready.set()
             self.metrics.ready.set(1)
+        self._blocked = False
+
+    def _send_blocked(self, exc: Exception) -> None:
+        """A send waited its limit for the brokers: not ready, and go on waiting unless stopping."""
+        if self.stop_event.is_set():
+            raise SinkError(f"stopping while Kafka does not take records: {exc}") from exc
+        if self.ready.is_set():
+            log.warning("Kafka does not take alerts and checkpoints (%s); not ready, waiting (nothing is committed "
+                        "until it does)", exc)
+            self.ready.clear()
+            self.metrics.ready.set(0)
+        self._blocked = True
 
     def _check_contact(self, source: Source) -> None:
         """While idle, at most once a second: not ready while the group coordinator does not answer."""
@@ -709,6 +722,7 @@ class Daemon:
         timeout = self.cfg.input.poll_timeout_ms / 1000
         self._io = (source, sink)
         sink.on_refused = self.on_refused
+        sink.on_blocked = self._send_blocked
         source.on_revoke(self.handover)
         try:
             while not self.stop_event.is_set():

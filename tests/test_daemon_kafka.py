@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import orjson
@@ -15,6 +16,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError
 
+from consumers.base import SinkError, SinkTimeout
 from consumers.kafka import KafkaSink
 from detector.artifact import save_artifact
 from detector.config import config_hash, load_config, parse_config
@@ -179,6 +181,29 @@ def test_the_producer_packs_records_into_batches_of_output_batch_bytes(kafka_boo
     finally:
         sink.close()
     assert sorted(m.key for m in drain(kafka_bootstrap, topic, 20)) == sorted(b"m%d" % i for i in range(20))
+
+
+def test_a_send_waiting_for_a_topic_goes_on_while_on_blocked_lets_it(kafka_bootstrap: str) -> None:
+    topic = f"late-{uuid.uuid4().hex[:8]}"  # not there yet: no metadata, as while the brokers are away
+    sink = KafkaSink(kafka_bootstrap, client={}, max_block_ms=1000)
+    blocked: list[Exception] = []
+
+    def on_blocked(exc: Exception) -> None:
+        blocked.append(exc)
+        if len(blocked) == 2:
+            create_topic(kafka_bootstrap, topic, 1)
+
+    try:
+        with pytest.raises(SinkError, match=f"cannot send to topic '{topic}'"):
+            sink.send(topic, b"k", b"v")  # without on_blocked, one wait and it fails
+        sink.on_blocked = on_blocked
+        sink.send(topic, b"k", b"v")
+        sink.flush(30)
+    finally:
+        sink.close()
+    assert len(blocked) >= 2 and all(isinstance(e, SinkTimeout) for e in blocked)
+    assert [m.value for m in drain(kafka_bootstrap, topic, 1)] == [b"v"]
+    delete_topics(kafka_bootstrap, [topic])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -150,7 +150,8 @@ def measure(streams: int, fetch_bytes: int | None = None, presize: bool = False)
                 if way == "whole":  # the state topic read to its end, then every record decoded
                     report = restore(target, state.read(set(range(PARTITIONS)), 600))
                 else:  # what the daemon does: each fetch decoded as it comes
-                    report = restore_chunks(target, state.read_chunks(set(range(PARTITIONS)), 600))
+                    report = restore_chunks(target, state.read_chunks(set(range(PARTITIONS)), 600,
+                                                                      expect=target.engine.reserve))
                 took = time.perf_counter() - t0
                 gc.collect()
             release_free_heap()

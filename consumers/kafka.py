@@ -613,9 +613,12 @@ class StateTopic:
         return list(latest.values())
 
     def read_chunks(self, partitions: set[int], timeout_s: float, stop: threading.Event | None = None,
+                    expect: Callable[[int], None] | None = None,
                     ) -> Iterator[list[tuple[bytes | None, bytes | None]]]:
         """Every committed record on these partitions, oldest first, one fetch at a time: (key, value), the value
         None for a tombstone. A key's newest record is its stream's state (compaction may not have run yet).
+        `expect` is told, before the first fetch, how many records at most will come (more than the streams
+        where compaction has not run).
 
         Stopped when `stop` is set before the end is reached, KafkaTimeoutError past `timeout_s` (both checked
         between fetches).
@@ -634,6 +637,9 @@ class StateTopic:
             ends = consumer.end_offsets(tps)
             deadline = time.monotonic() + timeout_s
             todo = {tp for tp in tps if ends[tp] > 0}
+            if expect is not None and todo:
+                starts = consumer.beginning_offsets(list(todo))
+                expect(sum(ends[tp] - starts[tp] for tp in todo))
             n = 0
             while todo:
                 if stop is not None and stop.is_set():

@@ -446,8 +446,9 @@ class Daemon:
         report = None
         if self.state is not None and assigned:  # ... from the checkpoint of those on our partitions
             log.info("restoring the streams of %d partitions from %s", len(assigned), self.state.topic)
+            # decoded as fetched: one fetch in memory at a time, into a table sized once for what may come
             chunks = self.state.read_chunks({p for _, p in assigned}, self.cfg.delivery.restore_timeout_s,
-                                            self.stop_event)  # decoded as fetched: one fetch in memory at a time
+                                            self.stop_event, expect=pipe.engine.reserve)
             # Stopped: half-restored, nothing may be scored or committed. After a promotion or rollback, the
             # checkpoints the outgoing model wrote before it (a crash came before the switch was committed) go to
             # it, the shadow now, so that its open episodes are cleared once on the alerts topic

@@ -229,6 +229,7 @@ class Engine:
         self._index = pd.Index([], dtype=object)  # the ids of the rows in use, with their rows beside
         self._index_rows = np.zeros(0, np.int64)
         self.capacity = 0
+        self._filled = 0  # rows [0, _filled) hold a fresh row's values or a stream's; the rest is untouched memory
         self._grow(capacity)
 
     # ----- the state table: one row per stream, on the model's device ------------------------------------
@@ -257,19 +258,48 @@ class Engine:
                   "ls_n": (F,), "ls_sum": (F,), "ls_sq": (F,)}
         return {name: shape for name, shape in shapes.items() if name in self._tables}
 
+    def _all_tables(self) -> dict[str, tuple[tuple[int, ...], torch.dtype, object]]:
+        """Every per-stream table, checkpointed or from the model: its shape per stream, dtype and fresh value."""
+        F = self.n_features
+        return {name: (shape, *(self._tables.get(name) or self._FROM_MODEL[name]))
+                for name, shape in {**self._shapes(), "rel_shift": (F,), "rel_scale": (F,), "rel_known": ()}.items()}
+
     @torch.inference_mode()
     def _grow(self, capacity: int) -> None:
-        old = self.capacity
-        F = self.n_features
-        for name, shape in {**self._shapes(), "rel_shift": (F,), "rel_scale": (F,), "rel_known": ()}.items():
-            dtype, fill = self._tables.get(name) or self._FROM_MODEL[name]
+        """Room for `capacity` rows. Rows past those in use are left unwritten (_fill_to writes them when they are
+        taken), so on the CPU a large table costs resident memory only for the rows in use."""
+        keep = self._filled
+        for name, (shape, dtype, _) in self._all_tables().items():
             layered = name in ("h", "c")
-            t = torch.full((shape[0], capacity, *shape[1:]) if layered else (capacity, *shape), fill, dtype=dtype,
-                           device=self.device)
-            if old:
-                t[(slice(None), slice(old)) if layered else slice(old)] = getattr(self, name)
+            t = torch.empty((shape[0], capacity, *shape[1:]) if layered else (capacity, *shape), dtype=dtype,
+                            device=self.device)
+            if keep:
+                at = (slice(None), slice(keep)) if layered else slice(keep)
+                t[at] = getattr(self, name)[at]
             setattr(self, name, t)
         self.capacity = capacity
+
+    @torch.inference_mode()
+    def _fill_to(self, n: int) -> None:
+        """Give rows up to `n` a fresh row's values, where not done yet."""
+        if n <= self._filled:
+            return
+        for name, (_, _, fill) in self._all_tables().items():
+            at = (slice(None), slice(self._filled, n)) if name in ("h", "c") else slice(self._filled, n)
+            getattr(self, name)[at] = fill
+        self._filled = n
+
+    def reserve(self, streams: int) -> None:
+        """Make room for this many more streams at once (a restore about to add them), so the table is not grown,
+        and copied, step by step. Only on the CPU, where rows not yet taken cost no resident memory; an
+        allocation the machine refuses (an estimate far too high) leaves the table as it was."""
+        want = self.live_streams + streams
+        if self.device.type != "cpu" or want <= self.capacity:
+            return
+        try:
+            self._grow(want)
+        except RuntimeError as exc:  # out of memory, even as address space: grow step by step as usual
+            log.info("could not reserve state rows for %d streams (%s); growing as they come", want, exc)
 
     def rows_for(self, streams: np.ndarray) -> np.ndarray:
         """The table row of each stream id, adding rows for streams never seen (released rows first)."""
@@ -290,6 +320,7 @@ class Engine:
             self._reindex()
             if len(self.streams) > self.capacity:
                 self._grow(max(next_capacity(self.capacity), len(self.streams)))
+            self._fill_to(len(self.streams))
             if len(self._rel_index):
                 self._known_scales(rows_new, self._rel_index.get_indexer(names))
         return rows_u[codes].astype(np.int64)

@@ -150,7 +150,8 @@ def test_adaptation_quiets_a_feature_that_runs_noisier_and_keeps_new_faults_visi
     during = end >= T0 + 60 * 716
     assert np.median(s_adapt[during]) > 5 * np.median(s_adapt[before]), "the new fault stands out"
     assert (share[during].argmax(axis=1) == 1).mean() > 0.8, "and is attributed to feature 1"
-    assert (levels["plain"] == 1.0).all() and (plain.level == 1.0).all(), "without a half-life nothing is learned"
+    in_use = plain.level[:len(plain.streams)]
+    assert (levels["plain"] == 1.0).all() and (in_use == 1.0).all(), "without a half-life nothing is learned"
 
 
 def test_use_threads_sets_torchs_cpu_threads_and_zero_keeps_its_default() -> None:
@@ -277,7 +278,7 @@ def test_chunked_model_calls_score_like_one_call_and_the_host_views_follow_the_t
     assert [len(s) for s in one_call] == [n_streams * 2, n_streams * 3]
     for a, b in zip(one_call, in_chunks, strict=True):
         assert np.allclose(a, b, rtol=1e-5)
-    assert np.allclose(whole.h.numpy(), chunked.h.numpy(), atol=1e-6)
+    assert np.allclose(whole.h[:, :n_streams].numpy(), chunked.h[:, :n_streams].numpy(), atol=1e-6)
     assert chunked.readings_seen().tolist() == [n] * n_streams
     assert chunked.last_times().tolist() == [ts[-1]] * n_streams
 
@@ -331,3 +332,29 @@ def test_online_finetuning_learns_normal_windows_in_the_decoder_only_and_never_a
     out = far.score_batch(readings("m", ts[:400], v[:400] + np.array([60.0, 10.0, 20.0], np.float32))).windows
     assert (out.score >= level).all()
     assert all(torch.equal(p, q) for p, q in zip(far.model.parameters(), art.model.parameters(), strict=True))
+
+
+def test_rows_reserved_ahead_are_written_fresh_only_when_a_stream_takes_them() -> None:
+    art = random_artifact(window=8, hop=4)
+    ts = T0 + 60.0 * np.arange(40)
+    v = {s: sine_values(40, seed=i) for i, s in enumerate("abc")}
+    eng = Engine(art, capacity=2)
+    first = eng.score_batch(readings(["a"] * 20, ts[:20], v["a"][:20]))
+    eng.reserve(50)  # a restore expecting up to 50 more streams: one growth, not several
+    assert eng.capacity == 51 and eng._filled == 1
+    with torch.inference_mode():  # what the untouched memory may hold: anything
+        for name, (_, dtype, _) in eng._all_tables().items():
+            table = getattr(eng, name)
+            at = (slice(None), slice(1, None)) if name in ("h", "c") else slice(1, None)
+            table[at] = True if dtype == torch.bool else 7
+    res = eng.score_batch(readings([s for s in "abc" for _ in range(20, 40)], np.concatenate([ts[20:]] * 3),
+                                   np.concatenate([v[s][20:] for s in "abc"])))
+    got = {s: [float(x) for r, x in zip(res.windows.rows, res.windows.score, strict=True) if eng.streams[r] == s]
+           for s in "abc"}
+    for s in "bc":  # new streams in reserved rows score as in a new engine
+        assert np.allclose(got[s], list(alone(art, s, ts[20:], v[s][20:]).values()), rtol=1e-5)
+    want = list(alone(art, "a", ts, v["a"]).values())
+    assert np.allclose([*first.windows.score.tolist(), *got["a"]], want, rtol=1e-5), "a goes on where it was"
+    assert eng.capacity == 51 and eng._filled == 3
+    eng.reserve(10)  # room enough already: nothing changes
+    assert eng.capacity == 51

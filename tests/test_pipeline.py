@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import orjson
@@ -392,8 +392,12 @@ class SinkState:
     def __init__(self, sink: ListSink) -> None:
         self.sink = sink
 
-    def read_chunks(self, partitions: set[int], timeout_s: float, stop: object = None) -> Iterator[list]:
-        yield [(r.key, r.value) for r in self.sink.on(self.topic)]
+    def read_chunks(self, partitions: set[int], timeout_s: float, stop: object = None,
+                    expect: Callable[[int], None] | None = None) -> Iterator[list]:
+        records = [(r.key, r.value) for r in self.sink.on(self.topic)]
+        if expect is not None:
+            expect(len(records))
+        yield records
 
 
 def test_promote_makes_the_warm_shadow_live_and_rollback_brings_the_old_model_back(trained: Artifact) -> None:

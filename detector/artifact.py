@@ -79,6 +79,9 @@ class Manifest:
     # validation rows, and the weight (0: off; the weights then hold no forecast head)
     forecast_std: list[float] = field(default_factory=list)
     forecast_weight: float = 0.0
+    # per feature, the mean per-feature window score on the validation rows where errors are in the input's units
+    # (train --error-scale input): the level the adaptation starts from (empty: 1, the validation spread's)
+    adapt_base: list[float] = field(default_factory=list)
 
     def quantile(self, q: float) -> float:
         """The calibrated window score at quantile q (interpolated between the stored levels)."""

@@ -78,7 +78,8 @@ def _train(args: argparse.Namespace) -> int:
                          score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale,
                          covariance=args.covariance, smooth_halflife=args.smooth_halflife,
                          holdout_blocks=args.holdout_blocks, relations=args.relations,
-                         relation_tails=args.relation_tails, forecast=args.forecast, stream_scale=args.stream_scale,
+                         relation_tails=args.relation_tails, relation_holdout=args.relation_holdout,
+                         forecast=args.forecast, stream_scale=args.stream_scale,
                          name=args.name or Path(args.out).name)
     ckpt = Path(args.out) / "checkpoint"
     if not args.resume and (ckpt / "state.json").is_file():
@@ -194,7 +195,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                      score_aggregate=args.score, corrupt=args.corrupt, error_scale=args.error_scale,
                      covariance=args.covariance, smooth_halflife=args.smooth_halflife,
                      holdout_blocks=args.holdout_blocks, relations=args.relations,
-                     relation_tails=args.relation_tails, forecast=args.forecast, stream_scale=args.stream_scale)
+                     relation_tails=args.relation_tails, relation_holdout=args.relation_holdout,
+                     forecast=args.forecast, stream_scale=args.stream_scale)
     logging.getLogger("detector.daemon").setLevel(logging.ERROR)  # alerts and rejects are in the report
     pretrain = None
     if args.train_protocol == "anomaly-free":
@@ -542,9 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoising: share of training chunks given a synthetic fault (0 = off)")
     t.add_argument("--score", choices=["max", "mean"], default="max",
                    help="window score: the largest normalised error (default) or the mean over the window's tail")
-    t.add_argument("--error-scale", choices=["calibration", "input"], default="calibration",
-                   help="calibration: each feature's error standardised by its spread on validation rows; input: "
-                   "errors in units of the feature's training spread")
+    t.add_argument("--error-scale", choices=["calibration", "input"], default="input",
+                   help="input (default): errors in units of the feature's training spread; calibration: each "
+                   "feature's error standardised by its spread on validation rows")
     t.add_argument("--covariance", choices=["diagonal", "full"], default="diagonal",
                    help="diagonal: a reading's score is its largest squared standardised error; full: the "
                    "Mahalanobis distance of its error vector under the calibration errors' correlation")
@@ -561,6 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--relation-tails", action=argparse.BooleanOptionalAction, default=False,
                    help="judge each sensor's relation residual against its own tail on the trained-on rows "
                    "(a sensor whose residual runs wide in normal operation no longer sets the level for all)")
+    t.add_argument("--relation-holdout", type=float, default=1.5, metavar="RMS",
+                   help="score only the relations that hold on the validation rows (held out in time): a sensor "
+                   "whose residual there has an rms above RMS fitted spreads is not scored (default 1.5; 0: every "
+                   "sensor)")
     t.add_argument("--forecast", action=argparse.BooleanOptionalAction, default=False,
                    help="a head that predicts each next reading from the encoder's state, trained with the model, "
                    "and a forecast score beside the window's (a jump or spike shows at the reading itself)")
@@ -609,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, nargs="+", default=[0], help="training seed; several (e.g. --seed 0 1 2) "
                    "run the whole evaluation once per seed into DIR/seed-N/ and write the spread to DIR/seeds.json")
     e.add_argument("--score", choices=["max", "mean"], default="max", help="window score (see `train --score`)")
-    e.add_argument("--error-scale", choices=["calibration", "input"], default="calibration",
+    e.add_argument("--error-scale", choices=["calibration", "input"], default="input",
                    help="see `train --error-scale`")
     e.add_argument("--covariance", choices=["diagonal", "full"], default="diagonal",
                    help="see `train --covariance`")
@@ -619,6 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="see `train --relations`")
     e.add_argument("--relation-tails", action=argparse.BooleanOptionalAction, default=False,
                    help="see `train --relation-tails`")
+    e.add_argument("--relation-holdout", type=float, default=1.5, metavar="RMS",
+                   help="see `train --relation-holdout`")
     e.add_argument("--forecast", action=argparse.BooleanOptionalAction, default=False,
                    help="see `train --forecast`")
     e.add_argument("--stream-scale", action=argparse.BooleanOptionalAction, default=False,

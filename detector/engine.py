@@ -562,7 +562,9 @@ class Engine:
             if self.spec.smooth_decay > 0:
                 score, share = self._smooth(u[gi], zmean, score, share)
             if self.adapt_rate:
-                self._adapt(u[gi], per_feature * scale, broken if self.adapt_gate else None)
+                base = self.spec.adapt_base
+                self._adapt(u[gi], per_feature * scale / (1.0 if base is None else base),
+                            broken if self.adapt_gate else None)
             if self.finetune_rate:
                 self._finetune(out[gi, gj], win, wmask, score)
             fields = {"rows": u[gi], "score": score.double(), "feature_score": per_feature, "share": share,
@@ -759,7 +761,8 @@ def score_spec(m: Manifest, device: torch.device | str = "cpu") -> ScoreSpec:
     return ScoreSpec(as_t(m.error_mean), as_t(m.error_std), m.score_aggregate, precision, const, m.constant_z2,
                      smooth_decay(m.hop, m.smooth_halflife) if smooth else 0.0,
                      as_t(m.smooth_std) if smooth else None, m.smooth_weight, rel,
-                     as_t(m.forecast_std) if forecast else None, m.forecast_weight)
+                     as_t(m.forecast_std) if forecast else None, m.forecast_weight,
+                     as_t(m.adapt_base) if len(m.adapt_base) == len(m.features) else None)
 
 
 def _group_starts(r: torch.Tensor) -> torch.Tensor:

@@ -152,6 +152,34 @@ def even_tails(rel: Relations, blocks: list[np.ndarray], hop: int) -> Relations:
     return replace(rel, resid_std=rel.resid_std * torch.tensor(factor, dtype=torch.float32))
 
 
+def holding(rel: Relations, blocks: list[np.ndarray], bound: float) -> Relations:
+    """`rel` scoring only the sensors whose relation holds on rows it was not fitted on: the rms of the residual on
+    `blocks` (per stream, (N_s, F) standardised, NaN where missing; rows later in time than the fitted ones), in
+    units of the fitted spread, at most `bound`. The others still predict; they are no longer scored.
+
+    A sensor that drifts away from what the others predict within the training period itself (a temperature
+    that follows the weather, not the machine) would otherwise score its drift as a broken relation.
+
+    >>> rng = np.random.default_rng(2)
+    >>> a = rng.standard_normal(3000)
+    >>> u = np.stack([a + 0.05 * rng.standard_normal(3000), a + 0.05 * rng.standard_normal(3000),
+    ...               a + 0.5 * rng.standard_normal(3000)], 1)  # 0 and 1 tightly related, 2 loosely
+    >>> holding(fit_relations(u[:2000]), [u[2000:]], 1.5).use.tolist()
+    [True, True, True]
+    >>> later = u[2000:].copy(); later[:, 2] += np.linspace(0, 2, 1000)  # sensor 2 walks off later
+    >>> holding(fit_relations(u[:2000]), [later], 1.5).use.tolist()
+    [True, True, False]
+    """
+    rows = [u[~np.isnan(u).any(axis=1)] for u in blocks]
+    rows = np.concatenate(rows) if rows else np.zeros((0, len(rel.use)))
+    if len(rows) < 2:
+        return rel
+    with torch.inference_mode():
+        z = relation_z(torch.from_numpy(rows).float(), rel).numpy()
+    rms = np.sqrt(np.mean(z**2, axis=0))
+    return replace(rel, use=rel.use & torch.from_numpy(rms <= bound))
+
+
 def relation_z(u: torch.Tensor, rel: Relations) -> torch.Tensor:
     """Each sensor's residual against its prediction from the others, in training spreads, (..., F); 0 where
     not scored, |z| at most Z_CAP."""

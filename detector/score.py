@@ -38,7 +38,9 @@ class ScoreSpec:
     smoothed score is multiplied by before it competes with the window's own score. relations: the cross-sensor
     relation score beside the model's (None: off; detector.relations). forecast_std: (F,) the next-reading
     forecast errors' spread on the validation rows (None: no forecast score; detector.forecast);
-    forecast_weight: what the forecast score is multiplied by.
+    forecast_weight: what the forecast score is multiplied by. adapt_base: (F,) each feature's mean per-feature
+    score on the validation windows, the level the per-stream adaptation starts from (None: 1, as where errors
+    are standardised by their validation spread).
     """
 
     err_mean: torch.Tensor
@@ -53,6 +55,7 @@ class ScoreSpec:
     relations: Relations | None = None
     forecast_std: torch.Tensor | None = None
     forecast_weight: float = 1.0
+    adapt_base: torch.Tensor | None = None
 
     @staticmethod
     def diagonal(err_mean: torch.Tensor, err_std: torch.Tensor, aggregate: str = "max") -> ScoreSpec:

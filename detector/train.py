@@ -27,7 +27,7 @@ from detector.artifact import Manifest
 from detector.errors import DataError
 from detector.forecast import forecast_scores, forecast_z
 from detector.model import LSTMAutoencoder
-from detector.relations import Relations, even_tails, fit_relations, relation_scores, stream_scales
+from detector.relations import Relations, even_tails, fit_relations, holding, relation_scores, stream_scales
 from detector.resume import TrainState, fingerprint, load_state, save_state
 from detector.score import COVARIANCES, ScoreSpec, precision_matrix, score_windows, smooth_decay
 from detector.sensors import longest_runs
@@ -72,11 +72,12 @@ class TrainParams:
     patience: int = 4
     corrupt: float = 0.0  # share of training chunks whose input gets a synthetic fault (denoising); 0 = off
     score_aggregate: str = "max"  # see score.AGGREGATES
-    error_scale: str = "calibration"  # see ERROR_SCALES
+    error_scale: str = "input"  # see ERROR_SCALES (the default since 2026-12-07: docs/evaluation.md)
     covariance: str = "diagonal"  # see score.COVARIANCES
     smooth_halflife: float = 0.0  # readings; > 0: a smoothed score beside the window's own (score.smooth_update)
     relations: bool = True  # a cross-sensor relation score beside the model's (detector.relations); needs F >= 2
     relation_tails: bool = False  # each sensor's relation residual judged against its own tail (even_tails)
+    relation_holdout: float = 1.5  # >0: score only relations that hold on the validation rows (relations.holding)
     forecast: bool = False  # a head that predicts the next reading, and a forecast score (detector.forecast)
     stream_scale: bool = False  # the model sees each training stream on its own scale (its trained-on rows')
     val_fraction: float = 0.15
@@ -218,6 +219,8 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
     t0 = time.monotonic()
     if not 0.0 <= params.corrupt <= 1.0:
         raise DataError(f"corrupt must be between 0 and 1 (got {params.corrupt})")
+    if params.relation_holdout < 0:
+        raise DataError(f"relation_holdout must be 0 (off) or above (got {params.relation_holdout:g})")
     if params.error_scale not in ERROR_SCALES:
         raise DataError(f"error_scale must be one of {', '.join(ERROR_SCALES)} (got {params.error_scale!r})")
     if params.covariance not in COVARIANCES:
@@ -385,7 +388,8 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
     model.eval()
 
     const_t = torch.from_numpy(constant) if constant.any() else None
-    rel, scales = (_fit_relations(usable, role, constant, params.hop if params.relation_tails else 0, own or None)
+    rel, scales = (_fit_relations(usable, role, constant, params.hop if params.relation_tails else 0, own or None,
+                                  params.relation_holdout)
                    if params.relations and F >= 2 else (None, {}))
     if rel is not None and not bool(rel.use.any()):  # every sensor constant: no relation to score
         rel, scales = None, {}
@@ -428,6 +432,7 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
         stream_scaled=bool(own),
         forecast_std=spec.forecast_std.tolist() if spec.forecast_std is not None else [],
         forecast_weight=spec.forecast_weight if spec.forecast_std is not None else 0.0,
+        adapt_base=spec.adapt_base.tolist() if spec.adapt_base is not None else [],
         calibration_levels=list(levels),
         calibration_scores=values,
         score_aggregate=params.score_aggregate,
@@ -507,6 +512,12 @@ def _calibrate(model: LSTMAutoencoder, usable: list[tuple[str, np.ndarray]],
                          aggregate, precision, constant, 0.0)
         scored_roles = (VAL, CAL) if error_scale == "input" else (CAL,)
         scored = [(s, ends, *score_windows(xw, recon, mw, spec, hop)) for s, ends, xw, recon, mw in runs]
+        if error_scale == "input":  # the adaptation's level 1: what a validation window's features score
+            pf = [pf.numpy()[role[s][ends.numpy()] == VAL] for s, ends, _, pf, *_ in scored]
+            base = np.concatenate(pf).mean(axis=0) if sum(map(len, pf)) else np.ones(F)
+            if constant is not None:  # no reconstruction error to adapt to: a change scores its bounded event
+                base = np.where(constant.numpy(), 1.0, base)
+            spec = replace(spec, adapt_base=torch.tensor(np.maximum(base, ERROR_STD_FLOOR**2), dtype=torch.float32))
         decay = smooth_decay(hop, smooth_halflife)
         smoothed = [_ewma(zmean.numpy(), decay) for *_, zmean in scored] if decay > 0 else []
         if smoothed:
@@ -579,13 +590,17 @@ def _forecast_weight(next_err: list[torch.Tensor], runs: list[tuple], scored: li
 
 def _fit_relations(usable: list[tuple[str, np.ndarray]], role: dict[str, np.ndarray], constant: np.ndarray,
                    tails_hop: int = 0, scales: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                   ) -> tuple[Relations, dict[str, tuple[np.ndarray, np.ndarray]]]:
+                   holdout: float = 0.0) -> tuple[Relations, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Each stream's scale over its trained-on rows (unless given), and the relations fitted on those rows on that
-    scale (with each sensor's tail evened over windows of `tails_hop` readings, when above 0)."""
+    scale (with each sensor's tail evened over windows of `tails_hop` readings, when above 0; with `holdout` above
+    0, scoring only the sensors whose relation holds on the validation rows to that rms, relations.holding)."""
     scales = scales or {s: stream_scales(v[role[s] == TRAIN]) for s, v in usable}
     blocks = [(v[role[s] == TRAIN] - scales[s][0]) / scales[s][1] for s, v in usable]
     rel = fit_relations(np.concatenate(blocks), constant)
-    return (even_tails(rel, blocks, tails_hop) if tails_hop > 0 else rel), scales
+    rel = even_tails(rel, blocks, tails_hop) if tails_hop > 0 else rel
+    if holdout > 0:
+        rel = holding(rel, [(v[role[s] == VAL] - scales[s][0]) / scales[s][1] for s, v in usable], holdout)
+    return rel, scales
 
 
 def _own_scale(rows: np.ndarray, mean: np.ndarray, std: np.ndarray,

@@ -358,3 +358,31 @@ def test_rows_reserved_ahead_are_written_fresh_only_when_a_stream_takes_them() -
     assert eng.capacity == 51 and eng._filled == 3
     eng.reserve(10)  # room enough already: nothing changes
     assert eng.capacity == 51
+
+
+def test_adaptation_starts_from_the_validation_level_where_errors_are_not_standardised() -> None:
+    import dataclasses
+
+    from detector.artifact import Artifact
+
+    # errors in the input's units (train --error-scale input): a spread of 20 makes every squared error small,
+    # so a level floored at 1 would never move; adapt_base says where 1 is
+    art = random_artifact(window=8, hop=4, hidden=16)
+    wide = dataclasses.replace(art.manifest, error_std=[20.0] * 3)
+    n = 600
+    v = sine_values(n, seed=3)
+    ts = T0 + 60.0 * np.arange(n)
+    probe = Engine(Artifact(art.model, wide, art.path))
+    normal = probe.score_batch(readings("m", ts[:300], v[:300])).windows.feature_score
+    base = normal.mean(axis=0)
+    assert (base < 0.05).all(), base
+    v[300:, 0] += np.random.default_rng(7).normal(0.0, 3 * 5.0, n - 300)  # then feature 0 runs far noisier
+    levels = {}
+    for name, m in (("floored at 1", wide), ("from adapt_base", dataclasses.replace(wide, adapt_base=base.tolist()))):
+        eng = Engine(Artifact(art.model, m, art.path), adapt_halflife=20)
+        for a in range(0, n, 50):
+            eng.score_batch(readings("m", ts[a:a + 50], v[a:a + 50]))
+        levels[name] = eng.level[0].tolist()
+    assert levels["floored at 1"] == [1.0, 1.0, 1.0], "nothing reaches a level of 1 in the input's units"
+    adapted = levels["from adapt_base"]
+    assert adapted[0] > 10 and adapted[1] < 3 and adapted[2] < 3, adapted

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from detector.artifact import Artifact, load_artifact, save_artifact
 from detector.config import parse_config
 from detector.engine import Engine
+from detector.errors import DataError
 from detector.pipeline import Pipeline
 from detector.relations import (
     TAIL_QUANTILE,
@@ -259,3 +262,22 @@ def test_a_stream_scaled_model_sees_a_stranger_on_its_learnt_scale_from_a_fresh_
     ratio = np.median(w.score) / np.median(known.score)
     assert 0.5 < ratio < 2.0, ratio
     assert np.median(unlearnt.score) > 5 * np.median(w.score), "on the fleet's scale it scores far off"
+
+
+def test_relation_holdout_scores_only_the_relations_that_hold_on_the_validation_rows() -> None:
+    names, v = two_pumps(900, seed=1)
+    v[:, 700:, 2] += np.linspace(0.0, 0.5, 200)[None, :]  # pressure walks off its relation in the last rows
+    params = TrainParams(window=8, hop=4, hidden_size=8, epochs=2, steps_per_epoch=5, relations=True, seed=0)
+    uses = {}
+    for bound in (0.0, 1.5):
+        _, m = train_model(Series(["speed", "flow", "pressure"], names, [v[0], v[1]]),
+                           replace(params, relation_holdout=bound), progress=False)
+        uses[bound] = m.relation_use
+        assert m.training["params"]["relation_holdout"] == bound
+    assert uses[0.0] == [True, True, True], "off: every sensor scored"
+    # pressure is not scored; flow, predicted from speed, still is (speed, which the fit predicts partly from
+    # pressure, goes with it here: [False, True, False])
+    assert uses[1.5][2] is False and uses[1.5][1] is True, uses[1.5]
+    with pytest.raises(DataError, match="relation_holdout must be 0"):
+        train_model(Series(["speed", "flow", "pressure"], names, [v[0], v[1]]), replace(params, relation_holdout=-1),
+                    progress=False)

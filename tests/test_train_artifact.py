@@ -141,6 +141,9 @@ def test_error_scale_input_scores_errors_in_units_of_the_training_spread(tmp_pat
     assert all(s < 1.0 for s in cal.error_std), "a fitted model's errors spread less than its inputs"
     assert cal.error_mean != inp.error_mean
     assert inp.quantile(0.99) < cal.quantile(0.99), "unstandardised errors of a fitted model are small"
+    # the adaptation's level 1 under input: a validation window's mean squared error per feature, well under 1
+    assert cal.adapt_base == [] and len(inp.adapt_base) == len(FEATURES)
+    assert all(1e-4 <= b < 0.5 for b in inp.adapt_base), inp.adapt_base
     # with no statistics fitted on the validation part, its windows join the calibration: about twice as many
     assert 1.8 * cal.training["calibration_windows"] <= inp.training["calibration_windows"] <= (
         2.2 * cal.training["calibration_windows"])

@@ -332,10 +332,10 @@ def test_a_shadow_model_leaves_the_live_alerts_byte_for_byte_and_publishes_its_o
     from detector.errors import DetectorError, ModelError
 
     cfg = parse_config({"model": {"shadow": "models/candidate"}})
-    m = trained.manifest  # the candidate: the same weights, levels at half the live's, so it alerts more
+    m = trained.manifest  # the candidate: the same weights, levels at a fifth of the live's, so it alerts more
     candidate = Artifact(trained.model, dataclasses.replace(
         m, name="candidate", model_version="candidate-1",
-        calibration_scores=[0.5 * s for s in m.calibration_scores]), None)  # type: ignore[arg-type]
+        calibration_scores=[0.2 * s for s in m.calibration_scores]), None)  # type: ignore[arg-type]
     recs = feed(6, 400, {2: 200, 4: 300})
     plain, _ = run(Config(), trained, recs, batch=61)
     monkeypatch.setattr("detector.daemon.AGREEMENT_EVERY_S", 0.0)  # measured at every batch, whatever its speed

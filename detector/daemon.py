@@ -346,13 +346,19 @@ class Daemon:
                 if self.ready.is_set():
                     log.warning("Kafka has not acknowledged alerts and checkpoints for %.0f s (%s); not ready, "
                                 "waiting (nothing is committed until it does)", waited, exc)
-                    self.ready.clear()
-                    self.metrics.ready.set(0)
+                    self._set_ready(False)
         if (waited or self._blocked) and not self.ready.is_set():
             log.info("Kafka acknowledged again; ready")
-            self.ready.set()
-            self.metrics.ready.set(1)
+            self._set_ready(True)
         self._blocked = False
+
+    def _set_ready(self, ready: bool) -> None:
+        """Say ready or not, on /readyz and in the detector_ready gauge."""
+        if ready:
+            self.ready.set()
+        else:
+            self.ready.clear()
+        self.metrics.ready.set(int(ready))
 
     def _send_blocked(self, exc: Exception) -> None:
         """A send waited its limit for the brokers: not ready, and go on waiting unless stopping."""
@@ -361,8 +367,7 @@ class Daemon:
         if self.ready.is_set():
             log.warning("Kafka does not take alerts and checkpoints (%s); not ready, waiting (nothing is committed "
                         "until it does)", exc)
-            self.ready.clear()
-            self.metrics.ready.set(0)
+            self._set_ready(False)
         self._blocked = True
 
     def _check_contact(self, source: Source) -> None:
@@ -375,12 +380,10 @@ class Daemon:
         if not ok and self.ready.is_set():
             log.warning("lost contact with Kafka at %s (no group heartbeat answered for %.0f s); not ready, "
                         "retrying", self.cfg.kafka.bootstrap_servers, self.cfg.input.session_timeout_ms / 1000)
-            self.ready.clear()
-            self.metrics.ready.set(0)
+            self._set_ready(False)
         elif ok and not self.ready.is_set() and self._generation is not None:
             log.info("in contact with Kafka again; ready")
-            self.ready.set()
-            self.metrics.ready.set(1)
+            self._set_ready(True)
 
     def sync(self, source: Source, sink: Sink) -> bool:
         """After a change of partition assignment: drop uncommitted work, restore the partitions now assigned.
@@ -430,8 +433,7 @@ class Daemon:
     def rewind(self, source: Source, sink: Sink, reason: str) -> None:
         """Go back to the last commit: abort the open transaction, restore the assigned streams, seek back."""
         t0 = time.monotonic()
-        self.ready.clear()
-        self.metrics.ready.set(0)
+        self._set_ready(False)
         self.metrics.rewinds.labels(reason).inc()
         if self._in_txn:
             sink.abort()
@@ -475,8 +477,7 @@ class Daemon:
             log.warning("checkpoint fields that do not fit this model or config were started fresh: %s",
                         ", ".join(report.misfit))
         self._last_commit = self._rewound_at = time.monotonic()
-        self.ready.set()
-        self.metrics.ready.set(1)
+        self._set_ready(True)
 
     def _observe(self, records: list[Record], out: BatchOutput, t0: float) -> None:
         m = self.metrics

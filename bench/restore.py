@@ -82,9 +82,9 @@ class PeakRss:
         self.peak = max(self.peak, rss_bytes())
 
 
-def measure(streams: int, fetch_bytes: int | None = None, presize: bool = False) -> dict:
+def measure(streams: int, fetch_bytes: int | None = None) -> dict:
     """One fleet size, in this process (call it in a fresh one); `fetch_bytes`: the state topic's fetch size per
-    partition (default: the daemon's); `presize`: size the target's table for the streams before restoring."""
+    partition (default: the daemon's)."""
     import numpy as np
     import orjson
     import torch
@@ -139,12 +139,9 @@ def measure(streams: int, fetch_bytes: int | None = None, presize: bool = False)
             gc.collect()
             release_free_heap()
             target = Pipeline(Config(), art, "cpu")
-            if presize:  # what a restore would cost if it knew how many streams come (the daemon does not)
-                target.engine._grow(streams)
-                target._ensure_rows()
             gc.collect()
             release_free_heap()
-            base = rss_bytes()  # the model, the runtime and an empty (or presized) pipeline's worth
+            base = rss_bytes()  # the model, the runtime and an empty pipeline's worth
             with PeakRss() as peak:
                 t0 = time.perf_counter()
                 if way == "whole":  # the state topic read to its end, then every record decoded
@@ -171,16 +168,14 @@ def main() -> int:
     ap.add_argument("--out", help="markdown file whose restore section is replaced by the results")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "restore.json"), help="JSON results file")
     ap.add_argument("--fetch-bytes", type=int, help="state topic fetch size per partition (default: the daemon's)")
-    ap.add_argument("--presize", action="store_true", help="size the restored pipeline's table beforehand")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.fetch_bytes, args.presize)))
+        print(json.dumps(measure(args.one, args.fetch_bytes)))
         return 0
     rows = []
     for s in args.streams:
-        extra = [*(["--fetch-bytes", str(args.fetch_bytes)] if args.fetch_bytes else []),
-                 *(["--presize"] if args.presize else [])]
+        extra = ["--fetch-bytes", str(args.fetch_bytes)] if args.fetch_bytes else []
         done = subprocess.run([sys.executable, __file__, "--one", str(s), *extra], capture_output=True, text=True)
         if done.returncode:
             sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])

@@ -82,6 +82,9 @@ class Manifest:
     # per feature, the mean per-feature window score on the validation rows where errors are in the input's units
     # (train --error-scale input): the level the adaptation starts from (empty: 1, the validation spread's)
     adapt_base: list[float] = field(default_factory=list)
+    # features whose relation to the other sensors did not hold on the validation rows (train --relation-holdout):
+    # they drift in normal operation; scoring.adapt_features: drifting adapts only these
+    drifting_features: list[str] = field(default_factory=list)
 
     def quantile(self, q: float) -> float:
         """The calibrated window score at quantile q (interpolated between the stored levels)."""
@@ -141,6 +144,8 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
         raise ModelError(f"{mpath}: error_precision must be a {F} x {F} matrix with covariance full")
     if not set(manifest.constant_features) <= set(manifest.features):
         raise ModelError(f"{mpath}: constant_features names features the model does not have")
+    if not set(manifest.drifting_features) <= set(manifest.features):
+        raise ModelError(f"{mpath}: drifting_features names features the model does not have")
     if manifest.relation_weight > 0 and (
             np.shape(manifest.relation_lin) != (F, F) or np.shape(manifest.relation_quad) != (F, F)
             or np.shape(manifest.relation_bias) != (F,) or np.shape(manifest.relation_resid_std) != (F,)

@@ -183,6 +183,7 @@ class ScoringConfig(_Section):
     max_gap_s: float = Field(3600.0, gt=0)
     adapt_halflife_windows: float = Field(0.0, ge=0)
     adapt_gate: bool = True
+    adapt_features: Literal["all", "drifting"] = "all"
     learn_scale_readings: int = Field(0, ge=0)
     finetune_rate: float = Field(0.0, ge=0, le=0.1)
     forget_after_s: float = Field(86400.0, ge=0)

@@ -160,6 +160,10 @@ class EngineResult:
     resets: int  # streams whose state was reset (new, or back after a gap)
 
 
+ADAPT_FEATURES = ("all", "drifting")
+"""Which features the per-stream adaptation may move: every one, or only those the model's relations found drifting
+in normal operation (manifest drifting_features)."""
+
 FINETUNE_QUANTILE = 0.99
 """Online fine-tuning learns only from windows scored below this quantile of the calibration scores."""
 
@@ -169,7 +173,8 @@ class Engine:
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", max_gap_s: float = 3600.0,
                  capacity: int = 256, adapt_halflife: float = 0.0, precision: str = "float32",
-                 adapt_gate: bool = True, learn_scale: int = 0, finetune_rate: float = 0.0) -> None:
+                 adapt_gate: bool = True, learn_scale: int = 0, finetune_rate: float = 0.0,
+                 adapt_features: str = "all") -> None:
         m = artifact.manifest
         self.device = torch.device(device)
         # its own copy: moving the artifact's module in place would move it under any other user of the artifact
@@ -181,6 +186,14 @@ class Engine:
         self.max_gap_s = max_gap_s
         # per-stream, per-feature error level (1 = as in calibration), learned when adapt_halflife > 0 windows
         self.adapt_rate = 1.0 - 0.5 ** (1.0 / adapt_halflife) if adapt_halflife > 0 else 0.0
+        # which features adapt: all, or only those the model found drifting in normal operation (none: off)
+        if adapt_features not in ADAPT_FEATURES:
+            raise ValueError(f"adapt_features must be one of {', '.join(ADAPT_FEATURES)} (got {adapt_features!r})")
+        drifting = [f in m.drifting_features for f in m.features]
+        self._adapt_fixed = (None if adapt_features == "all" else
+                             torch.tensor([not d for d in drifting], dtype=torch.bool, device=device))
+        if adapt_features == "drifting" and not any(drifting):
+            self.adapt_rate = 0.0
         # a feature that breaks its relations to the other sensors (its own relation part at the calibrated
         # warning quantile) is a fault, not a new normal: it does not adapt in that window (streams the
         # relations were trained on only)
@@ -732,11 +745,14 @@ class Engine:
         A feature whose errors run higher than in calibration (a temperature that drifts with the season)
         slowly stops dominating the score, while a fault that appears within a few half-lives stands out.
         Each window pulls the level towards its own error at most as far as four times the current level,
-        so one extreme window moves it little. Where `frozen` (K, F) is set, that window leaves the level as it is.
+        so one extreme window moves it little. Where `frozen` (K, F) is set, that window leaves the level as it is,
+        and a feature that does not adapt (adapt_features) keeps its level of 1.
         """
         first = _group_starts(rows)
         rank = torch.arange(len(rows), device=rows.device) - first.nonzero().squeeze(1)[torch.cumsum(first, 0) - 1]
         a = self.adapt_rate
+        if self._adapt_fixed is not None:
+            frozen = self._adapt_fixed.expand_as(level) if frozen is None else frozen | self._adapt_fixed
         for step in range(int(rank.max()) + 1):
             w = rank == step
             r = rows[w]

@@ -78,6 +78,7 @@ class Pipeline(RowState):
         self.engine = Engine(artifact, device=device, max_gap_s=cfg.scoring.max_gap_s,
                              adapt_halflife=cfg.scoring.adapt_halflife_windows, precision=cfg.model.precision,
                              adapt_gate=cfg.scoring.adapt_gate, learn_scale=cfg.scoring.learn_scale_readings,
+                             adapt_features=cfg.scoring.adapt_features,
                              finetune_rate=cfg.scoring.finetune_rate)
         self.labels = Labeler(cfg.streams.labels)
         self.threshold = build_threshold(cfg.thresholds, m, self.engine.streams, (cfg.alerts.k, cfg.alerts.n),

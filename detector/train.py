@@ -388,10 +388,14 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
     model.eval()
 
     const_t = torch.from_numpy(constant) if constant.any() else None
-    rel, scales = (_fit_relations(usable, role, constant, params.hop if params.relation_tails else 0, own or None,
-                                  params.relation_holdout)
-                   if params.relations and F >= 2 else (None, {}))
-    if rel is not None and not bool(rel.use.any()):  # every sensor constant: no relation to score
+    rel, scales, drifting = (_fit_relations(usable, role, constant, params.hop if params.relation_tails else 0,
+                                            own or None, params.relation_holdout)
+                             if params.relations and F >= 2 else (None, {}, np.zeros(F, bool)))
+    if drifting.any():
+        log.info("feature(s) %s left their relation to the other sensors on the validation rows: they drift in normal "
+                 "operation, are not scored by the relation score, and are the ones scoring.adapt_features: drifting "
+                 "adapts", ", ".join(f for f, d in zip(series.features, drifting, strict=True) if d))
+    if rel is not None and not bool(rel.use.any()):  # every sensor constant or drifting: no relation to score
         rel, scales = None, {}
     scales = own or scales
     # each stream's scale in the model's standardised units, where the calibration windows are (with stream_scale
@@ -433,6 +437,7 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
         forecast_std=spec.forecast_std.tolist() if spec.forecast_std is not None else [],
         forecast_weight=spec.forecast_weight if spec.forecast_std is not None else 0.0,
         adapt_base=spec.adapt_base.tolist() if spec.adapt_base is not None else [],
+        drifting_features=[f for f, d in zip(series.features, drifting, strict=True) if d],
         calibration_levels=list(levels),
         calibration_scores=values,
         score_aggregate=params.score_aggregate,
@@ -590,17 +595,19 @@ def _forecast_weight(next_err: list[torch.Tensor], runs: list[tuple], scored: li
 
 def _fit_relations(usable: list[tuple[str, np.ndarray]], role: dict[str, np.ndarray], constant: np.ndarray,
                    tails_hop: int = 0, scales: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                   holdout: float = 0.0) -> tuple[Relations, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Each stream's scale over its trained-on rows (unless given), and the relations fitted on those rows on that
+                   holdout: float = 0.0) -> tuple[Relations, dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """Each stream's scale over its trained-on rows (unless given), the relations fitted on those rows on that
     scale (with each sensor's tail evened over windows of `tails_hop` readings, when above 0; with `holdout` above
-    0, scoring only the sensors whose relation holds on the validation rows to that rms, relations.holding)."""
+    0, scoring only the sensors whose relation holds on the validation rows to that rms, relations.holding), and
+    which sensors that holdout stopped scoring (F,): the ones that drift in normal operation."""
     scales = scales or {s: stream_scales(v[role[s] == TRAIN]) for s, v in usable}
     blocks = [(v[role[s] == TRAIN] - scales[s][0]) / scales[s][1] for s, v in usable]
     rel = fit_relations(np.concatenate(blocks), constant)
     rel = even_tails(rel, blocks, tails_hop) if tails_hop > 0 else rel
+    fitted = rel.use.numpy().copy()
     if holdout > 0:
         rel = holding(rel, [(v[role[s] == VAL] - scales[s][0]) / scales[s][1] for s, v in usable], holdout)
-    return rel, scales
+    return rel, scales, fitted & ~rel.use.numpy()
 
 
 def _own_scale(rows: np.ndarray, mean: np.ndarray, std: np.ndarray,

@@ -281,3 +281,39 @@ def test_relation_holdout_scores_only_the_relations_that_hold_on_the_validation_
     with pytest.raises(DataError, match="relation_holdout must be 0"):
         train_model(Series(["speed", "flow", "pressure"], names, [v[0], v[1]]), replace(params, relation_holdout=-1),
                     progress=False)
+
+
+def test_only_the_sensors_that_drift_in_normal_operation_adapt_with_adapt_features_drifting() -> None:
+    names, v = two_pumps(900, seed=1)
+    rng = np.random.default_rng(4)
+    temp = 40.0 + rng.normal(0, 0.2, (2, 900, 1))  # a temperature that follows no other sensor...
+    temp[:, 630:, 0] += np.linspace(0.0, 3.0, 270)  # ...and walks off in the held-back rows (the last 30 %)
+    v = np.concatenate([v, temp], axis=2).astype(np.float32)
+    params = TrainParams(window=8, hop=4, hidden_size=8, epochs=2, steps_per_epoch=5, relations=True, seed=0)
+    model, m = train_model(Series(["speed", "flow", "pressure", "temp"], names, [v[0], v[1]]), params,
+                           progress=False)
+    # the temperature, and any sensor whose prediction leant on it (here the pressure, the most precise one)
+    assert "temp" in m.drifting_features and {"speed", "flow"}.isdisjoint(m.drifting_features), m.drifting_features
+    assert m.relation_use == [f not in m.drifting_features for f in m.features], "drifting: no longer scored"
+    art = Artifact(model, m, Path("."))
+    _, test = two_pumps(600, seed=2)
+    test = np.concatenate([test, 40.0 + rng.normal(0, 0.2, (2, 600, 1))], axis=2).astype(np.float32)
+    moved = test[1].copy()
+    moved[:, 1] *= 1.3  # pump-b's flow reads 30 % high, its temperature 2 degrees (ten noise spreads)
+    moved[:, 3] += 2.0
+
+    def levels(features: str) -> np.ndarray:
+        engine = Engine(art, adapt_halflife=10, adapt_features=features, adapt_gate=False)
+        engine.score_batch(readings("pump-b", T0 + 60.0 * np.arange(600), moved))
+        return engine.level[0].numpy()
+
+    every, drifting = levels("all"), levels("drifting")
+    assert every[1] > 1.5 and every[3] > 1.5, every
+    assert drifting[3] > 1.5 and drifting[[0, 1]].tolist() == [1.0, 1.0], drifting
+    cfg = parse_config({"scoring": {"adapt_halflife_windows": 10, "adapt_features": "drifting"}})
+    assert Pipeline(cfg, art, "cpu").engine._adapt_fixed.tolist() == [f not in m.drifting_features
+                                                                       for f in m.features], "the config reaches it"
+    steady = Artifact(model, dataclasses.replace(m, drifting_features=[]), Path("."))
+    assert Engine(steady, adapt_halflife=10, adapt_features="drifting").adapt_rate == 0.0, "nothing drifts: off"
+    with pytest.raises(ValueError, match="adapt_features must be one of all, drifting"):
+        Engine(art, adapt_features="some")

@@ -302,6 +302,11 @@ class Engine:
             getattr(self, name)[at] = fill
         self._filled = n
 
+    @property
+    def rows_used(self) -> int:
+        """Rows ever handed to a stream (the high-water mark): every row index the engine gives out is below it."""
+        return self._filled
+
     def reserve(self, streams: int) -> None:
         """Make room for this many more streams at once (a restore about to add them), so the table is not grown,
         and copied, step by step. Only on the CPU, where rows not yet taken cost no resident memory; an

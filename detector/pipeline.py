@@ -26,7 +26,7 @@ from detector.interpolate import Interpolator, build_interpolator
 from detector.labels import Labeler
 from detector.maintenance import MaintenanceSchedule
 from detector.regime import RegimeDetector
-from detector.rows import RowState, grown, take
+from detector.rows import RowState, grown, needed, take
 from detector.sensors import REASONS, OrderWatch, SensorEvents, SensorGate, SilenceWatch
 from detector.threshold import build_threshold
 
@@ -83,7 +83,7 @@ class Pipeline(RowState):
         self.labels = Labeler(cfg.streams.labels)
         self.threshold = build_threshold(cfg.thresholds, m, self.engine.streams, (cfg.alerts.k, cfg.alerts.n),
                                          self.labels)
-        self.alerts = AlertMachine(cfg.alerts, self.engine.capacity)
+        self.alerts = AlertMachine(cfg.alerts)
         rc = cfg.alerts.regime
         self.regime = RegimeDetector(rc.delta, rc.threshold, rc.min_windows) if rc.enabled else None
         self.gate = SensorGate(m.features, cfg.sensors.flatline_readings, dict(cfg.sensors.limits),
@@ -116,8 +116,16 @@ class Pipeline(RowState):
         return {"engine": self.engine, "alerts": self.alerts, "threshold": self.threshold, "regime": self.regime,
                 "gate": self.gate, "silence": self.silence, "interp": self.interp, "order": self.order}
 
+    def _room(self) -> int:
+        """How many rows the per-stream arrays hold: those the engine has handed out, grown a step at a time up to
+        its capacity. Not all of a table reserved for a restore: its rows not yet taken cost no memory there, and
+        must not here either."""
+        have = len(self.dirty)
+        grow = needed(np.array([self.engine.rows_used - 1]), have) if self.engine.rows_used > have else 0
+        return min(grow, self.engine.capacity) if grow else have
+
     def _ensure_rows(self) -> None:
-        cap = self.engine.capacity
+        cap = self._room()
         self.alerts.ensure(cap)
         for name, fill in (*self.row_fields().items(), ("dirty", False)):
             setattr(self, name, grown(getattr(self, name), cap, fill))
@@ -302,7 +310,7 @@ class Pipeline(RowState):
             readings, rows = self.interp.release(readings, rows)
         res = self.engine.score_batch(readings, rows)
         ws = res.windows
-        self.alerts.ensure(self.engine.capacity)
+        self.alerts.ensure(self._room())
         warning, critical = self.threshold.levels(ws.rows)
         if self.feedback.any_false:  # operators' false-alarm labels raise their streams' levels
             held, at = np.unique(ws.rows, return_inverse=True)  # one lookup per stream, not per window

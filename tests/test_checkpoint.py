@@ -199,3 +199,20 @@ def test_a_restore_as_fetched_keeps_each_keys_newest_record(trained: Artifact, c
     for k, v in pipe.export_rows(pipe.engine.find(["m0"])).items():  # m0 as of reading 40
         np.testing.assert_array_equal(fresh.export_rows(row)[k], v, err_msg=k)
     assert fresh.engine.find(["m1", "m2"]).tolist() == [-1, -1]
+
+
+def test_a_table_reserved_for_a_restore_leaves_the_pipelines_arrays_at_the_rows_in_use(trained: Artifact,  # noqa: F811
+                                                                                      cfg: Config) -> None:
+    pipe = Pipeline(cfg, trained)
+    run(pipe, feed(3, 40, {}))
+    fresh = Pipeline(cfg, trained)
+    fresh.engine.reserve(100_000)  # what an uncompacted state topic's record count can tell a restore
+    assert fresh.engine.capacity >= 100_000
+    report = restore_chunks(fresh, iter([[(c.stream.encode(), c.value) for c in snapshot(pipe, pipe.take_dirty())]]))
+    assert report.restored == 3
+    alerts, windows = run(fresh, feed(5, 60, {})[5 * 40:])  # the three go on, two new streams arrive
+    assert windows and {s for s, _, _ in windows} >= {"m3", "m4"}
+    # the pipeline's own per-stream arrays and its alert machine's hold one growth step of rows (256), not the
+    # 100,000 reserved: numpy would write every one of those rows, and a restore would pay for them
+    assert fresh.engine.rows_used == 5 and len(fresh.dirty) == 256 and fresh.alerts.capacity == 256
+    assert all(len(getattr(fresh, name)) == 256 for name in fresh.row_fields())

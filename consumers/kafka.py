@@ -199,10 +199,6 @@ class KafkaSource(Source):
                 out[(tp.topic, tp.partition)] = max(high - self._consumer.position(tp), 0)
         return out
 
-    def partitions_of(self, topics: list[str]) -> dict[str, int]:
-        """The number of partitions of each topic (as the cluster metadata has them)."""
-        return {t: len(self._consumer.partitions_for_topic(t) or ()) for t in topics}
-
     def close(self) -> None:
         """Leave the group and close the connection (no auto-commit: we commit ourselves)."""
         self._consumer.close(autocommit=False, timeout_ms=5000)

@@ -103,8 +103,7 @@ class HealthServer:
     """Serves /metrics, /healthz (process alive) and /readyz (consuming) on host:port in a thread."""
 
     def __init__(self, metrics: Metrics, host: str = "127.0.0.1", port: int = 9108) -> None:
-        self.ready = threading.Event()
-        self.ready_check: Callable[[], bool] = self.ready.is_set  # what /readyz answers
+        self.ready_check: Callable[[], bool] = lambda: False  # what /readyz answers (the daemon sets it)
         owner = self
 
         class Handler(BaseHTTPRequestHandler):

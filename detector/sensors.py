@@ -37,7 +37,7 @@ class SensorEvents:
 
     rows: np.ndarray  # (E,) int64 stream rows
     feature: np.ndarray  # (E,) int64 feature index
-    reason: np.ndarray  # (E,) object: flatline | out_of_range
+    reason: np.ndarray  # (E,) object: one of REASONS
     state: np.ndarray  # (E,) object: raised | cleared
     reading: np.ndarray  # (E,) int64 index into the batch's readings of the reading that opened or closed it
     ts: np.ndarray  # (E,) float64 event time of that reading

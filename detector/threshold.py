@@ -27,7 +27,8 @@ class ThresholdPolicy(RowState, ABC):
         """Warning and critical levels (each (K,) float64) for windows of stream rows `rows`."""
 
     def learn(self, rows: np.ndarray, scores: np.ndarray, flagged: np.ndarray) -> None:  # noqa: B027
-        """Update from scored windows; windows already flagged are not learned from. Fixed policies ignore it."""
+        """Update from scored windows (`flagged`: those at or above warning, which a policy may leave out, e.g.
+        rolling with learn_from_flagged false). Fixed policies ignore it."""
 
     def policy_of(self, row: int) -> str:
         """The name of the policy in force for a stream row."""

@@ -523,14 +523,15 @@ def _describe(admin: KafkaAdminClient, topic: str, wait_s: float = 0.0) -> dict[
 
 
 def _compacted_topic(admin: KafkaAdminClient, topic: str, partitions: int, replication: int,
-                     what: str) -> tuple[dict[str, Any] | None, str]:
-    """Describe the topic, creating it compacted when it does not exist; return it (None: absent) and its policy."""
+                     what: str, configs: dict[str, str] | None = None) -> tuple[dict[str, Any] | None, str]:
+    """Describe the topic, creating it compacted (with `configs` besides) when it does not exist; return it (None:
+    absent) and its policy."""
     found = _describe(admin, topic)
     if found is None:
-        log.info("creating %s topic %s: %d partition%s, cleanup.policy=compact", what, topic, partitions,
-                 "" if partitions == 1 else "s")
+        log.info("creating %s topic %s: %d partition%s, cleanup.policy=compact%s", what, topic, partitions,
+                 "" if partitions == 1 else "s", "".join(f", {k}={v}" for k, v in (configs or {}).items()))
         admin.create_topics({topic: {"num_partitions": partitions, "replication_factor": replication,
-                                     "configs": {"cleanup.policy": "compact"}}},
+                                     "configs": {"cleanup.policy": "compact", **(configs or {})}}},
                             raise_errors=False, wait_for_metadata=True)
         found = _describe(admin, topic, CREATED_TOPIC_WAIT_S)
     if found is None:
@@ -568,8 +569,13 @@ class StateTopic:
     def __init__(self, bootstrap: str, topic: str, *, client: dict[str, Any]) -> None:
         self.bootstrap, self.topic, self.client = bootstrap, topic, client
 
-    def ensure(self, input_topics: list[str], replication: int = -1) -> int:
-        """Create the topic (compacted, as many partitions as the input) or check it; return its partitions."""
+    def ensure(self, input_topics: list[str], replication: int = -1, segment_ms: int = 0) -> int:
+        """Create the topic (compacted, as many partitions as the input; segments rolled after `segment_ms` when
+        above 0) or check it; return its partitions.
+
+        Compaction cleans only closed segments, so a restore reads every checkpoint written since the newest
+        segment began: with the broker's default (7 days, or 1 GiB) that grows with the daemon's uptime.
+        """
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, **self.client)
         try:
             described = {t["name"]: t for t in admin.describe_topics(list(input_topics))}
@@ -582,7 +588,8 @@ class StateTopic:
                     "the input topics must all have the same number of partitions to share a state topic "
                     "(input.topics); found " + ", ".join(f"{t}: {n}" for t, n in counts.items()))
             want = next(iter(counts.values()))
-            found, policy = _compacted_topic(admin, self.topic, want, replication, "state")
+            found, policy = _compacted_topic(admin, self.topic, want, replication, "state",
+                                             {"segment.ms": str(segment_ms)} if segment_ms > 0 else None)
             have = len(found["partitions"]) if found else 0
         finally:
             admin.close()

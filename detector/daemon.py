@@ -873,7 +873,7 @@ def _ensure_state_topic(cfg: Config, state: StateTopic, stop: threading.Event) -
     delay = 1.0
     while not stop.is_set():
         try:
-            n = state.ensure(cfg.input.topics, cfg.delivery.state_replication)
+            n = state.ensure(cfg.input.topics, cfg.delivery.state_replication, cfg.delivery.state_segment_ms)
             log.info("state topic %s: %d partitions, compacted", state.topic, n)
             return True
         except StateTopicError as exc:

@@ -73,6 +73,7 @@ def test_root_config_yaml_lists_every_key_with_its_default() -> None:
         ({"scoring": {"max_gap_s": -1}}, "scoring.max_gap_s: Input should be greater than 0"),
         ({"scoring": {"adapt_gate": "sometimes"}}, "scoring.adapt_gate: Input should be a valid boolean"),
         ({"scoring": {"adapt_features": "some"}}, "scoring.adapt_features: Input should be 'all' or 'drifting'"),
+        ({"delivery": {"state_segment_ms": -1}}, "delivery.state_segment_ms: Input should be greater than or equal to 0"),
         ({"scoring": {"finetune_rate": 0.5}}, "scoring.finetune_rate: Input should be less than or equal to 0.1"),
         ({"scoring": {"learn_scale_readings": -5}},
          "scoring.learn_scale_readings: Input should be greater than or equal to 0"),

@@ -128,7 +128,7 @@ class DeliveryConfig(_Section):
     commit_interval_ms: int = Field(1000, ge=0, le=600000)
     state_topic: str | None = None  # None: "<input.group_id>-state"
     state_replication: int = Field(-1, ge=-1, le=32)
-    state_segment_ms: int = Field(600_000, ge=0)
+    state_segment_ms: int = Field(60_000, ge=0)
     transactional_id: str | None = None  # None: "<input.group_id>-<host name>"
     transaction_timeout_ms: int = Field(60000, ge=1000, le=900000)
     restore_timeout_s: float = Field(120.0, gt=0)

@@ -307,7 +307,7 @@ def test_a_stream_silent_past_forget_after_s_leaves_a_tombstone_in_the_state_top
     state = StateTopic(kafka_bootstrap, f"{group_id}-state", client={})
     chunks = list(state.read_chunks({0, 1}, 30, expect=told.append))
     assert len(told) == 1 and told[0] >= sum(map(len, chunks)) >= 2, (told, [len(c) for c in chunks])
-    # the daemon created the state topic with segments that roll every 10 minutes (delivery.state_segment_ms), so
+    # the daemon created the state topic with segments that roll every minute (delivery.state_segment_ms), so
     # compaction, which cleans only closed segments, keeps what a restore reads near one record per stream
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     try:
@@ -316,8 +316,8 @@ def test_a_stream_silent_past_forget_after_s_leaves_a_tombstone_in_the_state_top
     finally:
         admin.close()
     topic_cfg = configs["topic"][f"{group_id}-state"]
-    assert (topic_cfg["segment.ms"]["value"], topic_cfg["cleanup.policy"]["value"]) == ("600000", "compact"), topic_cfg
-    assert "cleanup.policy=compact, segment.ms=600000" in log.read_text()
+    assert (topic_cfg["segment.ms"]["value"], topic_cfg["cleanup.policy"]["value"]) == ("60000", "compact"), topic_cfg
+    assert "cleanup.policy=compact, segment.ms=60000" in log.read_text()
 
 
 def test_a_shadow_model_publishes_to_its_own_topic_and_leaves_the_live_alerts_as_they_were(

@@ -341,6 +341,15 @@ class RestartableBroker:
         if self._proc is not None and self._proc.poll() is None:
             os.killpg(self._proc.pid, signal.SIGTERM)
 
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """A clean shutdown, as in a rolling restart: SIGTERM and wait (SIGKILL if it takes longer)."""
+        self.terminate()
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
     def close(self) -> None:
         """Stop it for good and delete its data."""
         if self._proc is not None and self._proc.poll() is None:

@@ -57,6 +57,7 @@ from tests.reliability import (  # noqa: E402
     identity,
     read_all,
     reference,
+    retrying,
     total_committed,
 )
 from tests.test_daemon_kafka import end_offsets  # noqa: E402
@@ -233,7 +234,7 @@ def run(minutes: float, rate: float, active: int, life: int, events: list[tuple[
             return time.monotonic() - t0
 
         def committed() -> int:
-            return int(retry(lambda: total_committed(bs, group, names["input"])))
+            return int(retrying(lambda: total_committed(bs, group, names["input"]), 60))
 
         def check() -> None:
             assert daemons[0].alive(), daemons[0].text()[-4000:]
@@ -272,7 +273,7 @@ def run(minutes: float, rate: float, active: int, life: int, events: list[tuple[
                         if d.alive():
                             assert d.proc is not None
                             d.proc.send_signal(signal.SIGHUP)
-                target = sum(retry(lambda: end_offsets(bs, names["input"], PARTITIONS)).values())
+                target = sum(retrying(lambda: end_offsets(bs, names["input"], PARTITIONS), 60).values())
                 faults.append(Fault(what, round(elapsed(), 1), target=target))
                 log(f"{elapsed():7.1f} s  {what} done; input end {target:,} of {total:,}")
                 feeder.allow(hold(len(faults)) or total)
@@ -304,18 +305,6 @@ def run(minutes: float, rate: float, active: int, life: int, events: list[tuple[
                       len(set(ref.scores) ^ set(got.scores)), wrong, len(got.alerts),
                       sum(n - 1 for n in ids.values()), dead, sum(len(daemon_tracebacks(t)) for t in texts), codes,
                       faults, samples)
-
-
-def retry(call: Callable[[], int | dict]) -> int | dict:  # type: ignore[type-arg]
-    """An admin or consumer call, tried again while the broker is coming back (up to 60 s)."""
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            return call()
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
 
 
 def main() -> int:

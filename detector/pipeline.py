@@ -26,7 +26,8 @@ from detector.interpolate import Interpolator, build_interpolator
 from detector.labels import Labeler
 from detector.maintenance import MaintenanceSchedule
 from detector.regime import RegimeDetector
-from detector.rows import RowState, grown, needed, take
+from detector.rows import RowState, grown, take
+from detector.rows import step as next_capacity
 from detector.sensors import REASONS, OrderWatch, SensorEvents, SensorGate, SilenceWatch
 from detector.threshold import build_threshold
 
@@ -120,9 +121,8 @@ class Pipeline(RowState):
         """How many rows the per-stream arrays hold: those the engine has handed out, grown a step at a time up to
         its capacity. Not all of a table reserved for a restore: its rows not yet taken cost no memory there, and
         must not here either."""
-        have = len(self.dirty)
-        grow = needed(np.array([self.engine.rows_used - 1]), have) if self.engine.rows_used > have else 0
-        return min(grow, self.engine.capacity) if grow else have
+        have, used = len(self.dirty), self.engine.rows_used
+        return min(max(used, next_capacity(have)), self.engine.capacity) if used > have else have
 
     def _ensure_rows(self) -> None:
         cap = self._room()

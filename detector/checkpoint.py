@@ -137,16 +137,48 @@ class RestoreReport:
 _NP = {v: np.dtype(k) for k, v in _DTYPES.items()}
 
 
+_META_OPEN = b'{"__metadata__":{'
+
+
+def _split_written(value: bytes) -> tuple[dict, bytes, int] | None:
+    """`_split`'s metadata, layout and data start for a header laid out as `encode_many` writes it; None for any
+    other (or a broken) header."""
+    if value[8:8 + len(_META_OPEN)] != _META_OPEN:
+        return None
+    (n,) = struct.unpack("<Q", value[:8])
+    first = 8 + len(_META_OPEN) - 1  # the metadata object's opening brace
+    end = value.find(b'},"', first, 8 + n) if n <= len(value) - 8 else -1
+    if end < 0:
+        return None
+    try:
+        meta = orjson.loads(value[first:end + 1])
+    except orjson.JSONDecodeError:
+        return None
+    tensors = value[end + 2:8 + n].rstrip(b" ")
+    return (meta, b"{" + tensors, 8 + n) if tensors.endswith(b"}") else None
+
+
 def _split(value: bytes) -> tuple[dict[str, str], bytes, int]:
     """A record's metadata, the tensor part of its header (the layout: equal bytes for equal layouts) and where
-    its data starts; ValueError when it is not a checkpoint this version can read."""
-    header, start = _header(value)
-    meta = header.pop("__metadata__", None) or {}
+    its data starts; ValueError when it is not a checkpoint this version can read.
+
+    Records written by `encode_many` (every checkpoint the daemon writes) put a flat metadata object of strings
+    first, so it ends at the first `},"` (a quote inside a JSON string is escaped): only that object is parsed,
+    and the tensor part is its writer's bytes as they are, the same for every record of a layout. Any other
+    header is parsed whole and its tensor part written back with sorted keys.
+    """
+    fast = _split_written(value)
+    if fast is not None:
+        meta, layout, start = fast
+    else:
+        header, start = _header(value)
+        meta = header.pop("__metadata__", None) or {}
+        layout = orjson.dumps(header, option=orjson.OPT_SORT_KEYS)
     if not isinstance(meta, dict) or not isinstance(meta.get("stream"), str):
         raise ValueError("not a checkpoint (no stream id in its metadata)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"checkpoint format {meta.get('format')!r}, this version reads {FORMAT!r}")
-    return meta, orjson.dumps(header, option=orjson.OPT_SORT_KEYS), start
+    return meta, layout, start
 
 
 def _spans(layout: bytes) -> list[tuple[int, int, str, np.dtype, list[int]]]:
@@ -168,7 +200,8 @@ def _spans(layout: bytes) -> list[tuple[int, int, str, np.dtype, list[int]]]:
     return spans
 
 
-def _columns(spans: list[tuple[int, int, str, np.dtype, list[int]]], data: list[bytes]) -> dict[str, np.ndarray]:
+def _columns(spans: list[tuple[int, int, str, np.dtype, list[int]]],
+             data: list[bytes] | list[memoryview]) -> dict[str, np.ndarray]:
     """The arrays of records that share one layout, rows first, from their data parts (each as long as the layout
     says), with one copy of the data in all."""
     end = spans[-1][1] if spans else 0
@@ -176,9 +209,10 @@ def _columns(spans: list[tuple[int, int, str, np.dtype, list[int]]], data: list[
     return {name: block[:, a:b].copy().view(dtype).reshape(len(data), *shape[1:]) for a, b, name, dtype, shape in spans}
 
 
-CHUNK_ROWS = 8192
+CHUNK_ROWS = 4096
 """Records decoded into arrays at a time: memory beyond the restored rows stays a few tens of MB, and the
-stream index is rebuilt once per this many records, not once per fetch."""
+stream index is rebuilt once per this many records, not once per fetch. (At 100,000 streams of 6 KB, 8,192
+peaked at 1.18 times the steady state and 4,096 at 1.15, for 0.3 s more in 3.5 s; docs/benchmarks.md.)"""
 
 
 def _gathered(chunks: Iterable[list], at_least: int) -> Iterator[list]:
@@ -241,7 +275,7 @@ def restore_chunks(pipeline: Pipeline, chunks: Iterable[list[tuple[bytes | None,
             else:
                 newest.pop(key, None)  # keeps the newest last: the order of the chunk
                 newest[key] = value
-        groups: dict[tuple[str, bytes], tuple[list[str], list[int], list[bytes]]] = {}
+        groups: dict[tuple[str, bytes], tuple[list[str], list[int], list[memoryview]]] = {}
         gone: list[str] = []
         for key, value in [*newest.items(), *((None, v) for v in unkeyed)]:
             why = None
@@ -278,7 +312,7 @@ def restore_chunks(pipeline: Pipeline, chunks: Iterable[list[tuple[bytes | None,
             streams, topics, data = groups.setdefault((meta["model_version"], layout), ([], [], []))
             streams.append(meta["stream"])
             topics.append(target.topics.index(topic))  # the writer's index is this pipeline's
-            data.append(value[start:])
+            data.append(memoryview(value)[start:])  # no copy: joined once in _columns
         if gone:  # an older record of these streams was restored: they start fresh after all
             for target, into in targets.values():
                 rows = target.engine.find(gone)

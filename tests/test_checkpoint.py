@@ -11,7 +11,18 @@ from safetensors.numpy import save as st_save
 
 from consumers.base import Record, Stopped
 from detector.artifact import Artifact
-from detector.checkpoint import decode, encode, encode_many, restore, restore_chunks, snapshot
+from detector.checkpoint import (
+    _header,
+    _spans,
+    _split,
+    _split_written,
+    decode,
+    encode,
+    encode_many,
+    restore,
+    restore_chunks,
+    snapshot,
+)
 from detector.config import Config, parse_config
 from detector.pipeline import Pipeline
 from tests.test_pipeline import feed, trained  # noqa: F401 (fixture)
@@ -149,6 +160,24 @@ def test_encode_many_is_safetensors_row_by_row() -> None:
         assert meta == {"format": "detector-state/1", **metas[i]}
         for k, v in arrays.items():
             assert back[k].dtype == v.dtype and np.array_equal(back[k], v[i : i + 1]), k
+
+
+def test_the_header_fast_path_reads_what_a_whole_parse_reads() -> None:
+    arrays = {"engine.h": np.zeros((2, 3), np.float32), "alerts.state": np.array([2, 0], np.int8)}
+    metas = [{"stream": 'odd},"id\\"}', "model_version": "v", "topic": "in", "partition": "0"},
+             {"stream": "pumpe-ü", "model_version": "v", "topic": "in", "partition": "1"}]
+    for value in encode_many(arrays, metas):
+        fast = _split_written(value)
+        assert fast is not None
+        header, start = _header(value)
+        meta = header.pop("__metadata__")
+        assert fast[0] == meta and fast[2] == start
+        assert _spans(fast[1]) == _spans(orjson.dumps(header, option=orjson.OPT_SORT_KEYS))
+        assert _split(value) == fast
+    nested = st_save({"x": np.zeros((1, 2), np.float32)}, metadata={"stream": "a", "format": "detector-state/1"})
+    assert _split(nested)[0]["stream"] == "a"  # safetensors' own writer: parsed whole
+    broken = b'{"__metadata__":{"stream":{"a":"b"},"format":"x"},"t":{}}'
+    assert _split_written(len(broken).to_bytes(8, "little") + broken) is None  # not flat: never a wrong split
 
 
 def test_bulk_restore_reads_records_of_either_writer_and_refuses_broken_ones(trained: Artifact, cfg: Config) -> None:  # noqa: F811

@@ -73,6 +73,7 @@ from detector.control import MODEL_ACTIONS, BadCommand, Command, deleted, parse_
 from detector.deadletter import dead_letter
 from detector.engine import pick_device, use_threads
 from detector.errors import ConfigError, DetectorError
+from detector.heap import release_free_heap
 from detector.logs import OncePerKind
 from detector.metrics import HealthServer, Metrics
 from detector.pipeline import BatchOutput, Pipeline, encode_alert, iso
@@ -476,6 +477,7 @@ class Daemon:
         if report and report.misfit:
             log.warning("checkpoint fields that do not fit this model or config were started fresh: %s",
                         ", ".join(report.misfit))
+        release_free_heap()  # the streams let go and the restore's transient blocks: back to the system
         self._last_commit = self._rewound_at = time.monotonic()
         self._set_ready(True)
 

@@ -76,3 +76,12 @@ def test_a_rewind_forgets_every_stream_it_does_not_restore_and_new_streams_take_
     daemon.process([record({"stream": "fan-1", "ts": 1_700_000_000, "values": {"temp": 1.0}}, offset=99)], src, sink)
     assert engine.live_streams == 1 and engine.capacity == capacity and len(engine.streams) == 3
     assert daemon.metrics.warming_streams._value.get() == 1, "the released rows are not streams warming up"
+
+
+def test_a_rewind_hands_the_freed_heap_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = parse_config({})
+    daemon = Daemon(cfg, Pipeline(cfg, random_artifact()))
+    calls = []
+    monkeypatch.setattr("detector.daemon.release_free_heap", lambda: calls.append(1) or True)
+    daemon.rewind(IterSource([]), ListSink(), "rebalance")
+    assert calls == [1]

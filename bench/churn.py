@@ -1,13 +1,14 @@
 """Memory under stream churn: many distinct stream ids over time, a few thousand at once, through a real Kafka.
 
-    python bench/churn.py [--distinct 100000] [--active 2000] [--life 10] [--out docs/benchmarks.md]
+    python bench/churn.py [--distinct 100000] [--active 2000] [--life 10] [--forget 600 0] [--out docs/benchmarks.md]
 
 Fills a topic of a local broker (4 partitions) with one reading a minute (event time) from each of `active`
 streams at a time: every stream sends `life` readings and is then replaced by a new id, so that `distinct`
 ids appear over the run. Then `detector run` (a model of the memory bench's shape, untrained;
-`scoring.max_gap_s` 600) drains it twice, each time with a fresh group: with `scoring.forget_after_s: 600` (a
-stream ten minutes silent is forgotten, its row reused) and with `0` (never forgotten: every id ever seen stays,
-as before 2026-12-07). While it drains, the daemon's resident memory (VmRSS) and `detector_active_streams` are
+`scoring.max_gap_s` 600) drains it once per `--forget` value, each time with a fresh group: by default with
+`scoring.forget_after_s: 600` (a stream ten minutes silent is forgotten, its row reused) and with `0` (never
+forgotten: every id ever seen stays, as before 2026-12-07; at a million ids that needs several GB, so
+`--forget 600` alone there). While it drains, the daemon's resident memory (VmRSS) and `detector_active_streams` are
 sampled every 0.5 s. After the first fifth of the input (warm-up), the figure is the largest distance of an
 RSS sample from the samples' median, as a share of the median (issue 22 wants it within 10 %).
 Results go to bench/results/churn.json and, with --out, to the churn section of the markdown file.
@@ -23,6 +24,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,19 +41,18 @@ from tests.kafka_broker import KafkaBroker, create_topic  # noqa: E402
 from tests.reliability import DaemonProc, total_committed  # noqa: E402
 
 
-def churn(distinct: int, active: int, life: int) -> list[tuple[bytes, bytes]]:
-    """(key, JSON reading) in time order: `active` streams at a time, each for `life` readings, `distinct` ids."""
+def churn(distinct: int, active: int, life: int) -> Iterator[tuple[bytes, bytes]]:
+    """(key, JSON reading) in time order: `active` streams at a time, each for `life` readings, `distinct` ids
+    (made as sent: ten million readings would not fit in memory as a list)."""
     new = max(active // life, 1)  # ids that start (and retire) each minute
     ticks = max(distinct // new - life + 1, 1)
     rng = np.random.default_rng(0)
-    out = []
     for t in range(ticks):
         vals = rng.normal(size=(life * new, len(FEATURES))).round(3)
         for i, k in enumerate(range(t * new, (t + life) * new)):
             sid = f"c{k:07d}"
-            out.append((sid.encode(), orjson.dumps({"stream": sid, "ts": T0 + 60.0 * t,
-                                                    "values": dict(zip(FEATURES, vals[i].tolist(), strict=True))})))
-    return out
+            yield sid.encode(), orjson.dumps({"stream": sid, "ts": T0 + 60.0 * t,
+                                              "values": dict(zip(FEATURES, vals[i].tolist(), strict=True))})
 
 
 def gauge(port: int, name: str) -> float:
@@ -100,24 +101,32 @@ def main() -> int:
     ap.add_argument("--distinct", type=int, default=100_000)
     ap.add_argument("--active", type=int, default=2000)
     ap.add_argument("--life", type=int, default=10, help="readings (minutes) each stream sends")
+    ap.add_argument("--forget", type=float, nargs="+", default=[600.0, 0.0],
+                    help="scoring.forget_after_s of each drain (0: never forgotten)")
     ap.add_argument("--out", help="markdown file whose churn section is replaced by the results")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "churn.json"), help="JSON results file")
     args = ap.parse_args()
     work = ROOT / "bench" / "results" / "churn-work"
     work.mkdir(parents=True, exist_ok=True)
     model_dir = model(work / "model")
-    items = churn(args.distinct, args.active, args.life)
-    runs = []
+    runs, total = [], 0
+
+    def counted() -> Iterator[tuple[bytes, bytes]]:
+        nonlocal total
+        for item in churn(args.distinct, args.active, args.life):
+            total += 1
+            yield item
+
     with KafkaBroker(heap_opts="-Xms512m -Xmx1g") as broker:
         bs = broker.bootstrap
         assert bs is not None
         topic = create_topic(bs, f"churn-{uuid.uuid4().hex[:8]}", 4)
-        produce(bs, topic, items)
-        for forget in (600.0, 0.0):
-            runs.append(drain(bs, topic, len(items), model_dir, work, forget))
+        produce(bs, topic, counted())
+        for forget in args.forget:
+            runs.append(drain(bs, topic, total, model_dir, work, forget))
             print(runs[-1], flush=True)
     result = {"machine": machine(), "date": datetime.now(UTC).strftime("%Y-%m-%d"), "distinct": args.distinct,
-              "active": args.active, "life": args.life, "readings": len(items), "runs": runs}
+              "active": args.active, "life": args.life, "readings": total, "runs": runs}
     Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
     if args.out:
         table = ["| `scoring.forget_after_s` | drained in | RSS median (min to max), MiB | largest distance from the "
@@ -127,11 +136,12 @@ def main() -> int:
                   f"{r['rss_max_mib']}) | {r['rss_max_off_median']:.1%} | {r['rss_first_last_mib'][0]} / "
                   f"{r['rss_first_last_mib'][1]} | {r['held_min']:,} to {r['held_max']:,} | {r['forgotten']:,.0f} |"
                   for r in runs]
+        forget = " ".join(f"{f:g}" for f in args.forget)
         note = (f"\n`python bench/churn.py --distinct {args.distinct} --active {args.active} --life {args.life} "
-                f"--out docs/benchmarks.md`, {result['date']}, {result['machine']}: {len(items):,} readings of "
-                f"{args.distinct:,} stream ids, {args.active:,} at a time, each for {args.life} minutes of event "
-                "time; one daemon drains the filled topic (4 partitions) per row, samples after the first fifth "
-                "of the input.\n\n")
+                f"--forget {forget} --out docs/benchmarks.md`, {result['date']}, {result['machine']}: {total:,} "
+                f"readings of {args.distinct:,} stream ids, {args.active:,} at a time, each for {args.life} minutes "
+                "of event time; one daemon drains the filled topic (4 partitions) per row, samples after the first "
+                "fifth of the input.\n\n")
         replace_section(args.out, "churn", "Memory under stream churn", note + "\n".join(table) + "\n")
     return 0
 

@@ -241,6 +241,8 @@ class Engine:
         self._free: list[int] = []
         self._index = pd.Index([], dtype=object)  # the ids of the rows in use, with their rows beside
         self._index_rows = np.zeros(0, np.int64)
+        self._recent: dict[str, int] = {}  # ids given rows since the index was built (it is rebuilt when these
+        #   reach an eighth of it, so that adding a million streams 4,096 at a time builds it 40 times, not 244)
         self.capacity = 0
         self._filled = 0  # rows [0, _filled) hold a fresh row's values or a stream's; the rest is untouched memory
         self._grow(capacity)
@@ -322,9 +324,8 @@ class Engine:
     def rows_for(self, streams: np.ndarray) -> np.ndarray:
         """The table row of each stream id, adding rows for streams never seen (released rows first)."""
         codes, uniques = pd.factorize(streams)
-        pos = self._index.get_indexer(uniques)
-        rows_u = np.where(pos >= 0, self._index_rows[np.maximum(pos, 0)] if len(self._index_rows) else -1, -1)
-        new = pos < 0
+        rows_u = self._lookup(uniques)
+        new = rows_u < 0
         if new.any():
             names = [str(s) for s in uniques[new]]
             reuse = self._free[len(self._free) - min(len(names), len(self._free)):][::-1]
@@ -335,7 +336,9 @@ class Engine:
                 self.streams[r] = name
             self.streams.extend(names[len(reuse):])
             rows_u[new] = rows_new
-            self._reindex()
+            self._recent.update(zip(names, rows_new.tolist(), strict=True))
+            if len(self._recent) > max(len(self._index_rows) // 8, 4096):
+                self._reindex()
             if len(self.streams) > self.capacity:
                 self._grow(max(next_capacity(self.capacity), len(self.streams)))
             self._fill_to(len(self.streams))
@@ -345,8 +348,17 @@ class Engine:
 
     def find(self, streams: list[str]) -> np.ndarray:
         """The row of each stream id held, -1 for those not held (nothing is added)."""
-        pos = self._index.get_indexer(pd.Index(streams, dtype=object))
-        return np.where(pos >= 0, self._index_rows[np.maximum(pos, 0)] if len(self._index_rows) else -1, -1)
+        return self._lookup(np.array(streams, dtype=object))
+
+    def _lookup(self, names: np.ndarray) -> np.ndarray:
+        """The row of each stream id (an object array) held, -1 for those not held."""
+        pos = self._index.get_indexer(pd.Index(names, dtype=object))
+        rows = np.where(pos >= 0, self._index_rows[np.maximum(pos, 0)] if len(self._index_rows) else -1, -1)
+        if self._recent:
+            miss = np.flatnonzero(pos < 0)
+            if len(miss):
+                rows[miss] = [self._recent.get(n, -1) for n in names[miss].tolist()]
+        return rows.astype(np.int64, copy=False)
 
     def _reindex(self) -> None:
         """Rebuild the lookup from stream id to row over the rows in use."""
@@ -354,6 +366,7 @@ class Engine:
         self._index_rows = live
         names = self.streams if not self._free else np.array(self.streams, dtype=object)[live]
         self._index = pd.Index(names, dtype=object)
+        self._recent = {}
 
     def live_rows(self) -> np.ndarray:
         """The rows that hold a stream (not released), in order."""

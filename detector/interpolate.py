@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from detector.decode import Readings
-from detector.rows import RowState, grown
+from detector.rows import RowState, grown, step
 
 __all__ = ["Interpolator", "build_interpolator"]
 
@@ -59,6 +59,9 @@ class Interpolator(RowState):
         return {"n": 0, "held_ts": np.nan, "held_v": np.nan, "anchor_ts": np.nan, "anchor_v": np.nan}
 
     def _ensure(self, capacity: int) -> None:
+        if capacity <= len(self.n):
+            return
+        capacity = max(capacity, step(len(self.n)))  # a quarter more at least: a restore adds rows chunk by chunk
         for name, fill in self.row_fields().items():
             setattr(self, name, grown(getattr(self, name), capacity, fill))
 

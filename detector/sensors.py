@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from detector.errors import ModelError
-from detector.rows import RowState, grown
+from detector.rows import RowState, grown, step
 
 __all__ = ["SensorGate", "SensorEvents", "SilenceWatch", "OrderWatch", "REASONS", "longest_runs"]
 
@@ -98,6 +98,7 @@ class SensorGate(RowState):
     def _ensure(self, capacity: int) -> None:
         if capacity <= self.cap:
             return
+        capacity = max(capacity, step(self.cap))  # a quarter more at least: a restore adds rows chunk by chunk
         self.last = grown(self.last, capacity, np.nan)
         self.run = grown(self.run, capacity)
         self.open = grown(self.open, capacity, False)

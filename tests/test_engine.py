@@ -386,3 +386,19 @@ def test_adaptation_starts_from_the_validation_level_where_errors_are_not_standa
     assert levels["floored at 1"] == [1.0, 1.0, 1.0], "nothing reaches a level of 1 in the input's units"
     adapted = levels["from adapt_base"]
     assert adapted[0] > 10 and adapted[1] < 3 and adapted[2] < 3, adapted
+
+
+def test_stream_rows_stay_right_through_many_additions_and_releases() -> None:
+    eng, held = Engine(random_artifact()), {}  # held: the reference, stream id -> row
+    rng = np.random.default_rng(0)
+    for step in range(300):
+        if step % 7 == 6 and held:  # a rewind or a forget sweep lets some streams go
+            gone = rng.choice(sorted(held), size=max(len(held) // 3, 1), replace=False)
+            eng.release(np.array([held.pop(s) for s in gone.tolist()]))
+        batch = np.array([f"s{int(i)}" for i in rng.integers(0, 20_000, 1500)], dtype=object)
+        rows = eng.rows_for(batch)
+        for s, r in zip(batch.tolist(), rows.tolist(), strict=True):
+            assert held.setdefault(s, r) == r, s  # a held stream keeps its row; a new one gets a row of its own
+        assert len(set(held.values())) == len(held) == eng.live_streams
+    names = sorted(held)
+    assert eng.find([*names, "never-seen"]).tolist() == [held[s] for s in names] + [-1]

@@ -245,6 +245,7 @@ class Engine:
         #   reach an eighth of it, so that adding a million streams 4,096 at a time builds it 40 times, not 244)
         self.capacity = 0
         self._filled = 0  # rows [0, _filled) hold a fresh row's values or a stream's; the rest is untouched memory
+        self._first_capacity = capacity
         self._grow(capacity)
 
     # ----- the state table: one row per stream, on the model's device ------------------------------------
@@ -388,6 +389,9 @@ class Engine:
         rows = rows[[bool(self.streams[r]) for r in rows.tolist()]]  # a row released twice is freed once
         if not len(rows):
             return
+        if len(rows) == self.live_streams:  # every stream goes (a rewind): the table starts afresh, its memory freed
+            self._clear()
+            return
         self.import_rows(rows, None)
         rt = torch.as_tensor(rows, device=self.device)
         for name, (_, fill) in self._FROM_MODEL.items():
@@ -396,6 +400,15 @@ class Engine:
             self.streams[r] = ""  # stream ids are never empty (decode refuses them)
         self._free.extend(rows.tolist())
         self._reindex()
+
+    def _clear(self) -> None:
+        """No stream held: a new table of the first size, so that rows a member no longer needs (its partitions
+        went to another at a rebalance) do not stay in memory; the old tables are freed."""
+        self.streams.clear()  # in place: the threshold overrides, maintenance windows and mutes read this list
+        self._free.clear()
+        self._index, self._index_rows, self._recent = pd.Index([], dtype=object), np.zeros(0, np.int64), {}
+        self.capacity = self._filled = 0
+        self._grow(self._first_capacity)
 
     @torch.inference_mode()
     def _known_scales(self, rows: np.ndarray, at: np.ndarray) -> None:

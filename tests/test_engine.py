@@ -402,3 +402,15 @@ def test_stream_rows_stay_right_through_many_additions_and_releases() -> None:
         assert len(set(held.values())) == len(held) == eng.live_streams
     names = sorted(held)
     assert eng.find([*names, "never-seen"]).tolist() == [held[s] for s in names] + [-1]
+
+
+def test_a_table_all_of_whose_streams_go_starts_afresh_at_its_first_size() -> None:
+    eng = Engine(random_artifact(), capacity=8)
+    rows = eng.rows_for(np.array([f"s{i}" for i in range(1000)], dtype=object))
+    assert eng.capacity >= 1000 and eng.rows_used == 1000
+    eng.release(rows[:10])  # some go: their rows wait for new streams, the table keeps its size
+    assert eng.capacity >= 1000 and eng.live_streams == 990
+    eng.release(rows)  # the rest (a rewind): the big table is freed
+    assert (eng.capacity, eng.rows_used, eng.live_streams, eng.buf.shape[0]) == (8, 0, 0, 8)
+    assert eng.rows_for(np.array(["s5", "new"], dtype=object)).tolist() == [0, 1]
+    assert eng.find(["s999"]).tolist() == [-1]

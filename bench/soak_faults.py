@@ -318,13 +318,15 @@ def main() -> int:
     ap.add_argument("--rebalance-every", type=float, default=15.0, help="minutes between a second member's joins")
     ap.add_argument("--warmup-s", type=float, default=120.0, help="samples before this are left out of flatness")
     ap.add_argument("--out", help="markdown file whose soak-with-faults section is replaced by the results")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "soak_faults.json",
+                    help="JSON results file (its logs go to a folder beside it)")
     args = ap.parse_args()
     r = run(args.minutes, args.rate, args.active, args.life,
             schedule(args.minutes, args.broker_every * 60, args.rebalance_every * 60),
-            ROOT / "bench" / "results" / "soak-faults-work")
+            args.results.parent / (args.results.stem.replace("_", "-") + "-work"))
     flat = {k: r.flat(k, args.warmup_s) for k in ("rss_mib", "fds", "threads")}
     result = {"machine": machine(), "date": datetime.now(UTC).strftime("%Y-%m-%d"), **asdict(r), "flat": flat}
-    (ROOT / "bench" / "results" / "soak_faults.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.results.write_text(json.dumps(result, indent=2) + "\n")
     if args.out:
         replace_section(args.out, "soak-faults", "A soak with faults", table(args, result))
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))

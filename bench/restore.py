@@ -129,15 +129,17 @@ def measure(streams: int, fetch_bytes: int | None = None) -> dict:
         producer.close()
         out["record_bytes"] = round(written / len(rows))
         del source, rows
+        took = {}
         for name, fn in (("bulk", restore), ("per_record", per_record_restore)) if compare else ():
             target = Pipeline(Config(), art, "cpu")
             t0 = time.perf_counter()
             fn(target, values)
-            out[f"decode_{name}_s"] = round(time.perf_counter() - t0, 2)
+            took[name] = time.perf_counter() - t0
+            out[f"decode_{name}_s"] = round(took[name], 2)
             del target
             gc.collect()
-        if compare:
-            out["decode_speedup"] = round(out["decode_per_record_s"] / out["decode_bulk_s"], 1)
+        if compare:  # from the times as measured: a few hundred streams decode in under 5 ms
+            out["decode_speedup"] = round(took["per_record"] / took["bulk"], 1)
         del values
         if fetch_bytes:
             consumers.kafka.STATE_FETCH_BYTES = fetch_bytes

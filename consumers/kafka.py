@@ -191,12 +191,19 @@ class KafkaSource(Source):
         return ago is None or ago < self._session_timeout_s
 
     def lag(self) -> dict[tuple[str, int], int]:
-        """Messages between the consumer's position and the end of each assigned partition (as last fetched)."""
+        """Messages between the consumer's position and the end of each assigned partition (as last fetched);
+        partitions whose position is not known without asking the broker are left out this time."""
         out = {}
         for tp in self._consumer.assignment():
             high = self._consumer.highwater(tp)
-            if high is not None:
-                out[(tp.topic, tp.partition)] = max(high - self._consumer.position(tp), 0)
+            if high is None:
+                continue
+            try:  # kafka-python asks the broker for a position it must validate (after an assignment): no wait
+                position = self._consumer.position(tp, timeout_ms=0)
+            except KafkaError:  # the broker is away (a restart killed the daemon here once), or tp went meanwhile
+                continue
+            if position is not None:
+                out[(tp.topic, tp.partition)] = max(high - position, 0)
         return out
 
     def close(self) -> None:

@@ -80,3 +80,29 @@ def test_a_new_topics_cleanup_policy_is_asked_for_again_until_a_broker_has_it(mo
     clock.now = 0.0
     assert _compacted_topic(never, "t-control", 1, 3, "control")[1] == ""  # type: ignore[arg-type]
     assert clock.now >= consumers.kafka.CREATED_TOPIC_WAIT_S, "for as long as a new topic's metadata may take"
+
+
+class FakeConsumer:
+    """Two partitions assigned: the first one's position is known, the second one's needs a broker that is away."""
+
+    def assignment(self) -> set:
+        from kafka import TopicPartition
+
+        return {TopicPartition("in", 0), TopicPartition("in", 1)}
+
+    def highwater(self, tp: Any) -> int:
+        return 100
+
+    def position(self, tp: Any, timeout_ms: int | None = None) -> int:
+        from kafka.errors import KafkaConnectionError
+
+        assert timeout_ms == 0, "the lag gauge must never wait for the broker"
+        if tp.partition == 1:
+            raise KafkaConnectionError("111 ECONNREFUSED")  # what a broker restart gave the hour soak's daemon
+        return 60
+
+
+def test_the_lag_gauge_leaves_out_a_partition_whose_position_needs_a_broker_that_is_away() -> None:
+    source = object.__new__(consumers.kafka.KafkaSource)
+    source._consumer = FakeConsumer()
+    assert source.lag() == {("in", 0): 40}

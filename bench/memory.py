@@ -43,8 +43,6 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-
-
 def artifact():  # noqa: ANN201 (an Artifact; torch is imported late)
     """An untrained model of the benches' shape (8 features, window 64, hop 16, hidden 48), in memory."""
     import numpy as np

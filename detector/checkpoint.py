@@ -211,7 +211,7 @@ def _columns(spans: list[tuple[int, int, str, np.dtype, list[int]]],
 
 CHUNK_ROWS = 4096
 """Records decoded into arrays at a time: memory beyond the restored rows stays a few tens of MB, and the
-stream index is rebuilt once per this many records, not once per fetch. (At 100,000 streams of 6 KB, 8,192
+engine adds this many streams at once, not one fetch's worth. (At 100,000 streams of 6 KB, 8,192
 peaked at 1.18 times the steady state and 4,096 at 1.15, for 0.3 s more in 3.5 s; docs/benchmarks.md.)"""
 
 

@@ -2,7 +2,8 @@
 
 A stream raises after k of its last n windows reach the warning level, escalates once k of the last n
 reach critical (or at once, escalated, when one window reaches `immediate` x critical: a fault far past the
-critical level, such as a short spike, is not made to wait for k windows), and clears after `clear_after`
+critical level is not made to wait for k windows; a window that holds one sensor's spike, detector.spikes, raises
+at once too, at warning severity), and clears after `clear_after`
 windows in a row below `clear_ratio` x warning (hysteresis).
 An episode lasts at least `min_duration_windows` windows (a blip that fires and clears at once is held
 open that long, so it reads as one alert, not a flapping pair). After a clear, `cooldown_windows`
@@ -128,10 +129,11 @@ class AlertMachine(RowState):
         return out
 
     def update(self, rows: np.ndarray, end_ts: np.ndarray, score: np.ndarray, warning: np.ndarray,
-               critical: np.ndarray, now: float = 0.0) -> Transitions:
+               critical: np.ndarray, now: float = 0.0, spike: np.ndarray | None = None) -> Transitions:
         """Feed windows (ordered by row, then time) through the machine; return the transitions.
 
-        `now` is the wall-clock time, kept with each episode raised (see `acknowledge`).
+        `now` is the wall-clock time, kept with each episode raised (see `acknowledge`). A window marked in
+        `spike` (detector.spikes) raises at once, at warning severity unless k windows reached critical.
         """
         k = len(rows)
         parts: list[tuple[np.ndarray, str, np.ndarray, np.ndarray]] = []
@@ -154,7 +156,8 @@ class AlertMachine(RowState):
             self.below[r] = np.where((st > NORMAL) & (s < cfg.clear_ratio * warning[w]), self.below[r] + 1, 0)
 
             extreme = (s >= cfg.immediate * critical[w]) if cfg.immediate > 0 else np.zeros(len(w), bool)
-            raise_ = (st == NORMAL) & (self.cooldown[r] == 0) & ((n_warn >= cfg.k) | extreme)
+            sudden = spike[w] if spike is not None else False
+            raise_ = (st == NORMAL) & (self.cooldown[r] == 0) & ((n_warn >= cfg.k) | extreme | sudden)
             escalate = (st == RAISED) & ((n_crit >= cfg.k) | extreme)
             self.age[r] = np.where(st > NORMAL, self.age[r] + 1, 0)
             clear = (st > NORMAL) & (self.below[r] >= cfg.clear_after) & (self.age[r] >= cfg.min_duration_windows)

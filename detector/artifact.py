@@ -85,6 +85,10 @@ class Manifest:
     # features whose relation to the other sensors did not hold on the validation rows (train --relation-holdout):
     # they drift in normal operation; scoring.adapt_features: drifting adapts only these
     drifting_features: list[str] = field(default_factory=list)
+    # the spike score (detector.spikes): each feature's noise spread in the model's input units and the excursion
+    # in noise spreads that makes a spike (0: the feature is not scored); both empty: no spike score
+    spike_noise: list[float] = field(default_factory=list)
+    spike_level: list[float] = field(default_factory=list)
 
     def quantile(self, q: float) -> float:
         """The calibrated window score at quantile q (interpolated between the stored levels)."""
@@ -161,6 +165,9 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
                          f"relation_streams")
     if manifest.forecast_weight > 0 and np.shape(manifest.forecast_std) != (F,):
         raise ModelError(f"{mpath}: forecast_std must hold {F} spreads when forecast_weight is above 0")
+    if (manifest.spike_noise or manifest.spike_level) and (
+            np.shape(manifest.spike_noise) != (F,) or np.shape(manifest.spike_level) != (F,)):
+        raise ModelError(f"{mpath}: spike_noise and spike_level must each hold {F} values (or both be empty)")
     if manifest.score_aggregate not in AGGREGATES:
         raise ModelError(f"{mpath}: score_aggregate {manifest.score_aggregate!r} is not one of {', '.join(AGGREGATES)}")
     model = LSTMAutoencoder(len(manifest.features), manifest.hidden_size, manifest.num_layers, manifest.window,

@@ -79,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
                          covariance=args.covariance, smooth_halflife=args.smooth_halflife,
                          holdout_blocks=args.holdout_blocks, relations=args.relations,
                          relation_tails=args.relation_tails, relation_holdout=args.relation_holdout,
-                         forecast=args.forecast, stream_scale=args.stream_scale,
+                         forecast=args.forecast, stream_scale=args.stream_scale, spikes=args.spikes,
                          name=args.name or Path(args.out).name)
     ckpt = Path(args.out) / "checkpoint"
     if not args.resume and (ckpt / "state.json").is_file():
@@ -196,7 +196,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                      covariance=args.covariance, smooth_halflife=args.smooth_halflife,
                      holdout_blocks=args.holdout_blocks, relations=args.relations,
                      relation_tails=args.relation_tails, relation_holdout=args.relation_holdout,
-                     forecast=args.forecast, stream_scale=args.stream_scale)
+                     forecast=args.forecast, stream_scale=args.stream_scale, spikes=args.spikes)
     logging.getLogger("detector.daemon").setLevel(logging.ERROR)  # alerts and rejects are in the report
     pretrain = None
     if args.train_protocol == "anomaly-free":
@@ -574,6 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model sees each training stream on its own scale (its mean and spread over its trained-on "
                    "rows), so unlike machines share one model; streams not in the training data are seen on the "
                    "fleet's scale")
+    t.add_argument("--spikes", action=argparse.BooleanOptionalAction, default=True,
+                   help="a spike score: a sensor's reading beyond the medians of its neighbours on both sides, in "
+                   "noise spreads, while the stream's other sensors hold, raises at once (judged six readings late, "
+                   "when both sides are in; on by default, --no-spikes turns it off)")
     t.add_argument("--resume", action="store_true",
                    help="go on from the checkpoint a stopped run left in OUT/checkpoint/ (written after every "
                    "epoch; same data and options required)")
@@ -629,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="see `train --relation-holdout`")
     e.add_argument("--forecast", action=argparse.BooleanOptionalAction, default=False,
                    help="see `train --forecast`")
+    e.add_argument("--spikes", action=argparse.BooleanOptionalAction, default=True,
+                   help="see `train --spikes`")
     e.add_argument("--stream-scale", action=argparse.BooleanOptionalAction, default=False,
                    help="see `train --stream-scale`")
     e.add_argument("--corrupt", type=float, default=0.0, help="denoising: share of training chunks given a "

@@ -26,9 +26,10 @@ import orjson
 
 from consumers.base import Record
 from consumers.memory import IterSource, ListSink
-from detector.artifact import Artifact, save_artifact
+from detector.artifact import Artifact, Manifest, save_artifact
 from detector.config import Config, parse_config
 from detector.daemon import Daemon
+from detector.model import LSTMAutoencoder
 from detector.pipeline import Pipeline
 from detector.simulate import Fault, Fleet, RegimeShift, fleet_records, simulate_fleet
 from detector.train import Series, TrainParams, train_model
@@ -139,8 +140,9 @@ def _epoch(text: str) -> float:
 
 def run_demo(streams: int = 50, features: int = 8, readings: int = 3600, normal: int = 1800, seed: int = 7,
              out_dir: str | None = None, progress: bool = True, params: TrainParams | None = None,
-             cfg: Config | None = None, regimes: int = 2) -> DemoResult:
-    """Simulate, train, stream and score; return what was caught."""
+             cfg: Config | None = None, regimes: int = 2,
+             trained: tuple[LSTMAutoencoder, Manifest] | None = None) -> DemoResult:
+    """Simulate, train (unless `trained` gives the model), stream and score; return what was caught."""
     t0 = time.monotonic()
     fleet = simulate_fleet(n_streams=streams, n_features=features, n_readings=readings,
                            normal_readings=normal, seed=seed, n_regimes=regimes)
@@ -149,7 +151,7 @@ def run_demo(streams: int = 50, features: int = 8, readings: int = 3600, normal:
     params = params or TrainParams(name="demo")
     series = Series(list(fleet.features), list(fleet.streams), [fleet.values[s, : fleet.normal_until]
                                                                 for s in range(streams)])
-    model, manifest = train_model(series, params, progress=progress)
+    model, manifest = trained or train_model(series, params, progress=progress)
     log.info("trained in %.0f s (%d epochs); calibrated p99.9 window score %.2f", manifest.training["seconds"],
              manifest.training["epochs_run"], manifest.quantile(0.999))
     if out_dir:

@@ -29,6 +29,7 @@ from detector.model import LSTMAutoencoder
 from detector.relations import Relations, relation_scores
 from detector.rows import step as next_capacity
 from detector.score import ScoreSpec, score_windows, smooth_decay, smooth_score, smooth_update
+from detector.spikes import spike_parts
 
 __all__ = ["Engine", "WindowScores", "EngineResult", "pick_device", "use_threads", "check_precision", "probe_model",
            "PRECISIONS", "score_spec"]
@@ -127,6 +128,7 @@ class WindowScores:
     end_ts: np.ndarray  # (K,) float64 event time of the window's newest reading
     reading: np.ndarray  # (K,) int64 index (into the batch's Readings) of the window's newest reading
     nth: np.ndarray  # (K,) int64 readings of the stream since its last reset, up to the window's newest one
+    spike: np.ndarray  # (K,) bool: a sensor's reading in the window reached its spike level (detector.spikes)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -142,7 +144,8 @@ class WindowScores:
             z = np.empty(0)
             zf = np.empty((0, n_features), np.float32)
             return WindowScores(
-                z.astype(np.int64), z, zf, zf, zf.astype(np.int8), z, z, z.astype(np.int64), z.astype(np.int64)
+                z.astype(np.int64), z, zf, zf, zf.astype(np.int8), z, z, z.astype(np.int64), z.astype(np.int64),
+                z.astype(bool)
             )
         ws = WindowScores(
             *(np.concatenate([getattr(p, f) for p in parts]) for f in WindowScores.__slots__)  # type: ignore[attr-defined]
@@ -605,6 +608,9 @@ class Engine:
                                                          share, direction)
             if self.spec.smooth_decay > 0:
                 score, share = self._smooth(u[gi], zmean, score, share)
+            spike = torch.zeros(len(gi), dtype=torch.bool, device=dev)
+            if self.spec.spike_level is not None:
+                spike, share, direction = self._spikes(win, wmask, share, direction)
             if self.adapt_rate:
                 base = self.spec.adapt_base
                 self._adapt(u[gi], per_feature * scale / (1.0 if base is None else base),
@@ -613,7 +619,7 @@ class Engine:
                 self._finetune(out[gi, gj], win, wmask, score)
             fields = {"rows": u[gi], "score": score.double(), "feature_score": per_feature, "share": share,
                       "direction": direction.to(torch.int8), "start_ts": text[gi, gj + 1], "end_ts": text[gi, gj + W],
-                      "reading": idx[start[gi] + gj], "nth": nth[gi, gj]}
+                      "reading": idx[start[gi] + gj], "nth": nth[gi, gj], "spike": spike}
             result = WindowScores(**{name: v.cpu().numpy() for name, v in fields.items()})  # to the host
         else:
             result = WindowScores.concat([], F)
@@ -753,6 +759,19 @@ class Engine:
         direction = torch.where(wins[:, None], torch.sign(zmean).to(direction.dtype), direction)
         return torch.maximum(score, fscore), share, direction
 
+    def _spikes(self, win: torch.Tensor, wmask: torch.Tensor, share: torch.Tensor,
+                direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Which windows hold a spike (K,), and their shares and directions, the spiking sensors' own where they do."""
+        spec = self.spec
+        assert spec.spike_noise is not None and spec.spike_level is not None
+        ratio, sign = spike_parts(win, wmask, spec.spike_noise, spec.spike_level, self.hop)
+        hit = ratio >= 1.0
+        spike = hit.any(dim=1)
+        part = torch.where(hit, ratio * ratio, 0.0)
+        share = torch.where(spike[:, None], part / part.sum(dim=1, keepdim=True).clamp(min=1e-12), share)
+        direction = torch.where(spike[:, None] & hit, sign.to(direction.dtype), direction)
+        return spike, share, direction
+
     def _smooth(self, rows: torch.Tensor, zmean: torch.Tensor, score: torch.Tensor,
                 share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance each stream's smoothed error over its windows in order; return the windows' scores and shares
@@ -805,11 +824,13 @@ def score_spec(m: Manifest, device: torch.device | str = "cpu") -> ScoreSpec:
         rel = Relations(as_t(m.relation_lin), as_t(m.relation_quad), as_t(m.relation_bias), as_t(m.relation_resid_std),
                         torch.tensor(m.relation_use, dtype=torch.bool, device=device), m.relation_weight)
     forecast = m.forecast_weight > 0
+    spikes = len(m.spike_level) == len(m.features) and any(v > 0 for v in m.spike_level)
     return ScoreSpec(as_t(m.error_mean), as_t(m.error_std), m.score_aggregate, precision, const, m.constant_z2,
                      smooth_decay(m.hop, m.smooth_halflife) if smooth else 0.0,
                      as_t(m.smooth_std) if smooth else None, m.smooth_weight, rel,
                      as_t(m.forecast_std) if forecast else None, m.forecast_weight,
-                     as_t(m.adapt_base) if len(m.adapt_base) == len(m.features) else None)
+                     as_t(m.adapt_base) if len(m.adapt_base) == len(m.features) else None,
+                     as_t(m.spike_noise) if spikes else None, as_t(m.spike_level) if spikes else None)
 
 
 def _group_starts(r: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,8 @@ class ScoreSpec:
     forecast errors' spread on the validation rows (None: no forecast score; detector.forecast);
     forecast_weight: what the forecast score is multiplied by. adapt_base: (F,) each feature's mean per-feature
     score on the validation windows, the level the per-stream adaptation starts from (None: 1, as where errors
-    are standardised by their validation spread).
+    are standardised by their validation spread). spike_noise, spike_level: (F,) the spike score's noise spreads
+    and levels (None: no spike score; detector.spikes).
     """
 
     err_mean: torch.Tensor
@@ -56,6 +57,8 @@ class ScoreSpec:
     forecast_std: torch.Tensor | None = None
     forecast_weight: float = 1.0
     adapt_base: torch.Tensor | None = None
+    spike_noise: torch.Tensor | None = None
+    spike_level: torch.Tensor | None = None
 
     @staticmethod
     def diagonal(err_mean: torch.Tensor, err_std: torch.Tensor, aggregate: str = "max") -> ScoreSpec:

@@ -31,6 +31,7 @@ from detector.relations import Relations, even_tails, fit_relations, holding, re
 from detector.resume import TrainState, fingerprint, load_state, save_state
 from detector.score import COVARIANCES, ScoreSpec, precision_matrix, score_windows, smooth_decay
 from detector.sensors import longest_runs
+from detector.spikes import fit_spikes
 
 __all__ = ["TrainParams", "Series", "load_series", "train_model", "scale_and_fill", "CALIBRATION_LEVELS",
            "ERROR_SCALES"]
@@ -80,6 +81,7 @@ class TrainParams:
     relation_holdout: float = 1.5  # >0: score only relations that hold on the validation rows (relations.holding)
     forecast: bool = False  # a head that predicts the next reading, and a forecast score (detector.forecast)
     stream_scale: bool = False  # the model sees each training stream on its own scale (its trained-on rows')
+    spikes: bool = True  # a spike score: one sensor's reading beyond both neighbours raises at once (detector.spikes)
     val_fraction: float = 0.15
     cal_fraction: float = 0.15
     holdout_blocks: int = 1  # cycles of train, validation and calibration rows through the span (holdout_roles)
@@ -407,6 +409,11 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
                                   (rel, rel_scales) if rel is not None else None)
     levels = CALIBRATION_LEVELS
     values = np.quantile(cal_scores, levels).tolist() if len(cal_scores) else [1.0] * len(levels)
+    spike_noise, spike_level = fit_spikes([filled[s] for s, _ in usable], constant) if params.spikes else ([], [])
+    if params.spikes:
+        named = zip(series.features, spike_level, strict=True)
+        log.info("spike levels (noise spreads): %s",
+                 ", ".join(f"{f} {lv:.1f}" if lv > 0 else f"{f} not scored" for f, lv in named))
     manifest = Manifest(
         features=list(series.features),
         scaler_mean=mean.tolist(),
@@ -438,6 +445,8 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
         forecast_weight=spec.forecast_weight if spec.forecast_std is not None else 0.0,
         adapt_base=spec.adapt_base.tolist() if spec.adapt_base is not None else [],
         drifting_features=[f for f, d in zip(series.features, drifting, strict=True) if d],
+        spike_noise=[float(v) for v in spike_noise],
+        spike_level=[float(v) for v in spike_level],
         calibration_levels=list(levels),
         calibration_scores=values,
         score_aggregate=params.score_aggregate,

@@ -9,7 +9,12 @@ faults a run with no more false alerts) this small fleet, with less than a day t
 margin under that, and docs/evaluation.md reports it as the cost of the default. With errors in the input's
 units and only the relations that hold on the validation rows scored (the defaults from the fourth session of
 2026-12-07, chosen by the same rule) it catches 8 of 10 (stuck 2, drift 2, noise burst 2, level shift 1, spike
-1) with one false alert, and the model's floor was raised to one fault under that. Later work may raise them,
+1) with one false alert, and the model's floor was raised to one fault under that. With the spike score on by
+default (2026-12-08, by the same rule: the 50-pump demo catches 21.7 faults a run instead of 17.7, no false
+alert in three runs) it catches 9 of 10 (both spikes now) with two false alerts: the second is the spike score's
+on rpm, whose level this fleet sets from 20 hours of history, too short to have seen the largest peaks that
+load reversals give rpm. The model's floor is one under the 7 it catches, a spike floor is added, and the
+false-alert ceiling keeps one of margin over the 2. Later work may raise them,
 and must not fall below them without saying why. The margin is there so that another CPU's last-bit
 arithmetic cannot flip the test; deterministic otherwise (fixed seeds, one torch thread), and nothing here
 depends on the machine's speed.
@@ -29,8 +34,9 @@ FLEET = {"streams": 20, "readings": 2400, "normal": 1200, "seed": 7}
 PARAMS = TrainParams(name="quality", epochs=12, steps_per_epoch=40, seed=0)
 
 STUCK_CAUGHT = 2  # the sensor gate's, not the model's: exact
-MODEL_CAUGHT = 5  # drift, level shift, noise burst and spike together (measured: 6; 2 before, 3 without relations)
-MAX_FALSE_ALERTS = 2  # measured: 1 (1 before, 0 without relations)
+MODEL_CAUGHT = 6  # drift, level shift, noise burst and spike together (measured: 7; 6 without the spike score)
+SPIKES_CAUGHT = 1  # measured: 2 (1 without the spike score)
+MAX_FALSE_ALERTS = 3  # measured: 2 (1 without the spike score: its own is on rpm)
 
 
 def test_the_demo_keeps_catching_what_it_caught() -> None:
@@ -46,4 +52,5 @@ def test_the_demo_keeps_catching_what_it_caught() -> None:
     assert len(res.caught) + len(res.missed) == 10, seen
     assert kinds["stuck"] >= STUCK_CAUGHT, seen
     assert len(res.caught) - kinds["stuck"] >= MODEL_CAUGHT, seen
+    assert kinds["spike"] >= SPIKES_CAUGHT, seen
     assert len(res.false_alerts) <= MAX_FALSE_ALERTS, seen

@@ -89,6 +89,9 @@ class Manifest:
     # in noise spreads that makes a spike (0: the feature is not scored); both empty: no spike score
     spike_noise: list[float] = field(default_factory=list)
     spike_level: list[float] = field(default_factory=list)
+    # > 0: the spike score also enters the window score as (excursion / level)^2 x this (the calibrated 0.999
+    # window score); 0: spikes only raise at once
+    spike_weight: float = 0.0
 
     def quantile(self, q: float) -> float:
         """The calibrated window score at quantile q (interpolated between the stored levels)."""

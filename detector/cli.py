@@ -80,7 +80,7 @@ def _train(args: argparse.Namespace) -> int:
                          holdout_blocks=args.holdout_blocks, relations=args.relations,
                          relation_tails=args.relation_tails, relation_holdout=args.relation_holdout,
                          forecast=args.forecast, stream_scale=args.stream_scale, spikes=args.spikes,
-                         name=args.name or Path(args.out).name)
+                         spike_score=args.spike_score, name=args.name or Path(args.out).name)
     ckpt = Path(args.out) / "checkpoint"
     if not args.resume and (ckpt / "state.json").is_file():
         log.warning("%s holds a checkpoint of an earlier run; starting afresh (--resume goes on from it)", ckpt)
@@ -196,7 +196,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                      covariance=args.covariance, smooth_halflife=args.smooth_halflife,
                      holdout_blocks=args.holdout_blocks, relations=args.relations,
                      relation_tails=args.relation_tails, relation_holdout=args.relation_holdout,
-                     forecast=args.forecast, stream_scale=args.stream_scale, spikes=args.spikes)
+                     forecast=args.forecast, stream_scale=args.stream_scale, spikes=args.spikes,
+                     spike_score=args.spike_score)
     logging.getLogger("detector.daemon").setLevel(logging.ERROR)  # alerts and rejects are in the report
     pretrain = None
     if args.train_protocol == "anomaly-free":
@@ -578,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a spike score: a sensor's reading beyond the medians of its neighbours on both sides, in "
                    "noise spreads, while the stream's other sensors hold, raises at once (judged six readings late, "
                    "when both sides are in; on by default, --no-spikes turns it off)")
+    t.add_argument("--spike-score", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --spikes: the excursion also enters the window score, as (excursion / level)^2 x the "
+                   "calibrated 0.999 window score (published scores, k of n and escalation then see spikes too)")
     t.add_argument("--resume", action="store_true",
                    help="go on from the checkpoint a stopped run left in OUT/checkpoint/ (written after every "
                    "epoch; same data and options required)")
@@ -635,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="see `train --forecast`")
     e.add_argument("--spikes", action=argparse.BooleanOptionalAction, default=True,
                    help="see `train --spikes`")
+    e.add_argument("--spike-score", action=argparse.BooleanOptionalAction, default=False,
+                   help="see `train --spike-score`")
     e.add_argument("--stream-scale", action=argparse.BooleanOptionalAction, default=False,
                    help="see `train --stream-scale`")
     e.add_argument("--corrupt", type=float, default=0.0, help="denoising: share of training chunks given a "

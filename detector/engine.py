@@ -610,7 +610,7 @@ class Engine:
                 score, share = self._smooth(u[gi], zmean, score, share)
             spike = torch.zeros(len(gi), dtype=torch.bool, device=dev)
             if self.spec.spike_level is not None:
-                spike, share, direction = self._spikes(win, wmask, share, direction)
+                spike, score, share, direction = self._spikes(win, wmask, score, share, direction)
             if self.adapt_rate:
                 base = self.spec.adapt_base
                 self._adapt(u[gi], per_feature * scale / (1.0 if base is None else base),
@@ -759,9 +759,10 @@ class Engine:
         direction = torch.where(wins[:, None], torch.sign(zmean).to(direction.dtype), direction)
         return torch.maximum(score, fscore), share, direction
 
-    def _spikes(self, win: torch.Tensor, wmask: torch.Tensor, share: torch.Tensor,
-                direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Which windows hold a spike (K,), and their shares and directions, the spiking sensors' own where they do."""
+    def _spikes(self, win: torch.Tensor, wmask: torch.Tensor, score: torch.Tensor, share: torch.Tensor,
+                direction: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Which windows hold a spike (K,); their scores (with the spike score's part where the model has a weight
+        for it), shares and directions, the spiking sensors' own where they do."""
         spec = self.spec
         assert spec.spike_noise is not None and spec.spike_level is not None
         ratio, sign = spike_parts(win, wmask, spec.spike_noise, spec.spike_level, self.hop)
@@ -770,7 +771,9 @@ class Engine:
         part = torch.where(hit, ratio * ratio, 0.0)
         share = torch.where(spike[:, None], part / part.sum(dim=1, keepdim=True).clamp(min=1e-12), share)
         direction = torch.where(spike[:, None] & hit, sign.to(direction.dtype), direction)
-        return spike, share, direction
+        if spec.spike_weight > 0:
+            score = torch.maximum(score, (ratio.amax(dim=1) ** 2 * spec.spike_weight).to(score.dtype))
+        return spike, score, share, direction
 
     def _smooth(self, rows: torch.Tensor, zmean: torch.Tensor, score: torch.Tensor,
                 share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -830,7 +833,8 @@ def score_spec(m: Manifest, device: torch.device | str = "cpu") -> ScoreSpec:
                      as_t(m.smooth_std) if smooth else None, m.smooth_weight, rel,
                      as_t(m.forecast_std) if forecast else None, m.forecast_weight,
                      as_t(m.adapt_base) if len(m.adapt_base) == len(m.features) else None,
-                     as_t(m.spike_noise) if spikes else None, as_t(m.spike_level) if spikes else None)
+                     as_t(m.spike_noise) if spikes else None, as_t(m.spike_level) if spikes else None,
+                     m.spike_weight if spikes else 0.0)
 
 
 def _group_starts(r: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,8 @@ class ScoreSpec:
     forecast_weight: what the forecast score is multiplied by. adapt_base: (F,) each feature's mean per-feature
     score on the validation windows, the level the per-stream adaptation starts from (None: 1, as where errors
     are standardised by their validation spread). spike_noise, spike_level: (F,) the spike score's noise spreads
-    and levels (None: no spike score; detector.spikes).
+    and levels (None: no spike score; detector.spikes); spike_weight: above 0, the window score is at least
+    (excursion / level)^2 x it.
     """
 
     err_mean: torch.Tensor
@@ -59,6 +60,7 @@ class ScoreSpec:
     adapt_base: torch.Tensor | None = None
     spike_noise: torch.Tensor | None = None
     spike_level: torch.Tensor | None = None
+    spike_weight: float = 0.0
 
     @staticmethod
     def diagonal(err_mean: torch.Tensor, err_std: torch.Tensor, aggregate: str = "max") -> ScoreSpec:

@@ -82,6 +82,7 @@ class TrainParams:
     forecast: bool = False  # a head that predicts the next reading, and a forecast score (detector.forecast)
     stream_scale: bool = False  # the model sees each training stream on its own scale (its trained-on rows')
     spikes: bool = True  # a spike score: one sensor's reading beyond both neighbours raises at once (detector.spikes)
+    spike_score: bool = False  # with spikes: the excursion enters the window score too, (r / level)^2 x the 0.999 score
     val_fraction: float = 0.15
     cal_fraction: float = 0.15
     holdout_blocks: int = 1  # cycles of train, validation and calibration rows through the span (holdout_roles)
@@ -447,6 +448,7 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
         drifting_features=[f for f, d in zip(series.features, drifting, strict=True) if d],
         spike_noise=[float(v) for v in spike_noise],
         spike_level=[float(v) for v in spike_level],
+        spike_weight=float(np.interp(0.999, levels, values)) if params.spikes and params.spike_score else 0.0,
         calibration_levels=list(levels),
         calibration_scores=values,
         score_aggregate=params.score_aggregate,

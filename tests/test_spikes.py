@@ -3,8 +3,11 @@ pipeline, named on its sensor."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import orjson
+import pytest
 import torch
 
 from consumers.base import Record
@@ -12,9 +15,11 @@ from consumers.memory import IterSource, ListSink
 from detector.artifact import Artifact, load_artifact, save_artifact
 from detector.config import parse_config
 from detector.daemon import Daemon
+from detector.engine import Engine
 from detector.pipeline import Pipeline
 from detector.spikes import FLOOR, MARGIN, SIDE, fit_spikes, isolated, noise_scale, spike_parts, spike_z
 from detector.train import Series, TrainParams, train_model
+from tests.helpers import readings
 
 T0 = 1_700_000_000.0
 ONES = torch.tensor([1.0, 1.0])
@@ -105,17 +110,33 @@ def _records(names: list[str], values: list[np.ndarray]) -> list[Record]:
     return out
 
 
-def test_a_spike_of_two_readings_raises_at_once_and_names_its_sensor(tmp_path) -> None:
+PARAMS = TrainParams(window=16, hop=4, hidden_size=8, epochs=2, steps_per_epoch=5, spikes=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple:
+    """Three pumps' model with the spike score, and the stream names."""
     names, train = _fleet(1200, seed=1)
-    params = TrainParams(window=16, hop=4, hidden_size=8, epochs=2, steps_per_epoch=5, spikes=True, seed=0)
-    model, m = train_model(Series(["speed", "flow", "pressure"], names, train), params, progress=False)
+    model, m = train_model(Series(["speed", "flow", "pressure"], names, train), PARAMS, progress=False)
+    return names, model, m
+
+
+def _spiked() -> list[np.ndarray]:
+    """The test fleet, with pump-b's flow two readings 12 noise spreads high at readings 200 and 201."""
+    _, test = _fleet(400, seed=2)
+    test[1][200:202, 1] += 12 * 0.5
+    return test
+
+
+def test_a_spike_of_two_readings_raises_at_once_and_names_its_sensor(tmp_path, trained) -> None:
+    names, model, m = trained
+    params = PARAMS
     assert len(m.spike_level) == 3 and all(v >= FLOOR for v in m.spike_level)
     assert abs(m.spike_noise[1] * m.scaler_std[1] - 0.5) < 0.1, "noise in the model's units: flow's 0.5"
     art = load_artifact(save_artifact(tmp_path / "m", model, m))
     assert art.manifest.spike_level == m.spike_level
 
-    _, test = _fleet(400, seed=2)
-    test[1][200:202, 1] += 12 * 0.5  # pump-b's flow: two readings 12 noise spreads high, nothing else moves
+    test = _spiked()  # pump-b's flow: two readings 12 noise spreads high, nothing else moves
     cfg = parse_config({"alerts": {"k": 2, "n": 3}})
 
     def run(a: Artifact) -> list[dict]:
@@ -139,9 +160,28 @@ def test_a_spike_of_two_readings_raises_at_once_and_names_its_sensor(tmp_path) -
     assert not [a for a in run(plain) if a["kind"] == "anomaly"], "the window score alone does not see it"
 
 
-def _without_spikes(m):  # noqa: ANN001, ANN202
-    import dataclasses
+def test_with_a_spike_weight_the_excursion_enters_the_window_score(tmp_path, trained) -> None:
+    names, model, m = trained
+    test = _spiked()
+    ts = T0 + 60.0 * np.arange(400)
+    batch = readings(np.repeat(names, 400).tolist(), np.tile(ts, 3), np.concatenate(test))
 
+    def windows(weight: float):  # noqa: ANN202
+        engine = Engine(Artifact(model, dataclasses.replace(m, spike_weight=weight), tmp_path))
+        ws = engine.score_batch(batch).windows
+        return ws, engine.streams
+
+    plain, streams = windows(0.0)
+    weighted, _ = windows(m.quantile(0.999))
+    assert (weighted.spike == plain.spike).all() and plain.spike.sum() >= 1
+    hit = np.flatnonzero(plain.spike)
+    assert {streams[r] for r in plain.rows[hit]} == {"pump-b"}
+    assert (weighted.score[hit] >= m.quantile(0.999)).all(), "an excursion at its level scores at least the weight"
+    assert (weighted.score[hit] > plain.score[hit]).all()
+    assert (weighted.score >= plain.score).all(), "the window score is never lowered"
+
+
+def _without_spikes(m):  # noqa: ANN001, ANN202
     return dataclasses.replace(m, spike_noise=[], spike_level=[])
 
 

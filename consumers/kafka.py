@@ -51,7 +51,7 @@ from consumers.base import (
 )
 
 __all__ = ["KafkaSource", "KafkaSink", "RebalanceEvents", "StateTopic", "StateTopicError", "ControlTopic", "read_span",
-           "ControlTopicError", "max_message_bytes"]
+           "ControlTopicError", "max_message_bytes", "create_topics", "TopicError"]
 
 _GROUP_MOVED = (CommitFailedError, IllegalGenerationError, RebalanceInProgressError, UnknownMemberIdError)
 _FENCED = (ProducerFencedError, InvalidProducerEpochError)
@@ -553,6 +553,40 @@ def _compacted_topic(admin: KafkaAdminClient, topic: str, partitions: int, repli
         if policy or time.monotonic() >= deadline:
             return found, policy
         time.sleep(0.2)
+
+
+class TopicError(Exception):
+    """A topic could not be created or described (the message names it and why)."""
+
+
+def create_topics(bootstrap: str, names: list[str], partitions: int = -1, replication: int = -1, *,
+                  client: dict[str, Any]) -> dict[str, tuple[bool, int]]:
+    """Create each topic of `names` that does not exist (-1: the broker's default partitions or replication);
+    return per topic whether this call created it and its partition count. Existing topics are left as they are."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **client)
+    out: dict[str, tuple[bool, int]] = {}
+    try:
+        for topic in names:
+            found = _describe(admin, topic)
+            created = found is None
+            if created:
+                result = admin.create_topics({topic: {"num_partitions": partitions, "replication_factor": replication}},
+                                             raise_errors=False, wait_for_metadata=True)
+                found = _describe(admin, topic, CREATED_TOPIC_WAIT_S)
+                if found is None:
+                    raise TopicError(f"topic {topic}: not created ({_create_error(result, topic)})")
+            out[topic] = (created, len(found["partitions"]))
+    finally:
+        admin.close()
+    return out
+
+
+def _create_error(result: dict[str, Any], topic: str) -> str:
+    """The broker's error for `topic` in a CreateTopics result (kafka-python's dict of it), as one phrase."""
+    for t in result.get("topics", []):
+        if t.get("name") == topic:
+            return str(t.get("error_message") or f"error code {t.get('error_code')}")
+    return "the broker did not say why"
 
 
 STATE_FETCH_BYTES = 1 << 20

@@ -249,6 +249,32 @@ def _overall_line(ov: dict) -> str:
             f"mar={ov['mar']:.3f} event_f1={ov['event_f1']:.3f}{extra}")
 
 
+def _topics(args: argparse.Namespace) -> int:
+    """Create the topics a config names (or the ones given), where missing; print each with its partitions."""
+    from kafka.errors import KafkaError
+
+    from consumers.kafka import TopicError, create_topics
+    from detector.config import load_config
+    from detector.daemon import kafka_client_settings
+
+    if args.partitions == 0 or args.partitions < -1 or args.replication == 0 or args.replication < -1:
+        print("error: --partitions and --replication must be at least 1 (or -1: the broker's default)", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config)
+    names = args.names or [*cfg.input.topics, cfg.output.alerts_topic, cfg.output.dead_letter_topic,
+                           *([cfg.output.scores_topic] if cfg.output.scores_topic else []),
+                           *([cfg.shadow_alerts_topic()] if cfg.model.shadow else [])]
+    try:
+        done = create_topics(cfg.kafka.bootstrap_servers, list(dict.fromkeys(names)), args.partitions,
+                             args.replication, client=kafka_client_settings(cfg))
+    except (KafkaError, TopicError) as exc:
+        print(f"error: {args.config}: kafka.bootstrap_servers {cfg.kafka.bootstrap_servers}: {exc}", file=sys.stderr)
+        return 1
+    for name, (created, partitions) in done.items():
+        print(f"{name}: {'created' if created else 'exists'}, {partitions} partition{'s' if partitions != 1 else ''}")
+    return 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     from detector.config import config_schema, load_config
 
@@ -711,6 +737,18 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--note", default="", help="label: a note kept with the label")
     k.add_argument("--config", default="config.yaml")
     k.set_defaults(func=_control)
+
+    tp = sub.add_parser("topics", help="create the Kafka topics a config names (input, alerts, dead letters, scores), "
+                        "where missing")
+    tp.add_argument("action", choices=["create"], help="create: make each topic that does not exist yet (an existing "
+                    "one is left as it is)")
+    tp.add_argument("names", nargs="*", help="topics to create instead of the config's")
+    tp.add_argument("--partitions", type=int, default=-1, help="partitions of each new topic (default: the broker's "
+                    "num.partitions); the daemons of one group share these out, so make it at least their number")
+    tp.add_argument("--replication", type=int, default=-1, help="replication factor of each new topic (default: the "
+                    "broker's)")
+    tp.add_argument("--config", default="config.yaml", help="the YAML config naming the brokers and the topics")
+    tp.set_defaults(func=_topics)
 
     c = sub.add_parser("check-config", help="validate a config file and print every error")
     c.add_argument("config", nargs="?", default="config.yaml")

@@ -1,7 +1,8 @@
 """Scoring throughput: the batched engine against the same model run stream by stream, side by side.
 
     python bench/throughput.py [--streams 1000 10000 100000] [--window 64 --hop 16] [--device auto]
-                               [--precision float32 bfloat16] [--relations off on] [--out docs/benchmarks.md]
+                               [--precision float32 bfloat16] [--relations off on] [--spikes off on]
+                               [--out docs/benchmarks.md]
 
 For each fleet size S it builds a model of issue 6's shape (8 features, window 64, hop 16, hidden 48,
 untrained: speed does not depend on the weights), warms every stream up to a full window, then times:
@@ -19,7 +20,8 @@ the same run. With several --precision values (model.precision: float32, bfloat1
 fleet size is timed in each, one after the other in the same run; a precision the device cannot run (the
 engine's test pass of the model fails: bfloat16 on a CPU without bfloat16 LSTM, float16 off CUDA) is not timed,
 and the output says so and why. With --relations off on, each is timed without and with the cross-sensor
-relation score (detector.relations; on in models `detector train` makes by default). Large fleets time
+relation score (detector.relations; on in models `detector train` makes by default), and with --spikes off on
+without and with the spike score (detector.spikes; on by default too). Large fleets time
 fewer batches (about 2 million readings per repetition at most), and the pipeline is timed only up to
 --pipeline-max streams (its JSON records of a 100,000-stream batch alone take gigabytes). Results go to
 bench/results/throughput.json (throughput_cuda.json with --device cuda: bench/gpu.py writes gpu.json); with
@@ -60,9 +62,10 @@ FEATURES = [f"f{i}" for i in range(F)]
 BEGIN, END = "<!-- bench:throughput:begin -->", "<!-- bench:throughput:end -->"
 
 
-def artifact(relation_streams: int = 0) -> Artifact:
+def artifact(relation_streams: int = 0, spikes: bool = False) -> Artifact:
     """An untrained model of the demo's shape with a complete manifest; with `relation_streams`, a relation
-    score (detector.relations, on by default in `detector train`) for streams m0, m1, ... of that many."""
+    score (detector.relations, on by default in `detector train`) for streams m0, m1, ... of that many; with
+    `spikes`, the spike score (detector.spikes)."""
     torch.manual_seed(0)
     n = len(CALIBRATION_LEVELS)
     rel: dict = {}
@@ -76,7 +79,7 @@ def artifact(relation_streams: int = 0) -> Artifact:
                         hidden_size=HIDDEN, num_layers=1, error_mean=[0.0] * F, error_std=[1.0] * F,
                         calibration_levels=list(CALIBRATION_LEVELS),
                         calibration_scores=list(np.linspace(0.5, 50.0, n)), name="bench", model_version="bench-1",
-                        **rel)
+                        spike_noise=[0.1] * F if spikes else [], spike_level=[5.0] * F if spikes else [], **rel)
     return Artifact(LSTMAutoencoder(F, HIDDEN, 1, WINDOW).eval(), manifest, Path("."))
 
 
@@ -142,9 +145,10 @@ def take(r: Readings, idx: np.ndarray) -> Readings:
 
 
 def bench(streams: int, n_batches: int, device: torch.device, with_pipeline: bool = True,
-          precision: str = "float32", form: str = "single", relations: bool = False) -> dict[str, float | None]:
+          precision: str = "float32", form: str = "single", relations: bool = False,
+          spikes: bool = False) -> dict[str, float | None]:
     """The three rates for one fleet size in one model precision (pipeline None when left out)."""
-    art = artifact(streams if relations else 0)
+    art = artifact(streams if relations else 0, spikes)
     warm = batches(streams, WINDOW // HOP)
     data = batches(streams, n_batches, start=1.7e9 + 60.0 * WINDOW)
     total = n_batches * streams * HOP
@@ -220,6 +224,8 @@ def main() -> int:
                          "cannot run is left out, with why)")
     ap.add_argument("--relations", nargs="+", default=["off"], choices=["off", "on"],
                     help="time the model without and/or with the cross-sensor relation score, side by side")
+    ap.add_argument("--spikes", nargs="+", default=["off"], choices=["off", "on"],
+                    help="time without and/or with the spike score (detector.spikes)")
     ap.add_argument("--out", help="markdown file whose throughput section is replaced by the results")
     ap.add_argument("--results", help="JSON file for the results (default bench/results/throughput.json, or "
                                       "throughput_cuda.json on CUDA)")
@@ -232,16 +238,17 @@ def main() -> int:
     precisions, skipped = runnable(args.precision, device)
     for s in args.streams:
         n = max(2, min(args.batches, 2_000_000 // (s * HOP)))
-        for precision, rel in ((p, r) for p in precisions for r in args.relations):
+        for precision, rel, spk in ((p, r, k) for p in precisions for r in args.relations for k in args.spikes):
             r = bench(s, n, device, with_pipeline=s <= args.pipeline_max, precision=precision, form=args.form,
-                      relations=rel == "on")
-            results.append({"streams": s, "precision": precision, "relations": rel, "batches": n,
+                      relations=rel == "on", spikes=spk == "on")
+            results.append({"streams": s, "precision": precision, "relations": rel, "spikes": spk, "batches": n,
                             "engine_batched_readings_per_s": round(r["batched"]),
                             "engine_single_readings_per_s": round(r["single"]),
                             "speedup": round(r["batched"] / r["single"], 1),
                             "pipeline_readings_per_s": None if r["pipeline"] is None else round(r["pipeline"])})
             pipe = "not timed" if r["pipeline"] is None else f"{r['pipeline']:,.0f}"
-            rows.append(f"| {s:,} | {precision}{', relations' if rel == 'on' else ''} | {r['batched']:,.0f} | "
+            what = f"{precision}{', relations' if rel == 'on' else ''}{', spikes' if spk == 'on' else ''}"
+            rows.append(f"| {s:,} | {what} | {r['batched']:,.0f} | "
                         f"{r['single']:,.0f} | "
                         f"{r['batched'] / r['single']:.0f}x | {pipe} |")
             print(rows[-1], flush=True)
@@ -253,7 +260,8 @@ def main() -> int:
         f"Machine: {machine}; {datetime.now(UTC):%Y-%m-%d}. Command: `python bench/throughput.py --streams "
         f"{' '.join(map(str, args.streams))} --window {WINDOW} --hop {HOP} --device {args.device} --precision "
         f"{' '.join(args.precision)}" + (f" --form {args.form}" if args.form != "single" else "")
-        + (f" --relations {' '.join(args.relations)}" if args.relations != ["off"] else "") + "`. Readings per "
+        + (f" --relations {' '.join(args.relations)}" if args.relations != ["off"] else "")
+        + (f" --spikes {' '.join(args.spikes)}" if args.spikes != ["off"] else "") + "`. Readings per "
         f"second, best of three; untrained model of 8 features, window {WINDOW}, hop {HOP}, hidden {HIDDEN}; each "
         f"poll batch holds {HOP} readings of every stream"
         + (", in one message per stream (columnar form) for the pipeline." if args.form == "columns" else "."),

@@ -69,6 +69,16 @@ def test_throughput_bench_times_the_model_without_and_with_the_relation_score(tm
     assert "float32, relations |" in proc.stdout and "--relations off on" in proc.stdout
 
 
+def test_throughput_bench_times_the_model_without_and_with_the_spike_score(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--streams", "3", "--batches", "2",
+                           "--device", "cpu", "--window", "16", "--hop", "4", "--spikes", "off", "on",
+                           "--results", str(tmp_path / "t.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert [r["spikes"] for r in rows] == ["off", "on"] and all(r["pipeline_readings_per_s"] > 0 for r in rows)
+    assert "float32, spikes |" in proc.stdout and "--spikes off on" in proc.stdout
+
+
 def test_gpu_bench_times_each_device_and_precision_and_writes_its_section(tmp_path: Path) -> None:
     out = tmp_path / "benchmarks.md"
     out.write_text("# Benchmarks\n\nbefore\n<!-- bench:gpu:begin -->\nSTALE-TABLE\n<!-- bench:gpu:end -->\nafter\n")

@@ -31,6 +31,7 @@ from detector.relations import Relations, even_tails, fit_relations, holding, re
 from detector.resume import TrainState, fingerprint, load_state, save_state
 from detector.score import COVARIANCES, ScoreSpec, precision_matrix, score_windows, smooth_decay
 from detector.sensors import longest_runs
+from detector.spikes import SIDE as SPIKE_SIDE
 from detector.spikes import fit_spikes
 
 __all__ = ["TrainParams", "Series", "load_series", "train_model", "scale_and_fill", "CALIBRATION_LEVELS",
@@ -410,8 +411,12 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
                                   (rel, rel_scales) if rel is not None else None)
     levels = CALIBRATION_LEVELS
     values = np.quantile(cal_scores, levels).tolist() if len(cal_scores) else [1.0] * len(levels)
-    spike_noise, spike_level = fit_spikes([filled[s] for s, _ in usable], constant) if params.spikes else ([], [])
-    if params.spikes:
+    spikes = params.spikes and W >= 2 * SPIKE_SIDE + 1  # a window must hold both sides of a reading
+    if params.spikes and not spikes:
+        log.info("no spike score: a window of %d readings cannot hold the %d readings on each side of one", W,
+                 SPIKE_SIDE)
+    spike_noise, spike_level = fit_spikes([filled[s] for s, _ in usable], constant) if spikes else ([], [])
+    if spikes:
         named = zip(series.features, spike_level, strict=True)
         log.info("spike levels (noise spreads): %s",
                  ", ".join(f"{f} {lv:.1f}" if lv > 0 else f"{f} not scored" for f, lv in named))
@@ -448,7 +453,7 @@ def train_model(series: Series, params: TrainParams = TrainParams(), progress: b
         drifting_features=[f for f, d in zip(series.features, drifting, strict=True) if d],
         spike_noise=[float(v) for v in spike_noise],
         spike_level=[float(v) for v in spike_level],
-        spike_weight=float(np.interp(0.999, levels, values)) if params.spikes and params.spike_score else 0.0,
+        spike_weight=float(np.interp(0.999, levels, values)) if spikes and params.spike_score else 0.0,
         calibration_levels=list(levels),
         calibration_scores=values,
         score_aggregate=params.score_aggregate,

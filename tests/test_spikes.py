@@ -189,3 +189,10 @@ def _epoch(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def test_a_window_too_short_for_both_sides_trains_no_spike_score() -> None:
+    names, train = _fleet(300, seed=3)
+    short = TrainParams(window=8, hop=4, hidden_size=8, epochs=1, steps_per_epoch=2, spikes=True, seed=0)
+    _, m = train_model(Series(["speed", "flow", "pressure"], names, train), short, progress=False)
+    assert m.spike_level == [] and m.spike_noise == []

@@ -355,6 +355,9 @@ class AlertConfig(_Section):
     # one window at or above this multiple of the critical level raises (escalated) at once, without waiting
     # for k of n (0: off)
     immediate: float = Field(0.0, ge=0)
+    # a window that holds one sensor's spike (a model trained with the spike score) raises at once (false: it
+    # waits for k of n like any window)
+    spikes: bool = True
     regime: RegimeConfig = RegimeConfig()
     maintenance: list[MaintenanceWindow] = Field(default_factory=list)
 

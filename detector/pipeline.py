@@ -322,7 +322,7 @@ class Pipeline(RowState):
         live = np.flatnonzero((ws.nth >= self.cfg.alerts.warmup_readings) & ~paused)
         muted_clears = self._close_muted(records, readings, ws, np.flatnonzero(muted), warning, critical)
         tr = self.alerts.update(ws.rows[live], ws.end_ts[live], ws.score[live], warning[live], critical[live], now,
-                                ws.spike[live])
+                                ws.spike[live] if self.cfg.alerts.spikes else None)
         tr.window = live[tr.window]
         self.threshold.learn(ws.rows[live], ws.score[live], ws.score[live] >= warning[live])
         changed = np.empty(0, np.int64)

@@ -54,6 +54,7 @@ def test_root_config_yaml_lists_every_key_with_its_default() -> None:
         ({"thresholds": {"static": {"warning": 5, "critical": 2}}}, "static.critical must be >= static.warning"),
         ({"alerts": {"k": 5, "n": 3}}, "alerts: k (5) must be <= n (3)"),
         ({"alerts": {"immediate": -1}}, "alerts.immediate: Input should be greater than or equal to 0"),
+        ({"alerts": {"spikes": "often"}}, "alerts.spikes: Input should be a valid boolean"),
         ({"kafka": {"security_protocol": "SASL_SSL"}}, "needs sasl_mechanism, sasl_username and sasl_password"),
         ({"input": {"topics": []}}, "input.topics: List should have at least 1 item"),
         ({"input": {"max_poll_records": 0}}, "input.max_poll_records: Input should be greater than or equal to 1"),

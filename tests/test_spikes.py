@@ -13,7 +13,7 @@ import torch
 from consumers.base import Record
 from consumers.memory import IterSource, ListSink
 from detector.artifact import Artifact, load_artifact, save_artifact
-from detector.config import parse_config
+from detector.config import Config, parse_config
 from detector.daemon import Daemon
 from detector.engine import Engine
 from detector.pipeline import Pipeline
@@ -139,15 +139,15 @@ def test_a_spike_of_two_readings_raises_at_once_and_names_its_sensor(tmp_path, t
     test = _spiked()  # pump-b's flow: two readings 12 noise spreads high, nothing else moves
     cfg = parse_config({"alerts": {"k": 2, "n": 3}})
 
-    def run(a: Artifact) -> list[dict]:
-        daemon = Daemon(cfg, Pipeline(cfg, a, "cpu"))
+    def run(a: Artifact, c: Config = cfg) -> list[dict]:
+        daemon = Daemon(c, Pipeline(c, a, "cpu"))
         source, sink = IterSource(_records(names, test), batch_size=3 * 4), ListSink()
         while not source.exhausted:
             batch = source.poll_batch(0)
             if batch:
                 daemon.process(batch, source, sink)
         daemon.commit(source, sink)
-        return [orjson.loads(r.value) for r in sink.on(cfg.output.alerts_topic)]
+        return [orjson.loads(r.value) for r in sink.on(c.output.alerts_topic)]
 
     alerts = [a for a in run(art) if a["kind"] == "anomaly" and a["state"] == "raised"]
     assert [a["stream"] for a in alerts] == ["pump-b"]
@@ -158,6 +158,8 @@ def test_a_spike_of_two_readings_raises_at_once_and_names_its_sensor(tmp_path, t
     assert SIDE <= delay < SIDE + 2 * params.hop, "judged when its after-side is in, at the next window"
     plain = Artifact(model, _without_spikes(m), tmp_path)
     assert not [a for a in run(plain) if a["kind"] == "anomaly"], "the window score alone does not see it"
+    waits = parse_config({"alerts": {"k": 2, "n": 3, "spikes": False}})
+    assert not [a for a in run(art, waits) if a["kind"] == "anomaly"], "alerts.spikes false: k of n as any window"
 
 
 def test_with_a_spike_weight_the_excursion_enters_the_window_score(tmp_path, trained) -> None:
